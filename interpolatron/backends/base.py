@@ -1,0 +1,146 @@
+"""The backend seam: four bucket ops that every backend implements identically.
+
+A *bucket* is the set of parameters of one param group that share a device and
+a dtype. Its optimizer history is stored flat: a ring buffer of shape
+``(S, N)`` where ``N`` is the bucket's total element count and parameter ``i``
+owns the columns ``[offsets[i], offsets[i] + params[i].numel())``. The ops
+receive the *active* parameters only (those with a gradient this step) with
+their offsets, so the offsets need not be contiguous.
+
+Ring convention (shared by every op and every backend)
+------------------------------------------------------
+``count`` is a 0-dim int64 tensor on the bucket's device: the number of
+completed steps (or records). The entry written while ``count == c`` goes to
+slot ``c mod S``. Hence, while ``count == c``, the entry of *age* ``j``
+(``j = 0`` the newest, written now) lives in slot ``(c - j) mod S``.
+Backends read ``count`` from device memory (never ``.item()``), so a step can
+be captured in a CUDA graph; the caller increments ``count`` after the op.
+
+Coefficients ``coefs`` are in age order (``coefs[0]`` weights the newest
+iterate/gradient, ALGORITHMS.md's ``a_1``). ``coefs`` and ``lr`` are float64
+device tensors; a backend computes in float32 for 16/32-bit data and in
+float64 for float64 data, accumulates dot products per block in that compute
+dtype and reduces the block partials in float64, in a fixed order (no atomics:
+run to run bitwise identical).
+
+The effective gradient is ``g = sign * grad + weight_decay * param`` with
+``sign = -1`` when ``maximize`` else ``+1`` (weight decay is coupled: it
+enters the history, ALGORITHMS.md section 1).
+
+``cache`` is a dict owned by the bucket and private to the backend (pointer
+tables, column indices). A backend must tolerate the tensors' storages changing
+between calls (``zero_grad(set_to_none=True)``, ``load_state_dict``) and must
+rebuild what it cached when they do.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+
+class Backend(Protocol):
+    """What a backend provides. See the module docstring for the conventions."""
+
+    name: str
+
+    def combine(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor] | None,
+        offsets: Sequence[int],
+        x_hist: Tensor,
+        g_hist: Tensor,
+        coefs: Tensor,
+        lr: Tensor,
+        count: Tensor,
+        weight_decay: float,
+        maximize: bool,
+        gram: Tensor | None,
+        cache: dict,
+    ) -> None:
+        """The interpolation step ``x = sum_j a_j x(age j) - lr * sum_j a_j g(age j)``.
+
+        ``k = coefs.numel()``; ``x_hist`` has ``k - 1`` slots holding the
+        iterates of ages ``1..k-1``; ``params`` hold age 0 and are overwritten
+        with the new iterate.
+
+        * ``grads is not None`` (Interpolatron): ``g_hist`` has ``k - 1`` slots
+          holding gradients of ages ``1..k-1``; age 0 is the effective gradient
+          of ``grads``. The op writes the OLD param and the effective gradient
+          into slot ``c mod (k-1)`` of ``x_hist`` / ``g_hist`` (the oldest
+          entries, read before they are overwritten). ``gram``, if given,
+          receives (overwritten, not accumulated) this bucket's partial
+          ``<g(age 0), g(age j)>`` for ``j = 0..k-1``.
+        * ``grads is None`` (Anderson, after :meth:`gram_row`): ``g_hist`` has
+          ``k`` slots and already holds the gradient of age 0 in slot
+          ``c mod k``; only ``x_hist`` is written. ``gram`` must be None.
+
+        ``k == 1`` is SGD: the rings have zero slots (for ``grads is None`` the
+        g ring has one slot) and nothing is stored.
+        """
+        ...
+
+    def gram_row(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        offsets: Sequence[int],
+        g_hist: Tensor,
+        count: Tensor,
+        weight_decay: float,
+        maximize: bool,
+        out: Tensor,
+        cache: dict,
+    ) -> None:
+        """Store the effective gradient in slot ``c mod k`` of ``g_hist`` (``k`` slots)
+        and write into ``out`` (float64, shape ``(k,)``) this bucket's partial
+        ``<g(age 0), g(age j)>`` for ``j = 0..k-1`` (``out[0] = ||g||^2``).
+        ``params`` are read only when ``weight_decay != 0``."""
+        ...
+
+    def rna_record(
+        self,
+        sources: Sequence[Tensor],
+        offsets: Sequence[int],
+        window: Tensor,
+        count: Tensor,
+        out: Tensor | None,
+        cache: dict,
+    ) -> None:
+        """Copy ``sources`` into slot ``c mod S`` of ``window`` (``S`` slots).
+
+        If ``out`` (float64, shape ``(S - 1,)``) is given, also write this
+        bucket's partial ``<r_0, r_j>`` for ``j = 0..S-2`` where
+        ``r_j = y(age j) - y(age j + 1)`` are snapshot differences taken
+        elementwise BEFORE the product (``y(age 0)`` is ``sources``,
+        ``y(age a)`` is slot ``(c - a) mod S`` for ``a >= 1``; slot ``c mod S``
+        itself is never read). Slots never written hold zeros; the caller
+        masks the entries that are not yet meaningful."""
+        ...
+
+    def rna_extrapolate(
+        self,
+        window: Tensor,
+        offsets: Sequence[int],
+        count: Tensor,
+        coefs: Tensor,
+        outs: Sequence[Tensor],
+        cache: dict,
+    ) -> None:
+        """``outs[i] = sum_a coefs[a] * y(age a)`` over ``a = 0..coefs.numel()-1``,
+        with ``y(age a)`` in slot ``(count - 1 - a) mod S`` (``count`` is the
+        number of records done; the newest record has age 0). ``outs`` have
+        the shapes of the recorded sources and the window's dtype; they may be
+        the very tensors that were recorded (online mode, swapping)."""
+        ...
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype backends compute in for data of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

@@ -1,0 +1,1 @@
+"""Triton kernels of interpolatron (installed as ``interpolatron.triton_kernels``)."""
