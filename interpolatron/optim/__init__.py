@@ -1,0 +1,4 @@
+from .anderson import Anderson
+from .interpolatron import Interpolatron
+
+__all__ = ["Anderson", "Interpolatron"]

@@ -1,0 +1,132 @@
+"""Anderson mixing (Xie et al., 2018, Algorithm 2): the interpolation step with
+coefficients refit every step from the Gram matrix of the last k gradients."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from ..gram import reduce_gram, ring_gram, shift_in_row
+from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
+from ._base import BucketedOptimizer
+
+
+class Anderson(BucketedOptimizer):
+    r"""Anderson mixing of the last ``history`` iterates.
+
+    .. math::
+        M_{ij} = \langle g^{(t-i)}, g^{(t-j)} \rangle,\quad
+        a = \frac{M^{-1}\mathbf 1}{\mathbf 1^\top M^{-1}\mathbf 1}
+          = \arg\min_{\sum a_i = 1} \Big\|\sum_i a_i g^{(t-i)}\Big\|,\qquad
+        x^{(t)} = \sum_{i=1}^{m} a_i x^{(t-i)} - \eta_t \sum_{i=1}^{m} a_i g^{(t-i)},
+
+    with :math:`m = \min(t, k)` during warm-up (the first step is SGD).
+    ``reg`` solves with :math:`M + \text{reg}\,\frac{\operatorname{tr} M}{m} I`;
+    ``constraint="simplex"`` minimises :math:`a^\top M a` over
+    :math:`a \ge 0, \sum a = 1` exactly. A singular or non-finite system falls
+    back to :math:`a = e_1` (an SGD step) and is counted in
+    ``state["anderson"]["fallbacks"]``. One global :math:`a` serves every
+    parameter (the paper's :math:`x` is the whole model); each group keeps its
+    own ``lr`` and ``weight_decay``. The Gram matrix is kept between steps: a
+    step computes one new row in a pass that also stores the gradient, then a
+    second pass applies the update (two passes, :math:`3k+3` element
+    accesses). Solves run in float64 on the device without a host sync.
+
+    When the set of parameters with gradients changes (a new parameter, a
+    parameter without a gradient this step), the Gram matrix is recomputed
+    from the stored histories.
+
+    Args:
+        params: parameters or param groups (``lr``, ``weight_decay`` per group).
+        lr: learning rate (float, or a 0-dim device tensor for CUDA graphs).
+        history: k, the number of past gradients mixed.
+        reg: relative Tikhonov regularisation of the Gram matrix.
+        constraint: ``None`` or ``"simplex"``.
+        weight_decay: coupled L2 coefficient.
+        singular_tol: normalised pivot below which the system counts as singular.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+    """
+
+    _algorithm = "Anderson"
+
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-2, history: int = 2, reg: float = 0.0,
+                 constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
+                 singular_tol: float = DEFAULT_SINGULAR_TOL, backend: str = "auto"):
+        if not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be an integer >= 1, got {history!r}")
+        if reg < 0:
+            raise ValueError(f"reg must be >= 0, got {reg}")
+        if constraint not in (None, "simplex"):
+            raise ValueError(f"constraint must be None or 'simplex', got {constraint!r}")
+        self.history, self.reg, self.constraint, self.singular_tol = history, reg, constraint, singular_tol
+        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, backend)
+
+    def _ring_slots(self, group: dict) -> tuple[int, int]:
+        return self.history - 1, self.history
+
+    def _coef_len(self, group: dict) -> int:
+        return self.history
+
+    def _config(self) -> dict:
+        return dict(super()._config(), history=self.history)
+
+    def _global(self, device: torch.device) -> dict:
+        """Optimizer-wide state (kept in ``state["anderson"]`` so it checkpoints)."""
+        st = self.state["anderson"]
+        if "gram" not in st:
+            k = self.history
+            st["gram"] = torch.zeros(k, k, dtype=torch.float64, device=device)
+            st["steps"] = torch.zeros((), dtype=torch.int64, device=device)
+            st["coefficients"] = torch.zeros(k, dtype=torch.float64, device=device)
+            st["fallbacks"] = torch.zeros((), dtype=torch.int64, device=device)
+        elif st["gram"].device != device:  # loaded from a checkpoint mapped elsewhere
+            for key in ("gram", "steps", "coefficients", "fallbacks"):
+                st[key] = st[key].to(device)
+        return st
+
+    @property
+    def coefficients(self) -> Tensor:
+        """The mixing coefficients of the last step (float64, age order, on the device)."""
+        st = self.state.get("anderson", {})
+        if "coefficients" not in st:
+            raise RuntimeError("no step has been taken yet")
+        return st["coefficients"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One Anderson step: the Gram pass, the on-device solve, the update pass."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._prepare()
+        if not work:
+            return loss
+        home = work[0].bucket.count.device
+        st = self._global(home)
+        for w in work:
+            b, group = w.bucket, w.group
+            b.backend.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count,
+                               group["weight_decay"], group["maximize"], b.gram, b.cache)
+        k = self.history
+        if self._membership_changed:
+            gram = ring_gram([(w.bucket.g_hist, w.bucket.count) for w in work], k, home)
+        else:
+            gram = shift_in_row(st["gram"], reduce_gram([w.bucket.gram for w in work], home))
+        valid = torch.arange(k, device=home) <= st["steps"]
+        coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
+        st["gram"].copy_(gram)
+        st["coefficients"].copy_(coefs)
+        st["fallbacks"].add_(fell_back.to(torch.int64))
+        st["steps"].add_(1)
+        for w in work:
+            b, group = w.bucket, w.group
+            self._sync_lr(b, group)
+            b.coefs.copy_(coefs)  # same device: a device copy; another device: a peer copy
+            b.backend.combine(w.params, None, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr, b.count,
+                              group["weight_decay"], group["maximize"], None, b.cache)
+        self._advance(work)
+        return loss

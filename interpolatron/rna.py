@@ -1,0 +1,303 @@
+"""Regularized Nonlinear Acceleration (Scieur, d'Aspremont, Bach, 2016-2018)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .backends import resolve
+from .gram import reduce_gram, shift_in_row
+from .solvers import rna_coefficients
+
+
+class _Bucket:
+    """Tracked tensors of one (device, dtype) and their snapshot window."""
+
+    def __init__(self, backend, names: list[str], slots: int, device, dtype):
+        self.backend = backend
+        self.names = names
+        self.window = None  # allocated at the first record, when sizes are known
+        self.slots = slots
+        self.device, self.dtype = device, dtype
+        self.offsets: list[int] = []
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.cache: dict = {}
+
+    def allocate(self, tensors: list[Tensor]) -> None:
+        numels = [t.numel() for t in tensors]
+        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
+        self.window = torch.zeros(self.slots, sum(numels), dtype=self.dtype, device=self.device)
+
+
+class RNA:
+    r"""Regularized Nonlinear Acceleration of any optimizer's iterates.
+
+    Keeps a window of snapshots :math:`y_0..y_k` (``record()``, e.g. once per
+    epoch) and extrapolates
+
+    .. math::
+        R = [y_1 - y_0, \dots, y_k - y_{k-1}],\quad
+        \tilde R = \frac{R^\top R}{\|R^\top R\|_2},\quad
+        z = (\tilde R + \lambda I)^{-1}\mathbf 1,\quad
+        c = \frac{z}{\mathbf 1^\top z},\quad
+        y_{\text{extr}} = \sum_{i=1}^{k} c_i\, y_i .
+
+    The Gram matrix of snapshot differences is updated by one row per record
+    (the differences are taken elementwise, never through a Gram of raw
+    snapshots). Offline (the default), training is never changed: the
+    extrapolation is returned, written into a shadow module, or swapped into
+    the model with :meth:`swapped` for evaluation. ``mode="online"`` writes it
+    into the model at every record. ``residual="gradients"`` uses the average
+    gradient between records as the residual (the paper's CNN variant; needs
+    the wrapped ``optimizer``, whose ``step`` it follows).
+
+    Args:
+        model: an ``nn.Module`` (parameters and floating buffers are
+            extrapolated, integer buffers copied from the newest snapshot) or
+            an iterable of tensors.
+        window: k, the number of residuals (k + 1 snapshots for iterates).
+        reg: :math:`\lambda`, relative to :math:`\|R^\top R\|_2`.
+        residual: ``"iterates"`` or ``"gradients"``.
+        mode: ``"offline"`` or ``"online"``.
+        optimizer: the base optimizer (needed for gradient residuals; online
+            mode resets its state after each extrapolation when
+            ``reset_optimizer``).
+        objective: a callable on the model returning a loss; if given,
+            :math:`\lambda` is chosen from :math:`\{0\} \cup
+            \text{logspace}(-15, 1, k)` by evaluating the extrapolations.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+    """
+
+    def __init__(self, model: nn.Module | Iterable[Tensor], window: int = 10, reg: float = 1e-8,
+                 residual: str = "iterates", mode: str = "offline", optimizer=None,
+                 objective: Callable[..., float] | None = None, backend: str = "auto",
+                 reset_optimizer: bool = False):
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        if reg < 0:
+            raise ValueError(f"reg must be >= 0, got {reg}")
+        if residual not in ("iterates", "gradients"):
+            raise ValueError(f"residual must be 'iterates' or 'gradients', got {residual!r}")
+        if mode not in ("offline", "online"):
+            raise ValueError(f"mode must be 'offline' or 'online', got {mode!r}")
+        if residual == "gradients" and optimizer is None:
+            raise ValueError("residual='gradients' needs the optimizer whose steps it averages")
+        self.model = model if isinstance(model, nn.Module) else None
+        self.window, self.reg, self.residual, self.mode = window, reg, residual, mode
+        self.optimizer, self.objective, self.reset_optimizer = optimizer, objective, reset_optimizer
+        self.backend = backend
+        self._named = self._collect(model)
+        floats = {n: t for n, t in self._named.items() if t.is_floating_point()}
+        for name, t in self._named.items():
+            if t.is_complex():
+                raise TypeError(f"RNA does not support complex tensors ({name})")
+        self._ints = [n for n in self._named if n not in floats]
+        self._params = ([n for n, _ in model.named_parameters()] if self.model is not None
+                        else list(floats))
+        slots = window + 1 if residual == "iterates" else window
+        self._snap = self._make_buckets(floats, slots)
+        self._grad_buckets = (self._make_buckets({n: floats[n] for n in self._params}, window)
+                              if residual == "gradients" else [])
+        self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._home())
+        self._records = 0
+        self._latest_ints: dict[str, Tensor] = {}
+        self._coefficients: Tensor | None = None
+        self.reg_used: float | None = None
+        if residual == "gradients":
+            self._acc = {n: torch.zeros_like(floats[n]) for n in self._params}
+            self._steps_since = 0
+            self._hook = optimizer.register_step_pre_hook(self._accumulate)
+
+    # -- setup -----------------------------------------------------------
+    @staticmethod
+    def _collect(model) -> dict[str, Tensor]:
+        if isinstance(model, nn.Module):
+            named = dict(model.named_parameters())
+            named.update(dict(model.named_buffers()))
+        else:
+            named = {str(i): t for i, t in enumerate(model)}
+        if not named:
+            raise ValueError("RNA needs at least one tensor to track")
+        return named
+
+    def _make_buckets(self, tensors: dict[str, Tensor], slots: int) -> list[_Bucket]:
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for name, t in tensors.items():
+            groups[(t.device, t.dtype)].append(name)
+        return [_Bucket(resolve(self.backend, dev, dt), names, slots, dev, dt)
+                for (dev, dt), names in groups.items()]
+
+    def _home(self) -> torch.device:
+        return (self._snap[0].device if self._snap else torch.device("cpu"))
+
+    def _tensors(self, bucket: _Bucket) -> list[Tensor]:
+        return [self._named[n].detach() for n in bucket.names]
+
+    # -- gradients between records ---------------------------------------
+    def _accumulate(self, optimizer, args, kwargs) -> None:
+        grads = [(self._acc[n], p.grad) for n in self._params
+                 if (p := self._named[n]).grad is not None]
+        if grads:
+            torch._foreach_add_([a for a, _ in grads], [g for _, g in grads])
+        self._steps_since += 1
+
+    def close(self) -> None:
+        """Stop following the optimizer (gradient residuals)."""
+        if getattr(self, "_hook", None) is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # -- recording ---------------------------------------------------------
+    @torch.no_grad()
+    def record(self) -> None:
+        """Take a snapshot of the tracked tensors (and, online, extrapolate into them)."""
+        row_parts = []
+        if self.residual == "iterates":
+            for b in self._snap:
+                tensors = self._tensors(b)
+                if b.window is None:
+                    b.allocate(tensors)
+                out = torch.empty(self.window, dtype=torch.float64, device=b.device)
+                b.backend.rna_record(tensors, b.offsets, b.window, b.count, out, b.cache)
+                row_parts.append(out)
+        else:
+            if self._steps_since == 0:
+                raise RuntimeError("residual='gradients': no optimizer step since the last record, "
+                                   "so there is no average gradient to record")
+            for b in self._snap:
+                tensors = self._tensors(b)
+                if b.window is None:
+                    b.allocate(tensors)
+                b.backend.rna_record(tensors, b.offsets, b.window, b.count, None, b.cache)
+            scale = 1.0 / self._steps_since
+            for b in self._grad_buckets:
+                means = [self._acc[n].mul_(scale) for n in b.names]
+                if b.window is None:
+                    b.allocate(means)
+                out = torch.empty(self.window, dtype=torch.float64, device=b.device)
+                b.backend.gram_row(means, means, b.offsets, b.window, b.count, 0.0, False, out, b.cache)
+                row_parts.append(out)
+            for a in self._acc.values():
+                a.zero_()
+            self._steps_since = 0
+        if row_parts:
+            self._gram = shift_in_row(self._gram, reduce_gram(row_parts, self._home()))
+        for b in self._snap + self._grad_buckets:
+            b.count.add_(1)
+        self._records += 1
+        self._latest_ints = {n: self._named[n].detach().clone() for n in self._ints}
+        self._coefficients = None
+        if self.mode == "online" and self.residuals >= 1:
+            self._write(self._named_outputs(self._named), self.coefficients_for(self.reg))
+            if self.reset_optimizer and self.optimizer is not None:
+                self.optimizer.state.clear()
+
+    @property
+    def residuals(self) -> int:
+        """How many residuals the window holds now."""
+        extra = 1 if self.residual == "iterates" else 0
+        return max(0, min(self._records - extra, self.window))
+
+    # -- extrapolation -----------------------------------------------------
+    def coefficients_for(self, reg: float) -> Tensor:
+        m = self.residuals
+        if m < 1:
+            need = 2 if self.residual == "iterates" else 1
+            raise RuntimeError(f"RNA needs at least {need} records to extrapolate, has {self._records}")
+        return rna_coefficients(self._gram[:m, :m], reg)
+
+    @property
+    def coefficients(self) -> Tensor:
+        """The extrapolation weights of the last extrapolation (age order: the
+        newest snapshot first; float64, on the device)."""
+        if self._coefficients is None:
+            self._coefficients = self.coefficients_for(self.reg if self.reg_used is None else self.reg_used)
+        return self._coefficients
+
+    def _named_outputs(self, target: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {n: target[n] for n in self._named}
+
+    @torch.no_grad()
+    def _write(self, outs: dict[str, Tensor], coefs: Tensor) -> None:
+        for b in self._snap:
+            targets = [outs[n].detach() for n in b.names]
+            for n, t in zip(b.names, targets):
+                src = self._named[n]
+                if t.shape != src.shape or t.dtype != src.dtype or t.device != src.device:
+                    raise ValueError(f"cannot write the extrapolation of {n} ({tuple(src.shape)}, "
+                                     f"{src.dtype}, {src.device}) into a tensor of shape "
+                                     f"{tuple(t.shape)}, {t.dtype}, {t.device}")
+            b.backend.rna_extrapolate(b.window, b.offsets, b.count, coefs.to(b.device), targets, b.cache)
+        for n in self._ints:
+            outs[n].copy_(self._latest_ints[n])
+
+    @torch.no_grad()
+    def _choose_reg(self) -> float:
+        """Adaptive lambda: the grid value whose extrapolation the objective likes best."""
+        if self.objective is None:
+            return self.reg
+        if self.model is None:
+            raise RuntimeError("an objective needs RNA to wrap an nn.Module")
+        grid = [0.0] + torch.logspace(-15, 1, self.window, dtype=torch.float64).tolist()
+        best, best_value = self.reg, float("inf")
+        for lam in grid:
+            with self._swapped_with(self.coefficients_for(lam)):
+                value = float(self.objective(self.model))
+            if value < best_value:
+                best, best_value = lam, value
+        return best
+
+    @torch.no_grad()
+    def extrapolate(self, into: nn.Module | None = None, bn_loader: Iterable | None = None):
+        """Compute the coefficients and the extrapolated point.
+
+        Returns a ``{name: tensor}`` dict (for a module; a list for tensors),
+        or writes into the shadow module ``into`` (same names and shapes) and
+        returns it. ``bn_loader``: recompute batch-norm statistics of the
+        result from this data instead of extrapolating them.
+        """
+        self.reg_used = self._choose_reg()
+        self._coefficients = self.coefficients_for(self.reg_used)
+        if into is None:
+            outs = {n: torch.empty_like(t) for n, t in self._named.items()}
+            self._write(outs, self._coefficients)
+            return outs if self.model is not None else list(outs.values())
+        if not isinstance(into, nn.Module) or self.model is None:
+            raise TypeError("into must be an nn.Module shaped like the tracked model")
+        target = dict(into.named_parameters())
+        target.update(dict(into.named_buffers()))
+        missing = [n for n in self._named if n not in target]
+        if missing:
+            raise ValueError(f"the shadow module lacks {missing[:5]}")
+        self._write(self._named_outputs(target), self._coefficients)
+        if bn_loader is not None:
+            torch.optim.swa_utils.update_bn(bn_loader, into)
+        return into
+
+    @contextlib.contextmanager
+    def _swapped_with(self, coefs: Tensor) -> Iterator[None]:
+        originals = {n: t.detach().clone() for n, t in self._named.items()}
+        try:
+            self._write(self._named_outputs(self._named), coefs)
+            yield
+        finally:
+            with torch.no_grad():
+                for n, t in self._named.items():
+                    t.copy_(originals[n])
+
+    @contextlib.contextmanager
+    def swapped(self, bn_loader: Iterable | None = None) -> Iterator[None]:
+        """Temporarily put the extrapolation into the model (restored exactly on
+        exit, also after an exception)."""
+        self.reg_used = self._choose_reg()
+        self._coefficients = self.coefficients_for(self.reg_used)
+        with self._swapped_with(self._coefficients):
+            if bn_loader is not None:
+                if self.model is None:
+                    raise TypeError("bn_loader needs RNA to wrap an nn.Module")
+                torch.optim.swa_utils.update_bn(bn_loader, self.model)
+            yield

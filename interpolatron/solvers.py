@@ -1,0 +1,141 @@
+"""Coefficient solves for Anderson mixing and RNA, in float64 on the Gram
+matrix's device.
+
+Nothing here reads a tensor value on the host: every decision (warm-up size,
+singularity, non-finite values, the simplex support) is a ``torch.where`` on
+device tensors, so an optimizer step that calls these can be captured in a
+CUDA graph. The ``*_ex`` linear-algebra variants are used because the plain
+ones check their ``info`` on the host.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+# Normalised Cholesky pivots below this (squared) make a Gram matrix singular
+# for our purposes: the Gram entries of fp32 gradients carry relative errors
+# of ~1e-7, so a smaller pivot is rounding noise, not information.
+DEFAULT_SINGULAR_TOL = 1e-6
+
+
+def _masked_system(gram: Tensor, valid: Tensor) -> Tensor:
+    """The valid block of ``gram`` padded with the identity elsewhere."""
+    pair = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+    return torch.where(pair, gram, torch.zeros_like(gram)) + torch.diag_embed((~valid).to(gram.dtype))
+
+
+def _regularised(gram: Tensor, valid: Tensor, reg: float) -> Tensor:
+    if reg == 0:
+        return gram
+    m = valid.sum(-1, keepdim=True).clamp(min=1).to(gram.dtype)
+    trace = (torch.diagonal(gram, dim1=-2, dim2=-1) * valid).sum(-1, keepdim=True)
+    shift = reg * trace / m
+    return gram + torch.diag_embed(shift * valid.to(gram.dtype))
+
+
+def _is_nonsingular(system: Tensor, tol: float) -> Tensor:
+    """Cholesky of the unit-diagonal scaling of a (masked, PSD) system."""
+    d = torch.diagonal(system, dim1=-2, dim2=-1)
+    scale = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
+    normed = system * scale.unsqueeze(-1) * scale.unsqueeze(-2)
+    factor, info = torch.linalg.cholesky_ex(normed)
+    pivots = torch.diagonal(factor, dim1=-2, dim2=-1)
+    ok = (info == 0) & (d > 0).all(-1) & torch.isfinite(system).all(-1).all(-1)
+    return ok & ((pivots * pivots).amin(-1) > tol)
+
+
+def _normalised_affine_solve(system: Tensor, rhs: Tensor) -> Tensor:
+    """``z / sum(z)`` with ``z = system^-1 rhs``."""
+    z, _ = torch.linalg.solve_ex(system, rhs.unsqueeze(-1))
+    z = z.squeeze(-1)
+    return z / z.sum(-1, keepdim=True)
+
+
+def _support_masks(k: int, device: torch.device) -> Tensor:
+    rows = [bits for bits in itertools.product((False, True), repeat=k) if any(bits)]
+    return torch.tensor(rows, dtype=torch.bool, device=device)
+
+
+def _simplex_minimiser(system: Tensor, valid: Tensor) -> Tensor:
+    """Exact ``argmin a^T M a`` over the simplex on the valid ages.
+
+    The minimiser is the equality-constrained minimiser on its own support,
+    so we solve the KKT system ``[[M_S, 1], [1^T, 0]]`` on every support
+    (exact also where ``M_S`` is singular, e.g. opposite gradients) and keep
+    the best candidate that is a point of the simplex.
+    """
+    k = system.shape[-1]
+    supports = _support_masks(k, system.device)
+    n = len(supports)
+    kkt = torch.zeros(n, k + 1, k + 1, dtype=system.dtype, device=system.device)
+    kkt[:, :k, :k] = _masked_system(system.expand(n, k, k), supports)
+    s = supports.to(system.dtype)
+    kkt[:, :k, k] = s
+    kkt[:, k, :k] = s
+    rhs = torch.zeros(n, k + 1, 1, dtype=system.dtype, device=system.device)
+    rhs[:, k] = 1
+    sol, _ = torch.linalg.solve_ex(kkt, rhs)
+    cand = torch.where(supports, sol[:, :k, 0], torch.zeros_like(s))
+    cand = cand / cand.sum(-1, keepdim=True)
+    objective = torch.einsum("si,ij,sj->s", cand, system, cand)
+    inside = (supports & ~valid).logical_not().all(-1) & (cand >= 0).all(-1)
+    usable = inside & torch.isfinite(objective)
+    objective = torch.where(usable, objective, torch.full_like(objective, float("inf")))
+    return cand[objective.argmin()]
+
+
+def anderson_coefficients(
+    gram: Tensor,
+    valid: Tensor,
+    reg: float = 0.0,
+    constraint: str | None = None,
+    singular_tol: float = DEFAULT_SINGULAR_TOL,
+) -> tuple[Tensor, Tensor]:
+    """Anderson mixing coefficients ``a`` (age order) and a 0-dim bool ``fell_back``.
+
+    ``gram`` is ``M_ij = <g(age i), g(age j)>`` (float64, ``k x k``); ``valid``
+    marks the ages that exist yet (warm-up). Unconstrained:
+    ``a = M^-1 1 / (1^T M^-1 1)`` on the valid block, after
+    ``M += reg * tr(M)/m * I``; a singular or non-finite system gives
+    ``a = e_1`` (an SGD step) and ``fell_back``. ``constraint="simplex"``:
+    the exact minimiser of ``a^T M a`` over the simplex, by enumerating the
+    supports; that problem is well posed for any finite PSD ``M``, so only a
+    non-finite system falls back.
+    """
+    if constraint not in (None, "simplex"):
+        raise ValueError(f"constraint must be None or 'simplex', got {constraint!r}")
+    k = gram.shape[-1]
+    system = _masked_system(_regularised(gram, valid, reg), valid)
+    if constraint is None:
+        ok = _is_nonsingular(system, singular_tol)
+        a = _normalised_affine_solve(system, valid.to(gram.dtype))
+    else:
+        ok = torch.isfinite(system).all()
+        a = _simplex_minimiser(system, valid)
+    ok = ok & torch.isfinite(a).all()
+    e1 = torch.zeros(k, dtype=gram.dtype, device=gram.device)
+    e1[0] = 1
+    return torch.where(ok, a, e1), ~ok
+
+
+def rna_coefficients(gram: Tensor, reg: float) -> Tensor:
+    """RNA's regularised extrapolation weights from ``RR = R^T R`` (``m x m``).
+
+    Follows the authors' reference code: ``RR /= ||RR||_2``,
+    ``z = solve(RR + reg I, 1)`` (least squares if singular),
+    ``c = z / sum z`` (uniform if ``|sum z| < 1e-10``).
+    """
+    m = gram.shape[-1]
+    ones = torch.ones(m, 1, dtype=gram.dtype, device=gram.device)
+    norm = torch.linalg.matrix_norm(gram, ord=2)
+    scaled = torch.where(norm > 0, gram / norm, gram)
+    system = scaled + reg * torch.eye(m, dtype=gram.dtype, device=gram.device)
+    z, info = torch.linalg.solve_ex(system, ones)
+    z_ls = torch.linalg.pinv(system, hermitian=True) @ ones
+    z = torch.where((info == 0) & torch.isfinite(z).all(), z, z_ls).squeeze(-1)
+    total = z.sum()
+    uniform = torch.full_like(z, 1.0 / m)
+    return torch.where(total.abs() < 1e-10, uniform, z / total)
