@@ -1,0 +1,260 @@
+"""Host side shared by the Triton kernels: launch settings, pointer tables,
+device scalars.
+
+Pointer tables
+--------------
+One launch serves a whole bucket, whatever its number of tensors. Each op gets
+an int64 device buffer holding, back to back::
+
+    ptrs       (rows, T)  data pointers (e.g. row 0 params, row 1 grads)
+    numels     (T,)       elements of tensor i
+    cols       (T,)       first ring column of tensor i (the bucket offset)
+    blk_tensor (B,)       tensor served by program b
+    blk_start  (B,)       first element of tensor blk_tensor[b] served by program b
+
+with ``B = sum_i ceil(numel_i / BLOCK)`` (zero-size tensors own no program).
+Kernels load their row of the map and cast the pointer with
+``.to(tl.pointer_type(DTYPE))``. The buffer is cached in the bucket's
+``cache`` dict under one key per op, keyed by the data pointers, numels,
+offsets and block size, so it is rebuilt (one host-to-device copy) only when a
+storage changes, e.g. after ``zero_grad(set_to_none=True)``; one entry per op
+keeps the dict from growing.
+
+Non-contiguous tensors (channels_last, transposed views) cannot be addressed
+as ``base + i``; they are staged through a cached contiguous buffer (one copy
+in before the launch and/or one copy back after it). That keeps the ring's
+column order equal to ``reshape(-1)`` (the torch backend's order) at the cost
+of the extra copies, for those tensors only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_ENV = "INTERPOLATRON_TRITON_BLOCK"
+"""Environment override of the elements per program (a power of two). Tests set
+a small value so that the CPU interpreter runs many programs per tensor."""
+
+ALIGN_BYTES = 16  # one 128-bit vector load
+
+REDUCE_BLOCK = 1024
+REDUCE_WARPS = 4
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+def tl_dtype(dtype: torch.dtype) -> Any:
+    try:
+        return _TL_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(f"the Triton backend supports {', '.join(map(str, _TL_DTYPES))}, "
+                        f"got {dtype}") from None
+
+
+def compute_dtype(dtype: torch.dtype) -> Any:
+    """fp64 math for fp64 data, fp32 for everything narrower (base.compute_dtype)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    block: int
+    num_warps: int
+
+
+def settings(dtype: torch.dtype) -> LaunchSettings:
+    """Elements per program and warps for the streaming kernels.
+
+    2048 elements over 8 warps is 8 per thread: two 128-bit loads per fp32
+    stream, enough bytes in flight per SM to approach copy bandwidth while a
+    k = 4 step still fits the registers (2k streams live at once). fp64 halves
+    the block to keep the same bytes per thread."""
+    env = os.environ.get(BLOCK_ENV)
+    if env:
+        block = int(env)
+        if block < 1 or block & (block - 1):
+            raise ValueError(f"{BLOCK_ENV} must be a power of two, got {env!r}")
+    else:
+        block = 1024 if dtype == torch.float64 else 2048
+    return LaunchSettings(block=block, num_warps=max(1, min(8, block // 256)))
+
+
+def launch(kernel: Any, programs: int, *args: Any, num_warps: int, **constexprs: Any) -> None:
+    """Every launch of the package goes through here (tests count them)."""
+    kernel[(programs,)](*args, num_warps=num_warps, **constexprs)
+
+
+@dataclass
+class Tables:
+    key: tuple
+    buf: Tensor
+    ptrs: Tensor
+    numels: Tensor
+    cols: Tensor
+    blk_tensor: Tensor
+    blk_start: Tensor
+    ntensors: int
+    nblocks: int
+    block: int
+    ptrs_aligned: bool
+    col_gcd: int
+    col_end: int
+    # (original, contiguous stage, copy in before the launch, copy back after)
+    staged: list[tuple[Tensor, Tensor, bool, bool]]
+    scratch: dict = field(default_factory=dict)
+
+    def stage_in(self) -> None:
+        pairs = [(s, t) for t, s, cin, _ in self.staged if cin]
+        if pairs:
+            torch._foreach_copy_([s for s, _ in pairs], [t for _, t in pairs])
+
+    def stage_out(self) -> None:
+        pairs = [(t, s) for t, s, _, cout in self.staged if cout]
+        if pairs:
+            torch._foreach_copy_([t for t, _ in pairs], [s for _, s in pairs])
+
+    def partials(self, rows: int, dtype: torch.dtype) -> Tensor:
+        """The (rows, nblocks) buffer of per-program dot products; kept so that a
+        step allocates nothing (CUDA graphs, allocator churn)."""
+        key = (rows, dtype)
+        buf = self.scratch.get(key)
+        if buf is None:
+            buf = torch.empty((rows, self.nblocks), dtype=dtype, device=self.buf.device)
+            self.scratch.clear()
+            self.scratch[key] = buf
+        return buf
+
+    def ring_aligned(self, ring: Tensor) -> bool:
+        """True when every ring address a program starts at is 16-byte aligned."""
+        es = ring.element_size()
+        return (ring.data_ptr() % ALIGN_BYTES == 0
+                and (ring.stride(0) * es) % ALIGN_BYTES == 0
+                and (self.col_gcd * es) % ALIGN_BYTES == 0
+                and (self.block * es) % ALIGN_BYTES == 0)
+
+    def check_ring(self, ring: Tensor, name: str) -> None:
+        if ring.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D (slots, N) ring, got shape {tuple(ring.shape)}")
+        if ring.shape[1] > 1 and ring.stride(1) != 1:
+            raise ValueError(f"{name} must have contiguous rows (stride(1) == 1)")
+        if ring.shape[0] > 0 and ring.shape[1] < self.col_end:
+            raise ValueError(f"{name} has {ring.shape[1]} columns but the tensors reach column "
+                             f"{self.col_end}")
+
+
+def _key(op: str, rows: Sequence[Sequence[Tensor]], offsets: Sequence[int], block: int,
+         device: torch.device) -> tuple:
+    parts: list = [op, block, str(device), tuple(offsets)]
+    for row in rows:
+        parts.append(tuple(t.data_ptr() for t in row))
+        parts.append(tuple(t.numel() for t in row))
+    # A staged tensor's copies depend on its layout, which its pointer does not fix.
+    parts.append(tuple((t.shape, t.stride()) for row in rows for t in row if not t.is_contiguous()))
+    return tuple(parts)
+
+
+def tables(cache: dict, op: str, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
+           offsets: Sequence[int], device: torch.device, block: int) -> Tables:
+    """The cached tables of ``op`` for these tensors, rebuilt when a storage changed.
+
+    ``rows`` are parallel lists of tensors (same numels); ``modes[r]`` says how
+    the kernel uses row ``r``: ``"r"``, ``"w"`` or ``"rw"`` (only matters for
+    staged, non-contiguous tensors)."""
+    key = _key(op, rows, offsets, block, device)
+    slot = ("triton", op)
+    entry = cache.get(slot)
+    if entry is None or entry.key != key:
+        entry = _build(key, rows, modes, offsets, device, block)
+        cache[slot] = entry
+    return entry
+
+
+def _build(key: tuple, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
+           offsets: Sequence[int], device: torch.device, block: int) -> Tables:
+    ntensors = len(rows[0]) if rows else 0
+    if len(offsets) != ntensors:
+        raise ValueError(f"got {ntensors} tensors but {len(offsets)} offsets")
+    numels = [t.numel() for t in rows[0]] if rows else []
+    staged: list[tuple[Tensor, Tensor, bool, bool]] = []
+    ptr_rows: list[list[int]] = []
+    for row, mode in zip(rows, modes):
+        if len(row) != ntensors:
+            raise ValueError(f"tensor lists differ in length: {len(row)} vs {ntensors}")
+        dtypes = {t.dtype for t in row}
+        if len(dtypes) > 1:
+            raise TypeError(f"a bucket's tensors must share one dtype, got {sorted(map(str, dtypes))}")
+        ptr_row = []
+        for t, n in zip(row, numels):
+            if t.numel() != n:
+                raise ValueError(f"tensor of {t.numel()} elements paired with one of {n}")
+            if t.device != device:
+                raise ValueError(f"tensor on {t.device} in a bucket on {device}")
+            if n and not t.is_contiguous():
+                stage = torch.empty(t.shape, dtype=t.dtype, device=device)
+                staged.append((t, stage, "r" in mode, "w" in mode))
+                t = stage
+            ptr_row.append(t.data_ptr())
+        ptr_rows.append(ptr_row)
+
+    live = [i for i, n in enumerate(numels) if n]
+    es_min = min((row[0].element_size() for row in rows if row), default=1)
+    ptrs_aligned = (all(ptr_rows[r][i] % ALIGN_BYTES == 0 for r in range(len(rows)) for i in live)
+                    and (block * es_min) % ALIGN_BYTES == 0)
+    col_gcd = 0
+    for i in live:
+        col_gcd = math.gcd(col_gcd, int(offsets[i]))
+    col_end = max((int(offsets[i]) + numels[i] for i in live), default=0)
+
+    per = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
+    nblocks = int(per.sum()) if ntensors else 0
+    blk_tensor = torch.repeat_interleave(torch.arange(ntensors, dtype=torch.int64), per)
+    first = torch.cumsum(per, 0) - per
+    blk_start = (torch.arange(nblocks, dtype=torch.int64) - torch.repeat_interleave(first, per)) * block
+    host = torch.cat([
+        torch.tensor(ptr_rows, dtype=torch.int64).reshape(-1),
+        torch.tensor(numels, dtype=torch.int64),
+        torch.tensor([int(o) for o in offsets], dtype=torch.int64),
+        blk_tensor,
+        blk_start,
+    ])
+    buf = host.to(device)
+    nrows = len(rows)
+    sizes = [nrows * ntensors, ntensors, ntensors, nblocks, nblocks]
+    ptrs, numel_t, cols, bt, bs = buf.split(sizes)
+    return Tables(key=key, buf=buf, ptrs=ptrs, numels=numel_t, cols=cols, blk_tensor=bt,
+                  blk_start=bs, ntensors=ntensors, nblocks=nblocks, block=block,
+                  ptrs_aligned=ptrs_aligned, col_gcd=col_gcd, col_end=col_end, staged=staged)
+
+
+def f64_scalar(cache: dict, name: str, value: float, device: torch.device) -> Tensor:
+    """A cached float64 device scalar (weight decay). Triton passes Python floats
+    as fp32, which would round the fp64 path; loading it from memory keeps the
+    exact value, and caching keeps the host-to-device copy off the hot path."""
+    slot = ("triton", "scalar", name)
+    entry = cache.get(slot)
+    if entry is None or entry[0] != value or entry[1].device != device:
+        entry = (value, torch.tensor(value, dtype=torch.float64, device=device))
+        cache[slot] = entry
+    return entry[1]
+
+
+def check_device_scalars(device: torch.device, **tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name} must live on the bucket's device {device}, got {t.device}")
