@@ -10,6 +10,7 @@ ones check their ``info`` on the host.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -54,7 +55,10 @@ def _normalised_affine_solve(system: Tensor, rhs: Tensor) -> Tensor:
     return z / z.sum(-1, keepdim=True)
 
 
+@functools.lru_cache(maxsize=64)
 def _support_masks(k: int, device: torch.device) -> Tensor:
+    # Cached: building it is a host-to-device copy, not allowed inside a CUDA
+    # graph capture (the first, uncaptured step builds it).
     rows = [bits for bits in itertools.product((False, True), repeat=k) if any(bits)]
     return torch.tensor(rows, dtype=torch.bool, device=device)
 

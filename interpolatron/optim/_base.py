@@ -47,8 +47,8 @@ class Bucket:
 
     def views(self, p: Tensor) -> tuple[Tensor, Tensor]:
         off, n = self.offset_of[id(p)], p.numel()
-        return (self.x_hist[:, off:off + n].view(-1, *p.shape),
-                self.g_hist[:, off:off + n].view(-1, *p.shape))
+        return (self.x_hist[:, off:off + n].view(self.x_hist.shape[0], *p.shape),
+                self.g_hist[:, off:off + n].view(self.g_hist.shape[0], *p.shape))
 
 
 class Work:
