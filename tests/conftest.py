@@ -1,12 +1,14 @@
 import os
 
-# The Triton kernels run on the CPU through Triton's interpreter; it must be
-# chosen before any module that defines a @triton.jit kernel is imported.
-if not os.environ.get("INTERPOLATRON_TRITON_NATIVE"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the Triton kernels run on the CPU through Triton's
+# interpreter; it must be chosen before any module that defines a @triton.jit
+# kernel is imported (torch itself defines none). With a GPU they compile
+# natively, unless TRITON_INTERPRET is set by hand.
+if not torch.cuda.is_available() and not os.environ.get("INTERPOLATRON_TRITON_NATIVE"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
 """Device helpers shared by the kernels: block map lookup, ring slots, block
-loads/stores split into unmasked (full) and masked (tail) variants."""
+loads/stores in a fast variant (full block, aligned: unmasked, hinted, so the
+compiler emits 128-bit accesses) and a general one (masked, no hints)."""
 
 from __future__ import annotations
 
@@ -16,48 +17,54 @@ def _slot(count, age, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def _block_of(blk_tensor, blk_start, numels, cols, BLOCK: tl.constexpr):
-    """(tensor index, first element, elements left, first ring column) of this program."""
+def _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK: tl.constexpr):
+    """(tensor index, first element, elements left, first ring column, fast) of this
+    program. ``fast``: a full block of a tensor whose pointers and ring column are
+    16-byte aligned, which may use unmasked, vectorized accesses."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor + pid)
-    # Starts are multiples of BLOCK by construction; saying so lets full blocks vectorize.
+    # Starts are multiples of BLOCK by construction; saying so keeps the
+    # alignment of the tensor's base for the block.
     start = tl.multiple_of(tl.load(blk_start + pid), BLOCK)
     rem = tl.load(numels + t) - start
     col = tl.load(cols + t) + start
-    return t, start, rem, col
+    fast = (rem >= BLOCK) & (tl.load(flags + t) != 0)
+    return t, start, rem, col, fast
 
 
 @triton.jit
-def _tensor_ptr(ptr_row, t, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def _tensor_ptr(ptr_row, t, start, DTYPE: tl.constexpr, HINT: tl.constexpr):
     """Element ``start`` of table tensor ``t``, typed as ``DTYPE``."""
-    raw = tl.load(ptr_row + t)
-    if ALIGNED:
-        raw = tl.multiple_of(raw, 16)
-    return raw.to(tl.pointer_type(DTYPE)) + start
+    p = tl.load(ptr_row + t).to(tl.pointer_type(DTYPE))
+    if HINT:
+        # Divisibility of a pointer is in bytes; a hint on the int64 before the
+        # cast would not survive it.
+        p = tl.multiple_of(p, 16)
+    return p + start
 
 
 @triton.jit
-def _ring_ptr(ring, slot, stride, col, ALIGNED: tl.constexpr):
+def _ring_ptr(ring, slot, stride, col, HINT: tl.constexpr):
     p = ring + (slot * stride + col)
-    if ALIGNED:
+    if HINT:
         p = tl.multiple_of(p, 16)
     return p
 
 
 @triton.jit
-def _ld(ptr, rem, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+def _ld(ptr, rem, BLOCK: tl.constexpr, FAST: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    if MASKED:
-        v = tl.load(ptr + offs, mask=offs < rem, other=0.0)
-    else:
+    if FAST:
         v = tl.load(ptr + offs)
+    else:
+        v = tl.load(ptr + offs, mask=offs < rem, other=0.0)
     return v
 
 
 @triton.jit
-def _st(ptr, value, rem, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+def _st(ptr, value, rem, BLOCK: tl.constexpr, FAST: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    if MASKED:
-        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=offs < rem)
-    else:
+    if FAST:
         tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=offs < rem)

@@ -9,6 +9,8 @@ an int64 device buffer holding, back to back::
     ptrs       (rows, T)  data pointers (e.g. row 0 params, row 1 grads)
     numels     (T,)       elements of tensor i
     cols       (T,)       first ring column of tensor i (the bucket offset)
+    flags      (T,)       1 when tensor i's pointers and ring column are 16-byte
+                          aligned: its full blocks take the vectorized path
     blk_tensor (B,)       tensor served by program b
     blk_start  (B,)       first element of tensor blk_tensor[b] served by program b
 
@@ -29,7 +31,6 @@ of the extra copies, for those tensors only.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -107,13 +108,12 @@ class Tables:
     ptrs: Tensor
     numels: Tensor
     cols: Tensor
+    flags: Tensor
     blk_tensor: Tensor
     blk_start: Tensor
     ntensors: int
     nblocks: int
     block: int
-    ptrs_aligned: bool
-    col_gcd: int
     col_end: int
     # (original, contiguous stage, copy in before the launch, copy back after)
     staged: list[tuple[Tensor, Tensor, bool, bool]]
@@ -140,13 +140,12 @@ class Tables:
             self.scratch[key] = buf
         return buf
 
-    def ring_aligned(self, ring: Tensor) -> bool:
-        """True when every ring address a program starts at is 16-byte aligned."""
-        es = ring.element_size()
-        return (ring.data_ptr() % ALIGN_BYTES == 0
-                and (ring.stride(0) * es) % ALIGN_BYTES == 0
-                and (self.col_gcd * es) % ALIGN_BYTES == 0
-                and (self.block * es) % ALIGN_BYTES == 0)
+    @staticmethod
+    def ring_aligned(*rings: Tensor) -> bool:
+        """Whether the rings' rows start 16-byte aligned (the columns are checked per
+        tensor, in ``flags``). Passed as a constexpr: a step's rings rarely change."""
+        return all(r.data_ptr() % ALIGN_BYTES == 0 and (r.stride(0) * r.element_size()) % ALIGN_BYTES == 0
+                   for r in rings if r.numel())
 
     def check_ring(self, ring: Tensor, name: str) -> None:
         if ring.dim() != 2:
@@ -159,8 +158,8 @@ class Tables:
 
 
 def _key(op: str, rows: Sequence[Sequence[Tensor]], offsets: Sequence[int], block: int,
-         device: torch.device) -> tuple:
-    parts: list = [op, block, str(device), tuple(offsets)]
+         device: torch.device, ring_dtype: torch.dtype) -> tuple:
+    parts: list = [op, block, str(device), ring_dtype, tuple(offsets)]
     for row in rows:
         parts.append(tuple(t.data_ptr() for t in row))
         parts.append(tuple(t.numel() for t in row))
@@ -170,23 +169,23 @@ def _key(op: str, rows: Sequence[Sequence[Tensor]], offsets: Sequence[int], bloc
 
 
 def tables(cache: dict, op: str, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
-           offsets: Sequence[int], device: torch.device, block: int) -> Tables:
+           offsets: Sequence[int], device: torch.device, block: int, ring_dtype: torch.dtype) -> Tables:
     """The cached tables of ``op`` for these tensors, rebuilt when a storage changed.
 
     ``rows`` are parallel lists of tensors (same numels); ``modes[r]`` says how
     the kernel uses row ``r``: ``"r"``, ``"w"`` or ``"rw"`` (only matters for
     staged, non-contiguous tensors)."""
-    key = _key(op, rows, offsets, block, device)
+    key = _key(op, rows, offsets, block, device, ring_dtype)
     slot = ("triton", op)
     entry = cache.get(slot)
     if entry is None or entry.key != key:
-        entry = _build(key, rows, modes, offsets, device, block)
+        entry = _build(key, rows, modes, offsets, device, block, ring_dtype)
         cache[slot] = entry
     return entry
 
 
 def _build(key: tuple, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
-           offsets: Sequence[int], device: torch.device, block: int) -> Tables:
+           offsets: Sequence[int], device: torch.device, block: int, ring_dtype: torch.dtype) -> Tables:
     ntensors = len(rows[0]) if rows else 0
     if len(offsets) != ntensors:
         raise ValueError(f"got {ntensors} tensors but {len(offsets)} offsets")
@@ -212,14 +211,14 @@ def _build(key: tuple, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
             ptr_row.append(t.data_ptr())
         ptr_rows.append(ptr_row)
 
-    live = [i for i, n in enumerate(numels) if n]
-    es_min = min((row[0].element_size() for row in rows if row), default=1)
-    ptrs_aligned = (all(ptr_rows[r][i] % ALIGN_BYTES == 0 for r in range(len(rows)) for i in live)
-                    and (block * es_min) % ALIGN_BYTES == 0)
-    col_gcd = 0
-    for i in live:
-        col_gcd = math.gcd(col_gcd, int(offsets[i]))
-    col_end = max((int(offsets[i]) + numels[i] for i in live), default=0)
+    ring_es = torch.empty(0, dtype=ring_dtype).element_size()
+    sizes = [ring_es] + [row[0].element_size() for row in rows if row]
+    # A block must span whole 16-byte vectors of every stream for the hints to hold.
+    block_ok = all((block * es) % ALIGN_BYTES == 0 for es in sizes)
+    flags = [int(block_ok and (int(off) * ring_es) % ALIGN_BYTES == 0
+                 and all(ptr_row[i] % ALIGN_BYTES == 0 for ptr_row in ptr_rows))
+             for i, off in enumerate(offsets)]
+    col_end = max((int(offsets[i]) + n for i, n in enumerate(numels) if n), default=0)
 
     per = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
     nblocks = int(per.sum()) if ntensors else 0
@@ -230,16 +229,23 @@ def _build(key: tuple, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
         torch.tensor(ptr_rows, dtype=torch.int64).reshape(-1),
         torch.tensor(numels, dtype=torch.int64),
         torch.tensor([int(o) for o in offsets], dtype=torch.int64),
+        torch.tensor(flags, dtype=torch.int64),
         blk_tensor,
         blk_start,
     ])
-    buf = host.to(device)
+    if device.type == "cuda":
+        # Pinned + non_blocking: a rebuild (new gradient storages) does not stall
+        # the host on the copy; the caching host allocator keeps the pinned
+        # buffer alive until the copy has run.
+        buf = host.pin_memory().to(device, non_blocking=True)
+    else:
+        buf = host.to(device)
     nrows = len(rows)
-    sizes = [nrows * ntensors, ntensors, ntensors, nblocks, nblocks]
-    ptrs, numel_t, cols, bt, bs = buf.split(sizes)
-    return Tables(key=key, buf=buf, ptrs=ptrs, numels=numel_t, cols=cols, blk_tensor=bt,
-                  blk_start=bs, ntensors=ntensors, nblocks=nblocks, block=block,
-                  ptrs_aligned=ptrs_aligned, col_gcd=col_gcd, col_end=col_end, staged=staged)
+    parts = [nrows * ntensors, ntensors, ntensors, ntensors, nblocks, nblocks]
+    ptrs, numel_t, cols, flag_t, bt, bs = buf.split(parts)
+    return Tables(key=key, buf=buf, ptrs=ptrs, numels=numel_t, cols=cols, flags=flag_t, blk_tensor=bt,
+                  blk_start=bs, ntensors=ntensors, nblocks=nblocks, block=block, col_end=col_end,
+                  staged=staged)
 
 
 def f64_scalar(cache: dict, name: str, value: float, device: torch.device) -> Tensor:

@@ -1,0 +1,96 @@
+"""The Triton backend: one fused launch per bucket op, whatever the number of
+tensors (pointer tables), no host synchronisation (lr, coefs and count are
+read on the device), deterministic Gram rows (per-program partials reduced in
+float64 in a fixed order, no atomics).
+
+Kernels live in :mod:`interpolatron.triton_kernels`; this module only adapts
+the seam of :mod:`interpolatron.backends.base` to them. It imports without
+Triton installed, so that dispatch can say why the backend is unavailable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import SUPPORTED_DTYPES
+
+try:
+    from interpolatron.triton_kernels import combine as _combine
+    from interpolatron.triton_kernels import gram as _gram
+    from interpolatron.triton_kernels import rna as _rna
+except ImportError as exc:  # triton missing (or broken): reported by unavailable_reason
+    _IMPORT_ERROR: ImportError | None = exc
+else:
+    _IMPORT_ERROR = None
+
+
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were built for Triton's CPU interpreter: ``@triton.jit``
+    picks its mode when a kernel module is imported, not when it runs."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_combine._combine_kernel, InterpretedFunction)
+
+
+def _interpret_requested() -> bool:
+    """TRITON_INTERPRET as Triton itself parses it ("1", "true", ...)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+class TritonBackend:
+    name = "triton"
+
+    def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor] | None,
+                offsets: Sequence[int], x_hist: Tensor, g_hist: Tensor, coefs: Tensor, lr: Tensor,
+                count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
+                cache: dict) -> None:
+        _combine.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count,
+                         weight_decay, maximize, gram, cache)
+
+    def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
+                 g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
+                 cache: dict) -> None:
+        _gram.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache)
+
+    def rna_record(self, sources: Sequence[Tensor], offsets: Sequence[int], window: Tensor,
+                   count: Tensor, out: Tensor | None, cache: dict) -> None:
+        _rna.rna_record(sources, offsets, window, count, out, cache)
+
+    def rna_extrapolate(self, window: Tensor, offsets: Sequence[int], count: Tensor, coefs: Tensor,
+                        outs: Sequence[Tensor], cache: dict) -> None:
+        _rna.rna_extrapolate(window, offsets, count, coefs, outs, cache)
+
+
+BACKEND = TritonBackend()
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the Triton kernels can run ``dtype`` tensors on ``device``, else why not."""
+    if _IMPORT_ERROR is not None:
+        return f"triton is not installed: pip install triton ({_IMPORT_ERROR})"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the Triton kernels support {', '.join(map(str, SUPPORTED_DTYPES))}, not {dtype}"
+    device = torch.device(device)
+    interpreting = _interpret_requested()
+    if interpreting != _kernels_interpreted():
+        return ("TRITON_INTERPRET changed after interpolatron's Triton kernels were imported; "
+                "set it before importing interpolatron")
+    if device.type == "cuda":
+        if interpreting:
+            # The interpreter dereferences the pointer tables on the host.
+            return "the Triton CPU interpreter (TRITON_INTERPRET=1) cannot run CUDA tensors; unset it"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    if device.type == "cpu" and interpreting:
+        return None
+    return "Triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"

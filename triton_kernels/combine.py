@@ -1,0 +1,162 @@
+"""The fused interpolation step (Interpolatron, and Anderson's second pass).
+
+One launch per bucket. Per element, with ``k`` coefficients::
+
+    x_new = sum_j a_j x(age j) - lr * sum_j a_j g(age j)
+
+reading the parameter (age 0), the gradient (age 0, weight decay and
+maximize folded in on the fly), ``k - 1`` stored iterates and ``k - 1`` stored
+gradients, and writing the parameter and ring slot ``c mod (k-1)`` of both
+rings: 2k reads + 3 writes, the floor of ALGORITHMS.md section 4. The optional
+Gram row ``<g(age 0), g(age j)>`` is formed from the registers already loaded.
+
+``lr``, ``coefs`` and ``count`` are read from device memory and the ring slots
+are computed from ``count`` in the kernel, so a captured CUDA graph replays
+correctly while they change.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _launch
+from ._helpers import _block_of, _ld, _ring_ptr, _slot, _st, _tensor_ptr
+from .reduce import reduce_partials
+
+
+@triton.jit
+def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
+                   coefs, lr, count, wd, partials, nblocks,
+                   K: tl.constexpr, HAS_GRAD: tl.constexpr, GRAM: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                   PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
+                   RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+    RH: tl.constexpr = FAST and RING_ALIGNED
+    pid = tl.program_id(0)
+    c = tl.load(count)
+    a = tl.load(coefs).to(CD)
+    p = _tensor_ptr(ptrs, t, start, PDT, FAST)
+    x_raw = _ld(p, rem, BLOCK, FAST)
+    x = x_raw.to(CD)
+    acc_x = a * x
+    if HAS_GRAD:
+        g = _ld(_tensor_ptr(ptrs + ntensors, t, start, GDT, FAST), rem, BLOCK, FAST).to(CD)
+        if MAXIMIZE:
+            g = -g
+        if HAS_WD:
+            g = g + tl.load(wd).to(CD) * x
+        if GRAM:
+            tl.store(partials + pid, tl.sum(g * g, axis=0))
+    else:
+        # Anderson: age 0 already sits in slot c mod k of the k-slot g ring.
+        g = _ld(_ring_ptr(g_hist, _slot(c, 0, K), g_stride, col, RH), rem, BLOCK, FAST).to(CD)
+    acc_g = a * g
+    for j in tl.static_range(1, K):
+        aj = tl.load(coefs + j).to(CD)
+        xs = _slot(c, j, K - 1)
+        acc_x += aj * _ld(_ring_ptr(x_hist, xs, x_stride, col, RH), rem, BLOCK, FAST).to(CD)
+        if HAS_GRAD:
+            gs = xs
+        else:
+            gs = _slot(c, j, K)
+        gj = _ld(_ring_ptr(g_hist, gs, g_stride, col, RH), rem, BLOCK, FAST).to(CD)
+        acc_g += aj * gj
+        if GRAM:
+            tl.store(partials + j * nblocks + pid, tl.sum(g * gj, axis=0))
+    lr_c = tl.load(lr).to(CD)
+    _st(p, acc_x - lr_c * acc_g, rem, BLOCK, FAST)
+    if K > 1:
+        # Slot c mod (k-1) held age k-1, consumed above: the oldest entry is replaced.
+        ws = _slot(c, 0, K - 1)
+        _st(_ring_ptr(x_hist, ws, x_stride, col, RH), x_raw, rem, BLOCK, FAST)
+        if HAS_GRAD:
+            _st(_ring_ptr(g_hist, ws, g_stride, col, RH), g, rem, BLOCK, FAST)
+
+
+@triton.jit
+def _combine_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
+                    x_hist, g_hist, x_stride, g_stride, coefs, lr, count, wd, partials, nblocks,
+                    K: tl.constexpr, HAS_GRAD: tl.constexpr, GRAM: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                    PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
+                    RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
+    if fast:
+        _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
+                       coefs, lr, count, wd, partials, nblocks, K, HAS_GRAD, GRAM, MAXIMIZE, HAS_WD,
+                       PDT, GDT, CD, RING_ALIGNED, BLOCK, True)
+    else:
+        _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
+                       coefs, lr, count, wd, partials, nblocks, K, HAS_GRAD, GRAM, MAXIMIZE, HAS_WD,
+                       PDT, GDT, CD, RING_ALIGNED, BLOCK, False)
+
+
+def _ring_arg(ring: Tensor, fallback: Tensor) -> Tensor:
+    # A zero-slot ring (k == 1) may have no storage; the kernel never touches it.
+    return ring if ring.numel() else fallback
+
+
+def combine(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor] | None,
+    offsets: Sequence[int],
+    x_hist: Tensor,
+    g_hist: Tensor,
+    coefs: Tensor,
+    lr: Tensor,
+    count: Tensor,
+    weight_decay: float,
+    maximize: bool,
+    gram: Tensor | None,
+    cache: dict,
+) -> None:
+    """Launch the fused step for one bucket (see :meth:`Backend.combine`)."""
+    k = coefs.numel()
+    has_grad = grads is not None
+    if not has_grad and gram is not None:
+        raise ValueError("combine: gram is only produced when grads are given")
+    if k < 1:
+        raise ValueError("combine needs at least one coefficient")
+    g_slots = k - 1 if has_grad else k
+    if x_hist.shape[0] != k - 1 or g_hist.shape[0] != g_slots:
+        raise ValueError(f"combine with k={k}: expected {k - 1} x slots and {g_slots} g slots, "
+                         f"got {x_hist.shape[0]} and {g_hist.shape[0]}")
+    device = x_hist.device
+    _launch.check_device_scalars(device, coefs=coefs, lr=lr, count=count)
+    dtype = params[0].dtype if params else x_hist.dtype
+    cfg = _launch.settings(dtype)
+    rows = [params, grads] if has_grad else [params]
+    modes = ["rw", "r"] if has_grad else ["rw"]
+    tabs = _launch.tables(cache, "combine", rows, modes, offsets, device, cfg.block, x_hist.dtype)
+    tabs.check_ring(x_hist, "x_hist")
+    tabs.check_ring(g_hist, "g_hist")
+    if tabs.nblocks == 0:
+        if gram is not None:
+            gram.zero_()
+        return
+    cd = _launch.partial_dtype(dtype)
+    partials = tabs.partials(k, cd) if gram is not None else tabs.buf
+    has_wd = has_grad and weight_decay != 0
+    wd = _launch.f64_scalar(cache, "weight_decay", weight_decay, device) if has_wd else lr
+    coefs = coefs if coefs.is_contiguous() else coefs.contiguous()
+    xr = _ring_arg(x_hist, tabs.buf)
+    gr = _ring_arg(g_hist, xr)
+    tabs.stage_in()
+    _launch.launch(
+        _combine_kernel, tabs.nblocks,
+        tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start, tabs.ntensors,
+        xr, gr, x_hist.stride(0), g_hist.stride(0), coefs, lr, count, wd, partials, tabs.nblocks,
+        num_warps=cfg.num_warps,
+        K=k, HAS_GRAD=has_grad, GRAM=gram is not None, MAXIMIZE=bool(maximize) and has_grad,
+        HAS_WD=has_wd, PDT=_launch.tl_dtype(dtype),
+        GDT=_launch.tl_dtype(grads[0].dtype if has_grad else dtype),
+        CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(x_hist, g_hist), BLOCK=cfg.block,
+    )
+    if gram is not None:
+        reduce_partials(partials, gram)
+    tabs.stage_out()
+

@@ -1,0 +1,99 @@
+"""Anderson's first pass: store the new effective gradient and its Gram row.
+
+One pass over the new gradient (plus the parameter when weight decay is on)
+and the ``k - 1`` stored gradients; the gradient goes to slot ``c mod k`` and
+each program writes its partials ``<g(age 0), g(age j)>`` (fp32, fp64 for
+fp64 data), which :func:`reduce_partials` sums in float64 in a fixed order.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _launch
+from ._helpers import _block_of, _ld, _ring_ptr, _slot, _st, _tensor_ptr
+from .reduce import reduce_partials
+
+
+@triton.jit
+def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, partials, nblocks,
+                    K: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                    GDT: tl.constexpr, PDT: tl.constexpr, CD: tl.constexpr,
+                    RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+    RH: tl.constexpr = FAST and RING_ALIGNED
+    pid = tl.program_id(0)
+    c = tl.load(count)
+    g = _ld(_tensor_ptr(ptrs, t, start, GDT, FAST), rem, BLOCK, FAST).to(CD)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WD:
+        x = _ld(_tensor_ptr(ptrs + ntensors, t, start, PDT, FAST), rem, BLOCK, FAST).to(CD)
+        g = g + tl.load(wd).to(CD) * x
+    tl.store(partials + pid, tl.sum(g * g, axis=0))
+    for j in tl.static_range(1, K):
+        gj = _ld(_ring_ptr(g_hist, _slot(c, j, K), g_stride, col, RH), rem, BLOCK, FAST).to(CD)
+        tl.store(partials + j * nblocks + pid, tl.sum(g * gj, axis=0))
+    _st(_ring_ptr(g_hist, _slot(c, 0, K), g_stride, col, RH), g, rem, BLOCK, FAST)
+
+
+@triton.jit
+def _gram_row_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
+                     g_hist, g_stride, count, wd, partials, nblocks,
+                     K: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                     GDT: tl.constexpr, PDT: tl.constexpr, CD: tl.constexpr,
+                     RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
+    if fast:
+        _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, partials,
+                        nblocks, K, MAXIMIZE, HAS_WD, GDT, PDT, CD, RING_ALIGNED, BLOCK, True)
+    else:
+        _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, partials,
+                        nblocks, K, MAXIMIZE, HAS_WD, GDT, PDT, CD, RING_ALIGNED, BLOCK, False)
+
+
+def gram_row(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    offsets: Sequence[int],
+    g_hist: Tensor,
+    count: Tensor,
+    weight_decay: float,
+    maximize: bool,
+    out: Tensor,
+    cache: dict,
+) -> None:
+    """Launch the Gram pass for one bucket (see :meth:`Backend.gram_row`)."""
+    k = g_hist.shape[0]
+    if k < 1:
+        raise ValueError("gram_row needs a g ring with at least one slot")
+    device = g_hist.device
+    _launch.check_device_scalars(device, count=count)
+    dtype = g_hist.dtype
+    cfg = _launch.settings(dtype)
+    has_wd = weight_decay != 0
+    # Without weight decay the parameters are not read, so they stay out of the
+    # table (and out of its key).
+    rows = [grads, params] if has_wd else [grads]
+    tabs = _launch.tables(cache, "gram_row", rows, ["r"] * len(rows), offsets, device, cfg.block,
+                          g_hist.dtype)
+    tabs.check_ring(g_hist, "g_hist")
+    if tabs.nblocks == 0:
+        reduce_partials(tabs.partials(k, _launch.partial_dtype(dtype)), out)
+        return
+    partials = tabs.partials(k, _launch.partial_dtype(dtype))
+    wd = _launch.f64_scalar(cache, "weight_decay", weight_decay, device) if has_wd else tabs.buf
+    tabs.stage_in()
+    _launch.launch(
+        _gram_row_kernel, tabs.nblocks,
+        tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start, tabs.ntensors,
+        g_hist, g_hist.stride(0), count, wd, partials, tabs.nblocks,
+        num_warps=cfg.num_warps,
+        K=k, MAXIMIZE=bool(maximize), HAS_WD=has_wd, GDT=_launch.tl_dtype(grads[0].dtype),
+        PDT=_launch.tl_dtype(params[0].dtype if has_wd else grads[0].dtype),
+        CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(g_hist), BLOCK=cfg.block,
+    )
+    reduce_partials(partials, out)

@@ -1,0 +1,157 @@
+"""RNA's window ops: record a snapshot (with the Gram row of snapshot
+differences) and extrapolate the weighted sum of the newest snapshots.
+
+Record reads the sources and the ``S - 1`` older snapshots, takes the
+differences ``r_j = y(age j) - y(age j + 1)`` elementwise in registers BEFORE
+any product (no Gram of raw snapshots: catastrophic cancellation), writes the
+per-program partials ``<r_0, r_j>`` and the sources into slot ``c mod S``:
+``S + 1`` accesses per element. Slot ``c mod S`` is never read.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _launch
+from ._helpers import _block_of, _ld, _ring_ptr, _slot, _st, _tensor_ptr
+from .reduce import reduce_partials
+
+
+@triton.jit
+def _rna_record_block(ptrs, t, start, rem, col, window, w_stride, count, partials, nblocks,
+                      S: tl.constexpr, DIFFS: tl.constexpr, SDT: tl.constexpr, CD: tl.constexpr,
+                      RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+    RH: tl.constexpr = FAST and RING_ALIGNED
+    pid = tl.program_id(0)
+    c = tl.load(count)
+    y0 = _ld(_tensor_ptr(ptrs, t, start, SDT, FAST), rem, BLOCK, FAST).to(CD)
+    if DIFFS:
+        prev = _ld(_ring_ptr(window, _slot(c, 1, S), w_stride, col, RH), rem, BLOCK, FAST).to(CD)
+        r0 = y0 - prev
+        tl.store(partials + pid, tl.sum(r0 * r0, axis=0))
+        for a in tl.static_range(2, S):
+            ya = _ld(_ring_ptr(window, _slot(c, a, S), w_stride, col, RH), rem, BLOCK, FAST).to(CD)
+            tl.store(partials + (a - 1) * nblocks + pid, tl.sum(r0 * (prev - ya), axis=0))
+            prev = ya
+    _st(_ring_ptr(window, _slot(c, 0, S), w_stride, col, RH), y0, rem, BLOCK, FAST)
+
+
+@triton.jit
+def _rna_record_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start,
+                       window, w_stride, count, partials, nblocks,
+                       S: tl.constexpr, DIFFS: tl.constexpr, SDT: tl.constexpr, CD: tl.constexpr,
+                       RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
+    if fast:
+        _rna_record_block(ptrs, t, start, rem, col, window, w_stride, count, partials, nblocks,
+                          S, DIFFS, SDT, CD, RING_ALIGNED, BLOCK, True)
+    else:
+        _rna_record_block(ptrs, t, start, rem, col, window, w_stride, count, partials, nblocks,
+                          S, DIFFS, SDT, CD, RING_ALIGNED, BLOCK, False)
+
+
+@triton.jit
+def _rna_extrapolate_block(ptrs, t, start, rem, col, window, w_stride, count, coefs,
+                           S: tl.constexpr, M: tl.constexpr, ODT: tl.constexpr, CD: tl.constexpr,
+                           RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+    RH: tl.constexpr = FAST and RING_ALIGNED
+    # ``count`` records are done: the newest (age 0) is in slot count - 1.
+    newest = tl.load(count) - 1
+    y0 = _ld(_ring_ptr(window, _slot(newest, 0, S), w_stride, col, RH), rem, BLOCK, FAST)
+    acc = tl.load(coefs).to(CD) * y0.to(CD)
+    for a in tl.static_range(1, M):
+        ya = _ld(_ring_ptr(window, _slot(newest, a, S), w_stride, col, RH), rem, BLOCK, FAST)
+        acc += tl.load(coefs + a).to(CD) * ya.to(CD)
+    _st(_tensor_ptr(ptrs, t, start, ODT, FAST), acc, rem, BLOCK, FAST)
+
+
+@triton.jit
+def _rna_extrapolate_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start,
+                            window, w_stride, count, coefs,
+                            S: tl.constexpr, M: tl.constexpr, ODT: tl.constexpr, CD: tl.constexpr,
+                            RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
+    if fast:
+        _rna_extrapolate_block(ptrs, t, start, rem, col, window, w_stride, count, coefs,
+                               S, M, ODT, CD, RING_ALIGNED, BLOCK, True)
+    else:
+        _rna_extrapolate_block(ptrs, t, start, rem, col, window, w_stride, count, coefs,
+                               S, M, ODT, CD, RING_ALIGNED, BLOCK, False)
+
+
+def rna_record(
+    sources: Sequence[Tensor],
+    offsets: Sequence[int],
+    window: Tensor,
+    count: Tensor,
+    out: Tensor | None,
+    cache: dict,
+) -> None:
+    """Launch the record pass for one bucket (see :meth:`Backend.rna_record`)."""
+    slots = window.shape[0]
+    if slots < 1:
+        raise ValueError("rna_record needs a window with at least one slot")
+    device = window.device
+    _launch.check_device_scalars(device, count=count)
+    cfg = _launch.settings(window.dtype)
+    tabs = _launch.tables(cache, "rna_record", [sources], ["r"], offsets, device, cfg.block,
+                          window.dtype)
+    tabs.check_ring(window, "window")
+    pdt = _launch.partial_dtype(window.dtype)
+    if tabs.nblocks == 0:
+        if out is not None:
+            reduce_partials(tabs.partials(slots - 1, pdt), out)
+        return
+    diffs = out is not None and slots > 1
+    # With one slot there are no differences: the (0, nblocks) buffer only checks ``out``.
+    partials = tabs.partials(slots - 1, pdt) if out is not None else tabs.buf
+    tabs.stage_in()
+    _launch.launch(
+        _rna_record_kernel, tabs.nblocks,
+        tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start,
+        window, window.stride(0), count, partials, tabs.nblocks,
+        num_warps=cfg.num_warps,
+        S=slots, DIFFS=diffs, SDT=_launch.tl_dtype(sources[0].dtype),
+        CD=_launch.compute_dtype(window.dtype), RING_ALIGNED=tabs.ring_aligned(window),
+        BLOCK=cfg.block,
+    )
+    if out is not None:
+        reduce_partials(partials, out)
+
+
+def rna_extrapolate(
+    window: Tensor,
+    offsets: Sequence[int],
+    count: Tensor,
+    coefs: Tensor,
+    outs: Sequence[Tensor],
+    cache: dict,
+) -> None:
+    """Launch the extrapolation for one bucket (see :meth:`Backend.rna_extrapolate`)."""
+    slots = window.shape[0]
+    m = coefs.numel()
+    if not 1 <= m <= slots:
+        raise ValueError(f"rna_extrapolate needs 1..{slots} coefficients, got {m}")
+    device = window.device
+    _launch.check_device_scalars(device, count=count, coefs=coefs)
+    cfg = _launch.settings(window.dtype)
+    tabs = _launch.tables(cache, "rna_extrapolate", [outs], ["w"], offsets, device, cfg.block,
+                          window.dtype)
+    tabs.check_ring(window, "window")
+    if tabs.nblocks == 0:
+        return
+    coefs = coefs if coefs.is_contiguous() else coefs.contiguous()
+    _launch.launch(
+        _rna_extrapolate_kernel, tabs.nblocks,
+        tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start,
+        window, window.stride(0), count, coefs,
+        num_warps=cfg.num_warps,
+        S=slots, M=m, ODT=_launch.tl_dtype(outs[0].dtype),
+        CD=_launch.compute_dtype(window.dtype), RING_ALIGNED=tabs.ring_aligned(window),
+        BLOCK=cfg.block,
+    )
+    tabs.stage_out()
