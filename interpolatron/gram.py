@@ -33,16 +33,22 @@ def shift_in_row(gram: Tensor, row: Tensor) -> Tensor:
     return new
 
 
-def ring_gram(rings: Sequence[tuple[Tensor, Tensor]], ages: int, device: torch.device) -> Tensor:
+def ring_gram(rings: Sequence[tuple[Tensor, ...]], ages: int, device: torch.device) -> Tensor:
     """The full Gram of ages ``0..ages-1`` recomputed from rings.
 
     ``rings`` holds ``(ring, count)`` pairs whose age-0 entry is in slot
-    ``count mod S``. Used when the set of parameters changes, which makes the
-    incrementally kept matrix stale.
+    ``count mod S``, or ``(ring, count, columns)`` triples where ``columns``
+    (a device index, or None for all) selects the columns that count. Used
+    when the set of parameters changes, which makes the incrementally kept
+    matrix stale.
     """
     gram = torch.zeros(ages, ages, dtype=torch.float64, device=device)
-    for ring, count in rings:
+    for ring, count, *rest in rings:
+        columns = rest[0] if rest else None
         slots = torch.remainder(count - torch.arange(ages, device=ring.device), ring.shape[0])
-        rows = ring.index_select(0, slots).to(torch.float64)
+        rows = ring.index_select(0, slots)
+        if columns is not None:
+            rows = rows.index_select(1, columns)
+        rows = rows.to(torch.float64)
         gram += (rows @ rows.T).to(device)
     return gram

@@ -149,7 +149,7 @@ class TorchBackend:
         cd = compute_dtype(window.dtype)
         cols = _columns(sources, offsets, window, cache)
         y0 = _flat(sources, cd, device)
-        if out is not None:
+        if out is not None and slots > 1:
             ages = torch.arange(1, slots, device=device)
             older = _read(window, cols, cd).index_select(0, _age_slots(count, ages, slots))
             snaps = torch.cat([y0.view(1, -1), older])

@@ -118,14 +118,18 @@ class BucketedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for p in group["params"]:
-            check_param(p)
-            resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
-        if not (isinstance(group["lr"], Tensor) or group["lr"] >= 0):
-            raise ValueError(f"invalid learning rate: {group['lr']}")
-        if group["weight_decay"] < 0:
-            raise ValueError(f"invalid weight_decay: {group['weight_decay']}")
-        self._validate_group(group)
+        try:
+            for p in group["params"]:
+                check_param(p)
+                resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
+            if not (isinstance(group["lr"], Tensor) or group["lr"] >= 0):
+                raise ValueError(f"invalid learning rate: {group['lr']}")
+            if group["weight_decay"] < 0:
+                raise ValueError(f"invalid weight_decay: {group['weight_decay']}")
+            self._validate_group(group)
+        except Exception:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
 
     # -- buckets --------------------------------------------------------
     def _group_index(self) -> dict[int, tuple[int, int]]:
@@ -158,10 +162,22 @@ class BucketedOptimizer(Optimizer):
         return work
 
     def _rebuild(self, key: BucketKey, group: dict, active: list[Tensor], old: Bucket | None) -> Bucket:
-        self._membership_changed = True
         order = self._group_index()
         present = {id(p): p for p in (old.members if old else [])}
+        if old is None:
+            # After load_state_dict every parameter with a saved history is a
+            # member again (as it was when saved), gradient or not: its ring
+            # stays aligned and the saved Gram stays valid.
+            _, device, dtype = key
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "x_hist" in st and p.device == device and p.dtype == dtype:
+                    present[id(p)] = p
         present.update({id(p): p for p in active})
+        # A new member (a first gradient) changes the optimizer's x; a bucket
+        # rebuilt from a checkpoint with exactly its saved members does not.
+        if old is not None or any("x_hist" not in self.state.get(p, {}) for p in present.values()):
+            self._membership_changed = True
         members = sorted(present.values(), key=lambda p: order[id(p)])
         x_slots, g_slots = self._ring_slots(group)
         _, device, _ = key
@@ -224,13 +240,19 @@ class BucketedOptimizer(Optimizer):
             raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer has "
                              f"{len(self.param_groups)}")
         for i, (mine, saved) in enumerate(zip(self.param_groups, groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"param group {i}: the state_dict has {len(saved['params'])} parameters, "
+                                 f"the optimizer {len(mine['params'])}")
             trial = dict(mine, **{k: v for k, v in saved.items() if k != "params"})
             self._validate_group(trial)
-            if list(self._ring_slots(trial)) != theirs["ring_slots"][i]:
-                raise ValueError(
-                    f"param group {i}: the state_dict's history has ring sizes {theirs['ring_slots'][i]}, "
-                    f"this configuration needs {list(self._ring_slots(trial))} "
-                    f"(a different number of steps k)")
+            # Both this optimizer's configuration and the saved hyperparameters
+            # (which loading restores) must fit the saved history.
+            for needed in (list(self._ring_slots(mine)), list(self._ring_slots(trial))):
+                if needed != theirs["ring_slots"][i]:
+                    raise ValueError(
+                        f"param group {i}: the state_dict's history has ring sizes "
+                        f"{theirs['ring_slots'][i]}, this configuration needs {needed} "
+                        f"(a different number of steps k)")
         self._check_state_shapes(state_dict, theirs)
         state_dict = {k: v for k, v in state_dict.items() if k != "interpolatron"}
         super().load_state_dict(state_dict)

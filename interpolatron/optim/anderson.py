@@ -35,8 +35,10 @@ class Anderson(BucketedOptimizer):
     accesses). Solves run in float64 on the device without a host sync.
 
     When the set of parameters with gradients changes (a new parameter, a
-    parameter without a gradient this step), the Gram matrix is recomputed
-    from the stored histories.
+    parameter or a whole group without a gradient this step), the Gram matrix
+    is recomputed from the stored histories of the parameters that have a
+    gradient now (a parameter without one is skipped: unchanged, its history
+    does not advance, and it does not enter the fit).
 
     Args:
         params: parameters or param groups (``lr``, ``weight_decay`` per group).
@@ -87,6 +89,14 @@ class Anderson(BucketedOptimizer):
                 st[key] = st[key].to(device)
         return st
 
+    @staticmethod
+    def _active_columns(w) -> Tensor | None:
+        """The ring columns of the members that have a gradient (None: all)."""
+        if len(w.params) == len(w.bucket.members):
+            return None
+        parts = [torch.arange(off, off + p.numel()) for off, p in zip(w.offsets, w.params)]
+        return torch.cat(parts).to(w.bucket.g_hist.device)
+
     @property
     def coefficients(self) -> Tensor:
         """The mixing coefficients of the last step (float64, age order, on the device)."""
@@ -112,10 +122,17 @@ class Anderson(BucketedOptimizer):
             b.backend.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count,
                                group["weight_decay"], group["maximize"], b.gram, b.cache)
         k = self.history
-        if self._membership_changed:
-            gram = ring_gram([(w.bucket.g_hist, w.bucket.count) for w in work], k, home)
+        # The Gram is over the parameters that have a gradient now, each at its
+        # own (aligned) ages. The kept matrix is only valid for the same set as
+        # the last step's: otherwise recompute it from the rings.
+        order = self._group_index()
+        active = tuple(sorted(order[id(p)] for w in work for p in w.params))
+        if self._membership_changed or st.get("active") != active:
+            gram = ring_gram([(w.bucket.g_hist, w.bucket.count, self._active_columns(w)) for w in work],
+                             k, home)
         else:
             gram = shift_in_row(st["gram"], reduce_gram([w.bucket.gram for w in work], home))
+        st["active"] = active
         valid = torch.arange(k, device=home) <= st["steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
         st["gram"].copy_(gram)

@@ -15,7 +15,7 @@ from ._base import BucketedOptimizer
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
     try:
         alphas = tuple(float(a) for a in alphas)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"alphas must be a sequence of numbers, got {alphas!r}") from exc
     if not alphas:
         raise ValueError("alphas must hold at least one coefficient (k >= 1)")
