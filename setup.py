@@ -1,11 +1,150 @@
 """interpolatron: fused interpolation / extrapolation optimizers for PyTorch.
 
 The pure-Python package (reference backend, optimizers, Triton kernels) always
-installs. The C++/CUDA extension is built by the code in ``csrc/`` (see the
-environment switches documented in the README).
+installs. The C++/CUDA extension ``interpolatron._C`` is built from ``csrc/``
+against the installed torch, so install with ``--no-build-isolation`` (an
+isolated build would fetch a second, multi-GB torch to build against):
+
+    MAX_JOBS=2 pip install --no-build-isolation -e .
+
+Environment switches (``1`` turns a switch on):
+
+* ``INTERPOLATRON_SKIP_EXT``: build no extension (pure Python).
+* ``INTERPOLATRON_SKIP_CUDA``: build the CPU kernels only.
+* ``INTERPOLATRON_FORCE_CUDA``: fail unless the CUDA kernels are built.
+* ``INTERPOLATRON_FORCE_EXT``: fail unless the extension (CPU kernels at least) is built.
+
+Without a FORCE switch a failed or impossible build prints a warning and the
+package still installs (a failed CUDA build falls back to the CPU-only
+extension); ``python -m interpolatron info`` says what was built and why not.
 """
 
+import glob
+import os
+import shutil
+import sys
+
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Why the CUDA kernels are absent; the extension reports the code and
+# interpolatron/backends/cuda_backend.py words it. Keep the two in sync.
+CUDA_BUILT, CUDA_SKIPPED_BY_ENV, CUDA_TORCH_CPU_ONLY, CUDA_NO_NVCC, CUDA_BUILD_FAILED = range(5)
+
+
+def _switch(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _warn(msg):
+    print(f"\nWARNING (interpolatron): {msg}\n", file=sys.stderr, flush=True)
+
+
+def _sources(*patterns):
+    out = []
+    for pattern in patterns:
+        out += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
+    return out
+
+
+def _extension_setup():
+    """(ext_modules, cmdclass) for this build, honouring the switches."""
+    force_cuda = _switch("INTERPOLATRON_FORCE_CUDA")
+    force_ext = _switch("INTERPOLATRON_FORCE_EXT") or force_cuda
+    if _switch("INTERPOLATRON_SKIP_EXT"):
+        if force_ext:
+            raise SystemExit("INTERPOLATRON_SKIP_EXT=1 contradicts INTERPOLATRON_FORCE_EXT / _FORCE_CUDA")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        if force_ext:
+            raise SystemExit(f"cannot build interpolatron._C: torch is not importable ({exc})") from exc
+        _warn(f"torch is not importable ({exc}); interpolatron installs without its C++ extension. "
+              "Install torch first, then `pip install --no-build-isolation -e .`")
+        return [], {}
+
+    # One translation unit per instruction set for the CPU kernels (vector
+    # headers only, cheap to compile), plus two that include torch.
+    cpu_sources = _sources("bindings.cpp", "cpu/*.cpp")
+    cuda_sources = _sources("cuda/*.cpp", "cuda/*.cu")
+    # torch appends the -std it was built with (C++20 for torch 2.13).
+    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    # nvcc: the kernels are IEEE (no fast math) so that the results do not
+    # depend on the compiler's contraction choices more than necessary.
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    link_flags = ["-fopenmp"]  # resolves to the libgomp torch already loaded
+
+    skipped = CUDA_BUILT
+    nvcc = shutil.which("nvcc") or (os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+                                    if cpp_extension.CUDA_HOME else None)
+    if _switch("INTERPOLATRON_SKIP_CUDA"):
+        skipped, why = CUDA_SKIPPED_BY_ENV, "INTERPOLATRON_SKIP_CUDA=1"
+    elif torch.version.cuda is None:
+        skipped, why = CUDA_TORCH_CPU_ONLY, f"the installed torch {torch.__version__} has no CUDA"
+    elif not nvcc or not os.path.exists(nvcc) or cpp_extension.CUDA_HOME is None:
+        skipped, why = CUDA_NO_NVCC, "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    if skipped != CUDA_BUILT:
+        if force_cuda:
+            raise SystemExit(f"INTERPOLATRON_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
+        print(f"interpolatron: building the CPU kernels only ({why})", file=sys.stderr)
+
+    def cpu_extension(code):
+        return cpp_extension.CppExtension(
+            "interpolatron._C", cpu_sources,
+            define_macros=[("INTERPOLATRON_CUDA_SKIPPED", str(code))],
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+
+    if skipped == CUDA_BUILT:
+        ext = cpp_extension.CUDAExtension(
+            "interpolatron._C", cpu_sources + cuda_sources,
+            define_macros=[("INTERPOLATRON_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
+    else:
+        ext = cpu_extension(skipped)
+
+    class GuardedBuildExt(cpp_extension.BuildExtension):
+        """Builds the extension; a failure warns and leaves the pure-Python package
+        working (a failed CUDA build is retried without CUDA) unless forced."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+                return
+            except Exception as exc:  # the compiler's errors are already on stderr
+                error = exc
+            if self.extensions and self.extensions[0].name == ext.name and skipped == CUDA_BUILT:
+                if force_cuda:
+                    raise error
+                _warn(f"building the CUDA kernels failed ({error}); retrying with the CPU kernels only")
+                self._reset_compiler()
+                self.extensions = [cpu_extension(CUDA_BUILD_FAILED)]
+                try:
+                    super().build_extensions()
+                    return
+                except Exception as exc:
+                    error = exc
+            if force_ext:
+                raise error
+            _warn(f"building interpolatron._C failed ({error}); the package installs without it and "
+                  "backend='cuda' reports why it is unavailable")
+            self.extensions = []
+
+        def _reset_compiler(self):
+            # BuildExtension wraps the compiler's methods in place; drop the
+            # wrappers so that a second build_extensions() wraps the originals.
+            for name in ("compile", "_compile", "spawn"):
+                self.compiler.__dict__.pop(name, None)
+
+        def get_outputs(self):
+            return super().get_outputs() if self.extensions else []
+
+    return [ext], {"build_ext": GuardedBuildExt}
+
+
+ext_modules, cmdclass = _extension_setup()
 
 setup(
     name="interpolatron",
@@ -22,4 +161,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "scipy", "scikit-learn", "matplotlib", "tqdm", "ruff"],
     },
     entry_points={"console_scripts": ["interpolatron = interpolatron.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

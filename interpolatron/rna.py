@@ -242,7 +242,10 @@ class RNA:
             return self.reg
         if self.model is None:
             raise RuntimeError("an objective needs RNA to wrap an nn.Module")
+        # The paper's grid, plus the configured reg so the choice is never
+        # worse than not searching.
         grid = [0.0] + torch.logspace(-15, 1, self.window, dtype=torch.float64).tolist()
+        grid += [] if self.reg in grid else [self.reg]
         best, best_value = self.reg, float("inf")
         for lam in grid:
             with self._swapped_with(self.coefficients_for(lam)):
