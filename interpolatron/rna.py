@@ -68,7 +68,7 @@ class RNA:
             ``reset_optimizer``).
         objective: a callable on the model returning a loss; if given,
             :math:`\lambda` is chosen from :math:`\{0\} \cup
-            \text{logspace}(-15, 1, k)` by evaluating the extrapolations.
+            \text{logspace}(-15, 1, k)` (and ``reg`` itself) by evaluating the extrapolations.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
     """
 
