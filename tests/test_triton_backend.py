@@ -1,10 +1,9 @@
 """The Triton backend against the torch backend (the oracle), op by op.
 
 On a CPU-only machine the kernels run in Triton's interpreter (the conftest
-sets TRITON_INTERPRET=1 before anything imports Triton). With
-INTERPOLATRON_TRITON_NATIVE=1 on a CUDA machine the same tests run compiled on
-the GPU, plus the ``gpu`` ones (CUDA-graph replay, > 2^31 elements, default
-block sizes).
+sets TRITON_INTERPRET=1 before anything imports Triton). On a CUDA machine the
+conftest leaves it unset, so the same tests run compiled on the GPU, plus the
+``gpu`` ones (CUDA-graph replay, > 2^31 elements, default block sizes).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ pytestmark = pytest.mark.skipif(
     DEVICE is None, reason="the Triton kernels are compiled natively and there is no CUDA device")
 native_only = pytest.mark.skipif(
     kernels_interpreted(),
-    reason="the kernels run in Triton's CPU interpreter; rerun with INTERPOLATRON_TRITON_NATIVE=1 on a GPU")
+    reason="the kernels run in Triton's CPU interpreter (no CUDA device, or TRITON_INTERPRET=1)")
 
 NAN = float("nan")
 TEST_BLOCK = 16
