@@ -2,9 +2,10 @@
 fused backends are tested against.
 
 It works on the bucket as one flat vector (one concatenation of the parameters
-and gradients per op), so its cost is a handful of full passes per step, but
-it never synchronises with the host: ring slots are computed on the device
-from ``count`` and used through ``index_select`` / ``index_copy_``.
+and gradients per op, into work buffers kept in the bucket's cache), so its
+cost is a handful of full passes per step, but it never synchronises with the
+host: ring slots are computed on the device from ``count`` and used through
+per-slot weights, ``index_select`` and ``index_copy_``.
 """
 
 from __future__ import annotations
@@ -50,19 +51,56 @@ def _write_slot(ring: Tensor, cols: Tensor | None, slot: Tensor, values: Tensor)
         ring.index_put_((slot.expand(cols.numel()), cols), values)
 
 
-def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    if not tensors:
-        return torch.empty(0, dtype=dtype, device=device)
-    return torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+def _buffer(cache: dict, name: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A persistent flat work buffer of the bucket: fresh CPU allocations of
+    this size page-fault on every step and would dominate the step's time."""
+    key = ("scratch", name)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+        buf = cache[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
 
 
-def _effective_grad(params, grads, weight_decay, maximize, dtype, device) -> Tensor:
-    g = _flat(grads, dtype, device)
+def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device,
+          cache: dict | None = None, name: str = "") -> Tensor:
+    n = sum(t.numel() for t in tensors)
+    out = (_buffer(cache, name, n, dtype, device) if cache is not None
+           else torch.empty(n, dtype=dtype, device=device))
+    if tensors:
+        pieces = [t.reshape(-1) for t in tensors]
+        if tensors[0].dtype == dtype:
+            torch.cat(pieces, out=out)
+        else:
+            out.copy_(torch.cat(pieces))
+    return out
+
+
+def _effective_grad(params, grads, weight_decay, maximize, dtype, device, cache=None, x=None) -> Tensor:
+    """``sign * grad + weight_decay * param``, flat (in a scratch buffer if ``cache``)."""
+    g = _flat(grads, dtype, device, cache, "g")
     if maximize:
-        g = -g
+        g.neg_()
     if weight_decay != 0:
-        g = g + weight_decay * _flat(params, dtype, device)
+        g.add_(x if x is not None else _flat(params, dtype, device), alpha=weight_decay)
     return g
+
+
+def _dot64(a: Tensor, b: Tensor, cache: dict | None = None) -> Tensor:
+    """``<a, b>`` as a float64 0-dim tensor: float64 data exactly, lower
+    precisions as rounded products summed in float64 (what the kernels do,
+    with a finer-grained accumulation)."""
+    if a.dtype == torch.float64:
+        return torch.dot(a, b)
+    prod = _buffer(cache, "prod", a.numel(), a.dtype, a.device) if cache is not None else torch.empty_like(a)
+    torch.mul(a, b, out=prod)
+    return prod.sum(dtype=torch.float64)
+
+
+def _slot_dots(new: Tensor, ring: Tensor, cache: dict) -> Tensor:
+    """``<new, ring[s]>`` for every slot ``s`` (float64, shape ``(S,)``)."""
+    if ring.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=new.device)
+    return torch.stack([_dot64(new, ring[s], cache) for s in range(ring.shape[0])])
 
 
 def _scatter_back(targets: Sequence[Tensor], flat: Tensor) -> None:
@@ -98,35 +136,37 @@ class TorchBackend:
         dtype = params[0].dtype if params else x_hist.dtype
         cd = compute_dtype(dtype)
         device = x_hist.device
-        x = _flat(params, cd, device)
+        if grads is None and gram is not None:
+            raise ValueError("combine: gram is only produced when grads are given")
+        x = _flat(params, cd, device, cache, "x")
         cx = _columns(params, offsets, x_hist, cache)
-        lr_c = lr.to(cd)
-        a0 = coefs[0].to(cd)
-        xs = _slot_weights(coefs, count, k - 1, 1, cd) @ _read(x_hist, cx, cd) if k > 1 else 0.0
+        lr_c, a0 = lr.to(cd), coefs[0].to(cd)
+        new = _buffer(cache, "new", x.numel(), cd, device)
+        torch.mul(x, a0, out=new)
+        if k > 1:  # + sum over the stored iterates, weighted per slot
+            new.addmv_(_read(x_hist, cx, cd).t(), _slot_weights(coefs, count, k - 1, 1, cd))
+        step = _buffer(cache, "step", x.numel(), cd, device)
         if grads is not None:
-            g = _effective_grad(params, grads, weight_decay, maximize, cd, device)
+            g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache, x)
             gh = _read(g_hist, cx, cd) if k > 1 else None
-            gs = _slot_weights(coefs, count, k - 1, 1, cd) @ gh if k > 1 else 0.0
-            new = a0 * x + xs - lr_c * (a0 * g + gs)
+            torch.mul(g, a0, out=step)
+            if k > 1:
+                step.addmv_(gh.t(), _slot_weights(coefs, count, k - 1, 1, cd))
             if gram is not None:
-                row = [(g.to(torch.float64) @ g.to(torch.float64)).view(1)]
+                row = [_dot64(g, g, cache).view(1)]
                 if k > 1:
-                    ages = torch.arange(1, k, device=device)
-                    row.append(_dots(g, gh.index_select(0, _age_slots(count, ages, k - 1))))
+                    by_age = _age_slots(count, torch.arange(1, k, device=device), k - 1)
+                    row.append(_slot_dots(g, gh, cache).index_select(0, by_age))
                 gram.copy_(torch.cat(row))
-            if k > 1:
-                slot = torch.remainder(count, k - 1)
-                _write_slot(x_hist, cx, slot, x)
-                _write_slot(g_hist, cx, slot, g)
         else:
-            if gram is not None:
-                raise ValueError("combine: gram is only produced when grads are given")
-            gh = _read(g_hist, cx, cd)
-            gs = _slot_weights(coefs, count, k, 0, cd) @ gh
-            new = a0 * x + xs - lr_c * gs
-            if k > 1:
-                _write_slot(x_hist, cx, torch.remainder(count, k - 1), x)
-        _scatter_back(params, new.to(dtype))
+            torch.mv(_read(g_hist, cx, cd).t(), _slot_weights(coefs, count, k, 0, cd), out=step)
+        new.sub_(step.mul_(lr_c))
+        if k > 1:  # the oldest slots take the old iterate (and gradient), read above
+            slot = torch.remainder(count, k - 1)
+            _write_slot(x_hist, cx, slot, x)
+            if grads is not None:
+                _write_slot(g_hist, cx, slot, g)
+        _scatter_back(params, new if dtype == cd else new.to(dtype))
 
     def gram_row(self, params, grads, offsets, g_hist, count, weight_decay, maximize,
                  out, cache) -> None:
@@ -134,12 +174,11 @@ class TorchBackend:
         device = g_hist.device
         cd = compute_dtype(g_hist.dtype)
         cols = _columns(grads, offsets, g_hist, cache)
-        g = _effective_grad(params, grads, weight_decay, maximize, cd, device)
-        row = [(g.to(torch.float64) @ g.to(torch.float64)).view(1)]
+        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache)
+        row = [_dot64(g, g, cache).view(1)]
         if k > 1:
-            ages = torch.arange(1, k, device=device)
-            older = _read(g_hist, cols, cd).index_select(0, _age_slots(count, ages, k))
-            row.append(_dots(g, older))
+            by_age = _age_slots(count, torch.arange(1, k, device=device), k)
+            row.append(_slot_dots(g, _read(g_hist, cols, cd), cache).index_select(0, by_age))
         out.copy_(torch.cat(row))
         _write_slot(g_hist, cols, torch.remainder(count, k), g)
 
