@@ -71,9 +71,12 @@ def _extension_setup():
     cpu_sources = _sources("bindings.cpp", "cpu/*.cpp")
     cuda_sources = _sources("cuda/*.cpp", "cuda/*.cu")
     # torch appends the -std it was built with (C++20 for torch 2.13).
-    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]
-    # nvcc: the kernels are IEEE (no fast math) so that the results do not
-    # depend on the compiler's contraction choices more than necessary.
+    # -g0 overrides the -g of Python's own CFLAGS: debug info would make the
+    # extension ~20 MB and the build slower.
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    # nvcc: no --use_fast_math (IEEE rounding and denormals, as the CPU kernels
+    # and the torch reference); -lineinfo costs nothing at run time and lets a
+    # profiler attribute stalls to source lines.
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     link_flags = ["-fopenmp"]  # resolves to the libgomp torch already loaded
 
@@ -120,7 +123,12 @@ def _extension_setup():
                     raise error
                 _warn(f"building the CUDA kernels failed ({error}); retrying with the CPU kernels only")
                 self._reset_compiler()
-                self.extensions = [cpu_extension(CUDA_BUILD_FAILED)]
+                # In place: setuptools has already attached its own bookkeeping
+                # attributes to the Extension object it finalized.
+                cpu = cpu_extension(CUDA_BUILD_FAILED)
+                for attr in ("sources", "define_macros", "undef_macros", "include_dirs", "library_dirs",
+                             "libraries", "runtime_library_dirs", "extra_compile_args", "extra_link_args"):
+                    setattr(self.extensions[0], attr, getattr(cpu, attr))
                 try:
                     super().build_extensions()
                     return

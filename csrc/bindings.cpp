@@ -1,0 +1,327 @@
+// Python bindings of interpolatron._C: argument validation for the four bucket
+// ops of interpolatron/backends/base.py and dispatch to the CPU or CUDA
+// launchers by device.
+//
+// Each op returns True when it ran, False when it cannot run this call as is
+// (an active tensor is not contiguous, e.g. a channels_last parameter): the
+// Python backend then runs the reference implementation for that call, which
+// keeps the ring layout (row-major order of each tensor) identical between
+// backends. Everything else that is wrong raises.
+#include <torch/extension.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_kernels.h"
+#include "ops.h"
+
+namespace py = pybind11;
+
+namespace interp {
+namespace {
+
+std::optional<DType> to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: return std::nullopt;
+  }
+}
+
+DType ring_dtype(const at::Tensor& ring, const char* name) {
+  const auto d = to_dtype(ring.scalar_type());
+  TORCH_CHECK_TYPE(d.has_value(), name, " has dtype ", ring.scalar_type(),
+                   "; interpolatron's C++ kernels support float32, float64, bfloat16 and float16");
+  return *d;
+}
+
+void check_ring(const at::Tensor& ring, const char* name, const at::Device& device) {
+  TORCH_CHECK_VALUE(ring.dim() == 2, name, " must be a (slots, N) ring buffer, got shape ", ring.sizes());
+  TORCH_CHECK_VALUE(ring.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(ring.device() == device, name, " is on ", ring.device(), ", the bucket on ", device);
+  TORCH_CHECK_VALUE(ring.size(0) <= cpu::kMaxSlots, name, " has ", ring.size(0),
+                    " slots; the C++ kernels take at most ", cpu::kMaxSlots);
+}
+
+// A small device tensor (coefs, lr, count) in the dtype the kernels read.
+at::Tensor scalar_input(const at::Tensor& t, const char* name, const at::Device& device, at::ScalarType dtype,
+                        std::optional<int64_t> numel) {
+  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), ", the bucket on ", device,
+                    " (it must live on the bucket's device so that no host synchronisation is needed)");
+  if (numel) TORCH_CHECK_VALUE(t.numel() == *numel, name, " must have ", *numel, " elements, got ", t.numel());
+  return t.to(dtype).contiguous().reshape({-1});
+}
+
+void check_out(const at::Tensor& out, const char* name, const at::Device& device, int64_t numel) {
+  TORCH_CHECK_VALUE(out.device() == device, name, " is on ", out.device(), ", the bucket on ", device);
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kDouble, name, " must be float64, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.numel() == numel, name, " must have shape (", numel, ",), got ",
+                    out.sizes());
+}
+
+// The active tensors as segments; nullopt when one is not contiguous.
+std::optional<std::vector<Seg>> make_segs(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>* b,
+                                          const std::vector<int64_t>& offsets, const at::Tensor& ring,
+                                          const char* what) {
+  const at::Device device = ring.device();
+  const at::ScalarType dtype = ring.scalar_type();
+  const int64_t n_cols = ring.size(1);
+  TORCH_CHECK_VALUE(offsets.size() == a.size(), "got ", a.size(), " ", what, " but ", offsets.size(), " offsets");
+  if (b) TORCH_CHECK_VALUE(b->size() == a.size(), "got ", a.size(), " ", what, " but ", b->size(), " gradients");
+  std::vector<Seg> segs;
+  segs.reserve(a.size());
+  bool contiguous = true;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const at::Tensor& t = a[i];
+    TORCH_CHECK_VALUE(t.device() == device, what, "[", i, "] is on ", t.device(), ", the ring on ", device);
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, what, "[", i, "] has dtype ", t.scalar_type(),
+                     " but the ring buffer has ", dtype, " (the C++ kernels need one dtype per bucket)");
+    const int64_t n = t.numel();
+    TORCH_CHECK_VALUE(offsets[i] >= 0 && offsets[i] + n <= n_cols, what, "[", i, "] (", n,
+                      " elements) at offset ", offsets[i], " does not fit the ring's ", n_cols, " columns");
+    contiguous &= t.is_contiguous();
+    const void* bp = nullptr;
+    if (b) {
+      const at::Tensor& g = (*b)[i];
+      TORCH_CHECK_VALUE(g.device() == device, "grads[", i, "] is on ", g.device(), ", the ring on ", device);
+      TORCH_CHECK_TYPE(g.scalar_type() == dtype, "grads[", i, "] has dtype ", g.scalar_type(), " but the ring has ",
+                       dtype);
+      TORCH_CHECK_VALUE(g.numel() == n, "grads[", i, "] has ", g.numel(), " elements, its parameter ", n);
+      contiguous &= g.is_contiguous();
+      bp = n ? g.data_ptr() : nullptr;
+    }
+    segs.push_back({n ? t.data_ptr() : nullptr, bp, n, offsets[i]});
+  }
+  if (!contiguous) return std::nullopt;
+  return segs;
+}
+
+bool is_cuda(const at::Device& d) { return d.is_cuda(); }
+
+[[noreturn]] void no_cuda() {
+  TORCH_CHECK(false,
+              "interpolatron._C was built without CUDA kernels; rebuild it where torch has CUDA and nvcc is "
+              "on PATH (INTERPOLATRON_FORCE_CUDA=1 makes a build without them fail)");
+}
+
+void check_device(const at::Device& d) {
+  TORCH_CHECK_VALUE(d.is_cpu() || d.is_cuda(), "interpolatron._C runs on CPU and CUDA tensors, got ", d);
+}
+
+// The kernels write through raw pointers; bump the version counters as an
+// in-place torch op would, so that autograd still detects a tensor saved for
+// backward being modified by a step.
+void bump(const at::Tensor& t) { torch::autograd::impl::bump_version(t); }
+void bump(const std::vector<at::Tensor>& ts) {
+  for (const at::Tensor& t : ts) bump(t);
+}
+
+[[maybe_unused]] TableCache& need_cache(TableCache* cache) {
+  TORCH_CHECK_VALUE(cache != nullptr, "CUDA buckets need a TableCache (the backend passes one per op)");
+  return *cache;
+}
+
+bool combine(const std::vector<at::Tensor>& params, const std::optional<std::vector<at::Tensor>>& grads,
+             const std::vector<int64_t>& offsets, const at::Tensor& x_hist, const at::Tensor& g_hist,
+             const at::Tensor& coefs, const at::Tensor& lr, const at::Tensor& count, double weight_decay,
+             bool maximize, const std::optional<at::Tensor>& gram, TableCache* cache) {
+  const at::Device device = x_hist.device();
+  check_device(device);
+  check_ring(x_hist, "x_hist", device);
+  check_ring(g_hist, "g_hist", device);
+  CombineCall call;
+  call.dtype = ring_dtype(x_hist, "x_hist");
+  TORCH_CHECK_TYPE(g_hist.scalar_type() == x_hist.scalar_type(), "g_hist has dtype ", g_hist.scalar_type(),
+                   ", x_hist ", x_hist.scalar_type());
+  TORCH_CHECK_VALUE(g_hist.size(1) == x_hist.size(1), "x_hist has ", x_hist.size(1), " columns, g_hist ",
+                    g_hist.size(1));
+  call.k = static_cast<int>(coefs.numel());
+  call.has_grads = grads.has_value();
+  const int k = call.k;
+  TORCH_CHECK_VALUE(k >= 1 && k <= cpu::kMaxSlots, "combine needs 1 <= k <= ", cpu::kMaxSlots, " coefficients, got ",
+                    k);
+  TORCH_CHECK_VALUE(x_hist.size(0) == k - 1, "x_hist must have k - 1 = ", k - 1, " slots, has ", x_hist.size(0));
+  const int64_t g_slots = call.has_grads ? k - 1 : k;
+  TORCH_CHECK_VALUE(g_hist.size(0) == g_slots, "g_hist must have ", g_slots, " slots ",
+                    call.has_grads ? "(k - 1, grads given)" : "(k, grads None)", ", has ", g_hist.size(0));
+  if (gram) {
+    TORCH_CHECK_VALUE(call.has_grads, "combine: gram is only produced when grads are given");
+    check_out(*gram, "gram", device, k);
+  }
+  auto segs = make_segs(params, call.has_grads ? &*grads : nullptr, offsets, x_hist, "params");
+  if (!segs) return false;
+  call.segs = std::move(*segs);
+  call.x_hist = x_hist;
+  call.g_hist = g_hist;
+  call.coefs = scalar_input(coefs, "coefs", device, at::kDouble, std::nullopt);
+  call.lr = scalar_input(lr, "lr", device, at::kDouble, 1);
+  call.count = scalar_input(count, "count", device, at::kLong, 1);
+  call.weight_decay = weight_decay;
+  call.maximize = maximize;
+  call.gram = gram;
+  if (is_cuda(device)) {
+#if defined(INTERPOLATRON_WITH_CUDA)
+    combine_cuda(call, need_cache(cache));
+#else
+    no_cuda();
+#endif
+  } else {
+    combine_cpu(call);
+  }
+  bump(params);
+  bump(x_hist);
+  if (call.has_grads) bump(g_hist);
+  if (gram) bump(*gram);
+  return true;
+}
+
+bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+              const std::vector<int64_t>& offsets, const at::Tensor& g_hist, const at::Tensor& count,
+              double weight_decay, bool maximize, const at::Tensor& out, TableCache* cache) {
+  const at::Device device = g_hist.device();
+  check_device(device);
+  check_ring(g_hist, "g_hist", device);
+  GramCall call;
+  call.dtype = ring_dtype(g_hist, "g_hist");
+  const int64_t k = g_hist.size(0);
+  TORCH_CHECK_VALUE(k >= 1, "gram_row needs a g ring with at least one slot");
+  check_out(out, "out", device, k);
+  // The gradients are the segments' payload; params are read only for the
+  // weight decay, but they must match the gradients one for one.
+  auto segs = make_segs(params, &grads, offsets, g_hist, "params");
+  if (!segs) return false;
+  call.segs = std::move(*segs);
+  call.g_hist = g_hist;
+  call.count = scalar_input(count, "count", device, at::kLong, 1);
+  call.weight_decay = weight_decay;
+  call.maximize = maximize;
+  call.out = out;
+  if (is_cuda(device)) {
+#if defined(INTERPOLATRON_WITH_CUDA)
+    gram_row_cuda(call, need_cache(cache));
+#else
+    no_cuda();
+#endif
+  } else {
+    gram_row_cpu(call);
+  }
+  bump(g_hist);
+  bump(out);
+  return true;
+}
+
+bool rna_record(const std::vector<at::Tensor>& sources, const std::vector<int64_t>& offsets,
+                const at::Tensor& window, const at::Tensor& count, const std::optional<at::Tensor>& out,
+                TableCache* cache) {
+  const at::Device device = window.device();
+  check_device(device);
+  check_ring(window, "window", device);
+  RecordCall call;
+  call.dtype = ring_dtype(window, "window");
+  const int64_t slots = window.size(0);
+  TORCH_CHECK_VALUE(slots >= 1, "rna_record needs a window with at least one slot");
+  if (out) check_out(*out, "out", device, slots - 1);
+  auto segs = make_segs(sources, nullptr, offsets, window, "sources");
+  if (!segs) return false;
+  call.segs = std::move(*segs);
+  call.window = window;
+  call.count = scalar_input(count, "count", device, at::kLong, 1);
+  call.out = out;
+  if (is_cuda(device)) {
+#if defined(INTERPOLATRON_WITH_CUDA)
+    rna_record_cuda(call, need_cache(cache));
+#else
+    no_cuda();
+#endif
+  } else {
+    rna_record_cpu(call);
+  }
+  bump(window);
+  if (out) bump(*out);
+  return true;
+}
+
+bool rna_extrapolate(const at::Tensor& window, const std::vector<int64_t>& offsets, const at::Tensor& count,
+                     const at::Tensor& coefs, const std::vector<at::Tensor>& outs, TableCache* cache) {
+  const at::Device device = window.device();
+  check_device(device);
+  check_ring(window, "window", device);
+  ExtrapCall call;
+  call.dtype = ring_dtype(window, "window");
+  const int64_t slots = window.size(0);
+  const int64_t m = coefs.numel();
+  TORCH_CHECK_VALUE(m >= 1 && m <= slots, "rna_extrapolate needs 1 <= coefs.numel() <= ", slots,
+                    " (the window's slots), got ", m);
+  auto segs = make_segs(outs, nullptr, offsets, window, "outs");
+  if (!segs) return false;
+  call.segs = std::move(*segs);
+  call.window = window;
+  call.count = scalar_input(count, "count", device, at::kLong, 1);
+  call.coefs = scalar_input(coefs, "coefs", device, at::kDouble, std::nullopt);
+  if (is_cuda(device)) {
+#if defined(INTERPOLATRON_WITH_CUDA)
+    rna_extrapolate_cuda(call, need_cache(cache));
+#else
+    no_cuda();
+#endif
+  } else {
+    rna_extrapolate_cpu(call);
+  }
+  bump(outs);
+  return true;
+}
+
+}  // namespace
+}  // namespace interp
+
+#ifndef INTERPOLATRON_CUDA_SKIPPED
+// Why the CUDA kernels are absent, as a code setup.py passes in (see
+// interpolatron/backends/cuda_backend.py for the wording). 0: they are built.
+#define INTERPOLATRON_CUDA_SKIPPED 0
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "interpolatron's C++/CUDA kernels for the four bucket ops (see interpolatron/backends/base.py)";
+
+  py::class_<interp::TableCache>(m, "TableCache",
+                                 "Device-side pointer tables of one op of one bucket (CUDA), reused while the "
+                                 "tensors' storages stay the same.")
+      .def(py::init<>())
+      .def_property_readonly("uploads", [](const interp::TableCache& c) { return c.uploads; })
+      .def_property_readonly("nblocks", [](const interp::TableCache& c) { return c.nblocks; });
+
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("combine", &interp::combine, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("x_hist"),
+        py::arg("g_hist"), py::arg("coefs"), py::arg("lr"), py::arg("count"), py::arg("weight_decay"),
+        py::arg("maximize"), py::arg("gram"), py::arg("cache"), release);
+  m.def("gram_row", &interp::gram_row, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("g_hist"),
+        py::arg("count"), py::arg("weight_decay"), py::arg("maximize"), py::arg("out"), py::arg("cache"), release);
+  m.def("rna_record", &interp::rna_record, py::arg("sources"), py::arg("offsets"), py::arg("window"),
+        py::arg("count"), py::arg("out"), py::arg("cache"), release);
+  m.def("rna_extrapolate", &interp::rna_extrapolate, py::arg("window"), py::arg("offsets"), py::arg("count"),
+        py::arg("coefs"), py::arg("outs"), py::arg("cache"), release);
+
+  m.def("has_cuda", [] {
+#if defined(INTERPOLATRON_WITH_CUDA)
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_skipped_code", [] { return INTERPOLATRON_CUDA_SKIPPED; });
+  m.def("cpu_kernels", &interp::cpu_kernels_name, "The instruction-set variant of the CPU kernels in use.");
+  m.def("available_cpu_kernels", &interp::available_cpu_kernels,
+        "The CPU kernel variants this build has and this machine can run.");
+  m.def("select_cpu_kernels", &interp::select_cpu_kernels, py::arg("name"),
+        "Use the CPU kernels for `name` (AVX512, AVX2 or DEFAULT, falling back to what can run); returns the "
+        "variant now in use.");
+  // Bumped whenever the Python-visible interface changes, so that a stale
+  // build is reported as such instead of failing on a missing function.
+  m.attr("API_VERSION") = 1;
+  m.attr("CPU_CHUNK") = interp::cpu::kChunk;
+  m.attr("MAX_SLOTS") = interp::cpu::kMaxSlots;
+}

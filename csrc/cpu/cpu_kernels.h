@@ -1,0 +1,104 @@
+// Interface between the CPU torch glue (cpu_launch.cpp) and the CPU kernels,
+// which are compiled once per instruction set (kernels_default.cpp,
+// kernels_avx2.cpp, kernels_avx512.cpp) and picked at run time. Plain structs
+// and raw pointers only: the kernel translation units include the at::vec
+// headers and nothing else from torch.
+#pragma once
+
+#include <cstdint>
+
+#include "../interp_math.h"
+
+namespace interp::cpu {
+
+// The fixed reduction partition: every tensor is cut into chunks of kChunk
+// elements (the last one shorter), each chunk produces one partial per dot
+// product, and the partials are summed in chunk order. The boundaries depend on
+// the tensors alone, never on the thread count, so the dots are bitwise
+// reproducible for any torch.set_num_threads.
+constexpr int64_t kChunk = 8192;
+
+// Dot products are accumulated in register groups of this many.
+constexpr int kDotGroup = 8;
+
+// Ring slots / coefficients a single op accepts (local arrays are sized by it).
+constexpr int kMaxSlots = 256;
+
+struct Segment {
+  void* a;        // param (combine, gram_row), source (rna_record), out (rna_extrapolate)
+  const void* b;  // grad, or nullptr
+  int64_t numel;
+  int64_t col;  // first ring column owned by this tensor
+};
+
+struct Chunk {
+  int64_t seg;
+  int64_t begin;  // element offset inside the segment
+  int64_t len;
+};
+
+// Ring rows are passed as the address of column 0 of the row holding a given
+// age; the kernel adds (col + begin) elements.
+struct CombineArgs {
+  DType dtype;
+  const Segment* segs;
+  const Chunk* chunks;
+  int k;
+  const double* coefs;  // k, age order (coefs[0] weights age 0)
+  double lr;
+  double weight_decay;
+  bool maximize;
+  bool has_grads;
+  char* const* x_rows;  // [j], j = 1..k-1: x ring row of age j
+  char* const* g_rows;  // has_grads: [j], j = 1..k-1; else [j], j = 0..k-1
+  char* x_write;        // row that receives the old param (nullptr when k == 1)
+  char* g_write;        // row that receives the effective gradient (nullptr unless has_grads, k > 1)
+  double* partials;     // gram requested: partials[chunk * k + j] = <g0, g(age j)> of the chunk; else nullptr
+};
+
+struct GramArgs {
+  DType dtype;
+  const Segment* segs;
+  const Chunk* chunks;
+  int ndots;  // k
+  double weight_decay;
+  bool maximize;
+  char* const* g_rows;  // [j], j = 1..k-1
+  char* g_write;        // row of slot c mod k
+  double* partials;     // partials[chunk * k + j]
+};
+
+struct RecordArgs {
+  DType dtype;
+  const Segment* segs;
+  const Chunk* chunks;
+  int ndots;            // S - 1 when the residual dots are requested, else 0
+  char* const* rows;    // [a], a = 1..S-1: window row of age a
+  char* write;          // row of slot c mod S
+  double* partials;     // partials[chunk * ndots + j]
+};
+
+struct ExtrapArgs {
+  DType dtype;
+  const Segment* segs;
+  const Chunk* chunks;
+  int m;
+  const double* coefs;  // m
+  char* const* rows;    // [a], a = 0..m-1
+};
+
+// One instruction set's kernels. Each processes the chunks [c0, c1).
+struct KernelTable {
+  const char* name;
+  void (*combine)(const CombineArgs&, int64_t c0, int64_t c1);
+  void (*gram_row)(const GramArgs&, int64_t c0, int64_t c1);
+  void (*rna_record)(const RecordArgs&, int64_t c0, int64_t c1);
+  void (*rna_extrapolate)(const ExtrapArgs&, int64_t c0, int64_t c1);
+};
+
+// nullptr when that variant was not compiled for this target.
+const KernelTable* kernels_default();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+
+}  // namespace interp::cpu

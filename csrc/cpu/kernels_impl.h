@@ -1,0 +1,503 @@
+// The CPU kernels, written once against at::vec::Vectorized and compiled once
+// per instruction set. Include this only from a kernels_<isa>.cpp file, after
+// CPU_CAPABILITY (and the matching CPU_CAPABILITY_<ISA> macro) is defined.
+//
+// Everything lives in an anonymous namespace: the same template compiled for
+// AVX2 and for the baseline must never be merged by the linker into one copy
+// (that would run AVX2 code on a machine without it, or lose the vector code).
+//
+// Memory traffic is one pass per op: each element is loaded once. The Gram
+// row of a combine is accumulated during the update itself when it fits one
+// register group (k <= kDotGroup); a longer one needs a read-only pass over the
+// chunk first (the update must not clobber what the dots read). Measured: an
+// interleaved second pass over an L2-sized chunk costs nearly as much as the
+// update itself, hence the fused path for the common small k.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including kernels_impl.h"
+#endif
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "cpu_kernels.h"
+
+namespace interp::cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+// IO<S>: loads W = 2 * Vectorized<C>::size() elements of storage type S as two
+// compute vectors, and stores two compute vectors back (rounding to nearest
+// even for 16-bit storage).
+template <typename S>
+struct IO;
+
+template <>
+struct IO<float> {
+  using C = float;
+  using V = Vectorized<float>;
+  static constexpr int64_t W = 2 * V::size();
+  static void load(const float* p, V& lo, V& hi) {
+    lo = V::loadu(p);
+    hi = V::loadu(p + V::size());
+  }
+  static void store(float* p, const V& lo, const V& hi) {
+    lo.store(p);
+    hi.store(p + V::size());
+  }
+};
+
+template <>
+struct IO<double> {
+  using C = double;
+  using V = Vectorized<double>;
+  static constexpr int64_t W = 2 * V::size();
+  static void load(const double* p, V& lo, V& hi) {
+    lo = V::loadu(p);
+    hi = V::loadu(p + V::size());
+  }
+  static void store(double* p, const V& lo, const V& hi) {
+    lo.store(p);
+    hi.store(p + V::size());
+  }
+};
+
+template <>
+struct IO<bf16> {
+  using C = float;
+  using V = Vectorized<float>;
+  static constexpr int64_t W = 2 * V::size();
+  static void load(const bf16* p, V& lo, V& hi) {
+    at::vec::load_fp32_from_bf16(reinterpret_cast<const c10::BFloat16*>(p), lo, hi);
+  }
+  static void store(bf16* p, const V& lo, const V& hi) {
+    at::vec::convert_float_bfloat16(lo, hi).store(reinterpret_cast<c10::BFloat16*>(p));
+  }
+};
+
+template <>
+struct IO<fp16> {
+  using C = float;
+  using V = Vectorized<float>;
+  static constexpr int64_t W = 2 * V::size();
+  static void load(const fp16* p, V& lo, V& hi) {
+    at::vec::load_fp32_from_fp16(reinterpret_cast<const c10::Half*>(p), lo, hi);
+  }
+  static void store(fp16* p, const V& lo, const V& hi) {
+    at::vec::convert_float_half(lo, hi).store(reinterpret_cast<c10::Half*>(p));
+  }
+};
+
+static_assert(IO<bf16>::W == Vectorized<c10::BFloat16>::size(), "bf16 IO must move one full vector");
+static_assert(IO<fp16>::W == Vectorized<c10::Half>::size(), "fp16 IO must move one full vector");
+
+// Lane sum in lane order, in float64: the chunk partial.
+template <typename V>
+double lane_sum(const V& v) {
+  using C = typename V::value_type;
+  C lanes[V::size()];
+  v.store(lanes);
+  double s = 0.0;
+  for (int i = 0; i < V::size(); ++i) s += static_cast<double>(lanes[i]);
+  return s;
+}
+
+template <typename S>
+S* at_col(char* row, int64_t col) {
+  return reinterpret_cast<S*>(row) + col;
+}
+
+// ---------------------------------------------------------------------------
+// Dots of the effective gradient against ND other vectors, over one chunk.
+// others[d] == nullptr stands for the effective gradient itself (<g0, g0>).
+// If `write` is set, the effective gradient is also stored there (gram_row's
+// ring slot, never one of `others`).
+template <typename S, int ND>
+void grad_dots(const S* p, const S* g, int64_t len, const S* const* others, typename IO<S>::C sign,
+               typename IO<S>::C wd, bool has_wd, S* write, double* out) {
+  using C = typename IO<S>::C;
+  using V = typename IO<S>::V;
+  constexpr int64_t W = IO<S>::W;
+  const V signv(sign), wdv(wd);
+  V acc[ND];
+  for (int d = 0; d < ND; ++d) acc[d] = V(C(0));
+  const V zero(C(0));
+  int64_t e = 0;
+  for (; e + W <= len; e += W) {
+    V g_lo, g_hi, x_lo = zero, x_hi = zero;
+    IO<S>::load(g + e, g_lo, g_hi);
+    if (has_wd) IO<S>::load(p + e, x_lo, x_hi);
+    g_lo = effective_grad(g_lo, x_lo, signv, wdv, has_wd);
+    g_hi = effective_grad(g_hi, x_hi, signv, wdv, has_wd);
+    if (write) IO<S>::store(write + e, g_lo, g_hi);
+    for (int d = 0; d < ND; ++d) {
+      V o_lo = g_lo, o_hi = g_hi;
+      if (others[d]) IO<S>::load(others[d] + e, o_lo, o_hi);
+      acc[d] = acc[d] + g_lo * o_lo + g_hi * o_hi;
+    }
+  }
+  C tail[ND];
+  for (int d = 0; d < ND; ++d) tail[d] = C(0);
+  for (; e < len; ++e) {
+    const C x = has_wd ? load_c(p + e) : C(0);
+    const C g0 = effective_grad(load_c(g + e), x, sign, wd, has_wd);
+    if (write) store_c(write + e, g0);
+    for (int d = 0; d < ND; ++d) tail[d] += g0 * (others[d] ? load_c(others[d] + e) : g0);
+  }
+  for (int d = 0; d < ND; ++d) out[d] = lane_sum(acc[d]) + static_cast<double>(tail[d]);
+}
+
+// <r_0, r_j> for j = j0 .. j0+ND-1 over one chunk, with r_j = y_j - y_{j+1}.
+// snaps[i] is snapshot y_{j0 + i}, i = 0..ND (ND + 1 of them); y0 and y1 give r_0.
+template <typename S, int ND>
+void residual_dots(const S* y0, const S* y1, const S* const* snaps, int64_t len, double* out) {
+  using C = typename IO<S>::C;
+  using V = typename IO<S>::V;
+  constexpr int64_t W = IO<S>::W;
+  V acc[ND];
+  for (int d = 0; d < ND; ++d) acc[d] = V(C(0));
+  int64_t e = 0;
+  for (; e + W <= len; e += W) {
+    V a_lo, a_hi, b_lo, b_hi;
+    IO<S>::load(y0 + e, a_lo, a_hi);
+    IO<S>::load(y1 + e, b_lo, b_hi);
+    const V r0_lo = a_lo - b_lo, r0_hi = a_hi - b_hi;
+    V prev_lo, prev_hi;
+    IO<S>::load(snaps[0] + e, prev_lo, prev_hi);
+    for (int d = 0; d < ND; ++d) {
+      V next_lo, next_hi;
+      IO<S>::load(snaps[d + 1] + e, next_lo, next_hi);
+      acc[d] = acc[d] + r0_lo * (prev_lo - next_lo) + r0_hi * (prev_hi - next_hi);
+      prev_lo = next_lo;
+      prev_hi = next_hi;
+    }
+  }
+  C tail[ND];
+  for (int d = 0; d < ND; ++d) tail[d] = C(0);
+  for (; e < len; ++e) {
+    const C r0 = load_c(y0 + e) - load_c(y1 + e);
+    for (int d = 0; d < ND; ++d) tail[d] += r0 * (load_c(snaps[d] + e) - load_c(snaps[d + 1] + e));
+  }
+  for (int d = 0; d < ND; ++d) out[d] = lane_sum(acc[d]) + static_cast<double>(tail[d]);
+}
+
+// Runs a dot kernel over `ndots` dots in register groups of kDotGroup:
+// fn(integral_constant<ND>, d0, out) computes dots d0 .. d0+ND-1 into out[0..ND).
+template <typename Fn>
+void dot_groups(int ndots, double* out, Fn&& fn) {
+  for (int d0 = 0; d0 < ndots; d0 += kDotGroup) {
+    switch (ndots - d0 >= kDotGroup ? kDotGroup : ndots - d0) {
+      case 1: fn(std::integral_constant<int, 1>{}, d0, out + d0); break;
+      case 2: fn(std::integral_constant<int, 2>{}, d0, out + d0); break;
+      case 3: fn(std::integral_constant<int, 3>{}, d0, out + d0); break;
+      case 4: fn(std::integral_constant<int, 4>{}, d0, out + d0); break;
+      case 5: fn(std::integral_constant<int, 5>{}, d0, out + d0); break;
+      case 6: fn(std::integral_constant<int, 6>{}, d0, out + d0); break;
+      case 7: fn(std::integral_constant<int, 7>{}, d0, out + d0); break;
+      default: fn(std::integral_constant<int, 8>{}, d0, out + d0); break;
+    }
+  }
+}
+static_assert(kDotGroup == 8, "dot_groups dispatches group sizes 1..8");
+
+// ---------------------------------------------------------------------------
+// combine
+
+// What the update of one chunk needs, resolved for that chunk.
+template <typename S>
+struct CombineChunk {
+  using C = typename IO<S>::C;
+  S* p;
+  const S* g;                 // nullptr: Anderson (the g ring holds age 0)
+  const S* const* xh;         // [j], j = 1..k-1
+  const S* const* gh;         // [j], j = 1..k-1 (j = 0..k-1 without grads)
+  S* xw;                      // nullptr when k == 1
+  S* gw;                      // nullptr unless grads and k > 1
+  int64_t len;
+  const C* coef;
+  C lr, sign, wd;
+  bool has_wd;
+};
+
+// The update pass over one chunk. KK > 0 fixes k at compile time (the common
+// Interpolatron k = 1..3: history loops unrolled, pointers in registers);
+// KK == 0 takes k at run time. DOTS (k <= kDotGroup, grads given): the Gram
+// row <g0, g(age j)> is accumulated from the values loaded for the update, in
+// the same pass, and written to dots[0..k).
+template <typename S, int KK, bool DOTS>
+void combine_update(const CombineChunk<S>& u, int k_runtime, double* dots) {
+  using C = typename IO<S>::C;
+  using V = typename IO<S>::V;
+  constexpr int64_t W = IO<S>::W;
+  constexpr int ND = DOTS ? kDotGroup : 1;
+  const int k = KK > 0 ? KK : k_runtime;
+  const bool has_grads = u.g != nullptr;
+  const V a0(u.coef[0]), lrv(u.lr), signv(u.sign), wdv(u.wd), zero(C(0));
+  V acc[ND];
+  C tail[ND];
+  for (int d = 0; d < ND; ++d) {
+    acc[d] = zero;
+    tail[d] = C(0);
+  }
+  int64_t e = 0;
+  for (; e + W <= u.len; e += W) {
+    V x_lo, x_hi;
+    IO<S>::load(u.p + e, x_lo, x_hi);
+    V ax_lo = x_lo * a0, ax_hi = x_hi * a0;
+    V ag_lo, ag_hi, g_lo = zero, g_hi = zero;
+    if (has_grads) {
+      IO<S>::load(u.g + e, g_lo, g_hi);
+      g_lo = effective_grad(g_lo, x_lo, signv, wdv, u.has_wd);
+      g_hi = effective_grad(g_hi, x_hi, signv, wdv, u.has_wd);
+      ag_lo = g_lo * a0;
+      ag_hi = g_hi * a0;
+      if (DOTS) acc[0] = acc[0] + g_lo * g_lo + g_hi * g_hi;
+    } else {
+      IO<S>::load(u.gh[0] + e, ag_lo, ag_hi);
+      ag_lo = ag_lo * a0;
+      ag_hi = ag_hi * a0;
+    }
+    for (int j = 1; j < k; ++j) {
+      const V aj(u.coef[j]);
+      V h_lo, h_hi;
+      IO<S>::load(u.xh[j] + e, h_lo, h_hi);
+      ax_lo = ax_lo + h_lo * aj;
+      ax_hi = ax_hi + h_hi * aj;
+      IO<S>::load(u.gh[j] + e, h_lo, h_hi);
+      ag_lo = ag_lo + h_lo * aj;
+      ag_hi = ag_hi + h_hi * aj;
+      if (DOTS) acc[j] = acc[j] + g_lo * h_lo + g_hi * h_hi;
+    }
+    // The write slots are the oldest entries, read above: store only now.
+    if (u.xw) IO<S>::store(u.xw + e, x_lo, x_hi);
+    if (u.gw) IO<S>::store(u.gw + e, g_lo, g_hi);
+    IO<S>::store(u.p + e, interpolate(ax_lo, ag_lo, lrv), interpolate(ax_hi, ag_hi, lrv));
+  }
+  for (; e < u.len; ++e) {
+    const C x = load_c(u.p + e);
+    C ax = x * u.coef[0];
+    C g0 = C(0), ag;
+    if (has_grads) {
+      g0 = effective_grad(load_c(u.g + e), x, u.sign, u.wd, u.has_wd);
+      ag = g0 * u.coef[0];
+      if (DOTS) tail[0] += g0 * g0;
+    } else {
+      ag = load_c(u.gh[0] + e) * u.coef[0];
+    }
+    for (int j = 1; j < k; ++j) {
+      ax = ax + load_c(u.xh[j] + e) * u.coef[j];
+      const C h = load_c(u.gh[j] + e);
+      ag = ag + h * u.coef[j];
+      if (DOTS) tail[j] += g0 * h;
+    }
+    if (u.xw) store_c(u.xw + e, x);
+    if (u.gw) store_c(u.gw + e, g0);
+    store_c(u.p + e, interpolate(ax, ag, u.lr));
+  }
+  if (DOTS) {
+    for (int d = 0; d < k; ++d) dots[d] = lane_sum(acc[d]) + static_cast<double>(tail[d]);
+  }
+}
+
+template <typename S>
+void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
+  using C = typename IO<S>::C;
+  const int k = a.k;
+  C coef[kMaxSlots];
+  for (int j = 0; j < k; ++j) coef[j] = static_cast<C>(a.coefs[j]);
+  // Anderson (no grads): the g ring holds ages 0..k-1; Interpolatron: 1..k-1.
+  const int g_first = a.has_grads ? 1 : 0;
+  // With grads and k <= kDotGroup the Gram row rides along with the update;
+  // a longer row is computed by a read-only pass over the chunk first.
+  const bool fused_dots = a.partials != nullptr && a.has_grads && k <= kDotGroup;
+  auto update = fused_dots ? &combine_update<S, 0, true> : &combine_update<S, 0, false>;
+  if (a.has_grads && k <= 3) {
+    const decltype(update) fixed[2][3] = {
+        {&combine_update<S, 1, false>, &combine_update<S, 2, false>, &combine_update<S, 3, false>},
+        {&combine_update<S, 1, true>, &combine_update<S, 2, true>, &combine_update<S, 3, true>}};
+    update = fixed[fused_dots][k - 1];
+  }
+
+  const S* xh[kMaxSlots];
+  const S* gh[kMaxSlots];
+  CombineChunk<S> u{};
+  u.xh = xh;
+  u.gh = gh;
+  u.coef = coef;
+  u.lr = static_cast<C>(a.lr);
+  u.sign = a.maximize ? C(-1) : C(1);
+  u.wd = static_cast<C>(a.weight_decay);
+  u.has_wd = a.weight_decay != 0.0;
+  for (int64_t c = c0; c < c1; ++c) {
+    const Chunk& ch = a.chunks[c];
+    const Segment& sg = a.segs[ch.seg];
+    const int64_t off = sg.col + ch.begin;
+    u.len = ch.len;
+    u.p = static_cast<S*>(sg.a) + ch.begin;
+    u.g = a.has_grads ? static_cast<const S*>(sg.b) + ch.begin : nullptr;
+    for (int j = 1; j < k; ++j) xh[j] = at_col<S>(a.x_rows[j], off);
+    for (int j = g_first; j < k; ++j) gh[j] = at_col<S>(a.g_rows[j], off);
+    u.xw = a.x_write ? at_col<S>(a.x_write, off) : nullptr;
+    u.gw = a.g_write ? at_col<S>(a.g_write, off) : nullptr;
+
+    if (a.partials && !fused_dots) {
+      // <g0, g(age j)>, j = 0..k-1, before anything in the chunk changes. The
+      // update then re-reads the chunk, mostly from cache: a second pass that
+      // only a Gram row longer than one register group (k > 8) pays.
+      const S* others[kMaxSlots];
+      others[0] = nullptr;
+      for (int j = 1; j < k; ++j) others[j] = gh[j];
+      dot_groups(k, a.partials + c * k, [&](auto nd, int d0, double* out) {
+        grad_dots<S, decltype(nd)::value>(u.p, u.g, u.len, others + d0, u.sign, u.wd, u.has_wd, nullptr, out);
+      });
+    }
+    update(u, k, fused_dots ? a.partials + c * k : nullptr);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// gram_row
+
+template <typename S>
+void gram_row_impl(const GramArgs& a, int64_t c0, int64_t c1) {
+  using C = typename IO<S>::C;
+  const int k = a.ndots;
+  const C sign = a.maximize ? C(-1) : C(1);
+  const C wd = static_cast<C>(a.weight_decay);
+  const bool has_wd = a.weight_decay != 0.0;
+  const S* others[kMaxSlots];
+  for (int64_t c = c0; c < c1; ++c) {
+    const Chunk& ch = a.chunks[c];
+    const Segment& sg = a.segs[ch.seg];
+    const int64_t off = sg.col + ch.begin;
+    const S* p = static_cast<const S*>(sg.a) + ch.begin;
+    const S* g = static_cast<const S*>(sg.b) + ch.begin;
+    others[0] = nullptr;
+    for (int j = 1; j < k; ++j) others[j] = at_col<S>(a.g_rows[j], off);
+    S* gw = at_col<S>(a.g_write, off);
+    // The first group also stores g0: its slot is not among the ones read.
+    dot_groups(k, a.partials + c * k, [&](auto nd, int d0, double* out) {
+      grad_dots<S, decltype(nd)::value>(p, g, ch.len, others + d0, sign, wd, has_wd, d0 == 0 ? gw : nullptr,
+                                        out);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// rna_record
+
+template <typename S>
+void rna_record_impl(const RecordArgs& a, int64_t c0, int64_t c1) {
+  const S* snaps[kMaxSlots];
+  for (int64_t c = c0; c < c1; ++c) {
+    const Chunk& ch = a.chunks[c];
+    const Segment& sg = a.segs[ch.seg];
+    const int64_t off = sg.col + ch.begin;
+    const S* y0 = static_cast<const S*>(sg.a) + ch.begin;
+    if (a.ndots > 0) {
+      snaps[0] = y0;
+      for (int j = 1; j <= a.ndots; ++j) snaps[j] = at_col<S>(a.rows[j], off);
+      dot_groups(a.ndots, a.partials + c * a.ndots, [&](auto nd, int d0, double* out) {
+        residual_dots<S, decltype(nd)::value>(y0, snaps[1], snaps + d0, ch.len, out);
+      });
+    }
+    // Slot c mod S is never read, so the copy can come after the dots.
+    std::memcpy(at_col<S>(a.write, off), y0, static_cast<size_t>(ch.len) * sizeof(S));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// rna_extrapolate
+
+template <typename S>
+void rna_extrapolate_impl(const ExtrapArgs& a, int64_t c0, int64_t c1) {
+  using C = typename IO<S>::C;
+  using V = typename IO<S>::V;
+  constexpr int64_t W = IO<S>::W;
+  const int m = a.m;
+  C coef[kMaxSlots];
+  for (int j = 0; j < m; ++j) coef[j] = static_cast<C>(a.coefs[j]);
+  const S* ys[kMaxSlots];
+  for (int64_t c = c0; c < c1; ++c) {
+    const Chunk& ch = a.chunks[c];
+    const Segment& sg = a.segs[ch.seg];
+    const int64_t off = sg.col + ch.begin;
+    S* out = static_cast<S*>(sg.a) + ch.begin;
+    for (int j = 0; j < m; ++j) ys[j] = at_col<S>(a.rows[j], off);
+    int64_t e = 0;
+    for (; e + W <= ch.len; e += W) {
+      V acc_lo, acc_hi;
+      IO<S>::load(ys[0] + e, acc_lo, acc_hi);
+      const V c0v(coef[0]);
+      acc_lo = acc_lo * c0v;
+      acc_hi = acc_hi * c0v;
+      for (int j = 1; j < m; ++j) {
+        const V cj(coef[j]);
+        V y_lo, y_hi;
+        IO<S>::load(ys[j] + e, y_lo, y_hi);
+        acc_lo = acc_lo + y_lo * cj;
+        acc_hi = acc_hi + y_hi * cj;
+      }
+      IO<S>::store(out + e, acc_lo, acc_hi);
+    }
+    for (; e < ch.len; ++e) {
+      C acc = load_c(ys[0] + e) * coef[0];
+      for (int j = 1; j < m; ++j) acc = acc + load_c(ys[j] + e) * coef[j];
+      store_c(out + e, acc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// dtype dispatch
+
+template <template <typename> class Fn, typename Args>
+void by_dtype(const Args& a, int64_t c0, int64_t c1) {
+  switch (a.dtype) {
+    case DType::kFloat32: Fn<float>::run(a, c0, c1); break;
+    case DType::kFloat64: Fn<double>::run(a, c0, c1); break;
+    case DType::kBFloat16: Fn<bf16>::run(a, c0, c1); break;
+    case DType::kFloat16: Fn<fp16>::run(a, c0, c1); break;
+  }
+}
+
+template <typename S>
+struct CombineFn {
+  static void run(const CombineArgs& a, int64_t c0, int64_t c1) { combine_impl<S>(a, c0, c1); }
+};
+template <typename S>
+struct GramFn {
+  static void run(const GramArgs& a, int64_t c0, int64_t c1) { gram_row_impl<S>(a, c0, c1); }
+};
+template <typename S>
+struct RecordFn {
+  static void run(const RecordArgs& a, int64_t c0, int64_t c1) { rna_record_impl<S>(a, c0, c1); }
+};
+template <typename S>
+struct ExtrapFn {
+  static void run(const ExtrapArgs& a, int64_t c0, int64_t c1) { rna_extrapolate_impl<S>(a, c0, c1); }
+};
+
+void combine_entry(const CombineArgs& a, int64_t c0, int64_t c1) { by_dtype<CombineFn>(a, c0, c1); }
+void gram_row_entry(const GramArgs& a, int64_t c0, int64_t c1) { by_dtype<GramFn>(a, c0, c1); }
+void rna_record_entry(const RecordArgs& a, int64_t c0, int64_t c1) { by_dtype<RecordFn>(a, c0, c1); }
+void rna_extrapolate_entry(const ExtrapArgs& a, int64_t c0, int64_t c1) { by_dtype<ExtrapFn>(a, c0, c1); }
+
+}  // namespace
+
+#define INTERP_STRINGIFY_(x) #x
+#define INTERP_STRINGIFY(x) INTERP_STRINGIFY_(x)
+
+// The table of this translation unit's kernels.
+#define INTERP_DEFINE_KERNEL_TABLE(getter)                                                          \
+  const KernelTable* getter() {                                                                     \
+    static const KernelTable table{INTERP_STRINGIFY(CPU_CAPABILITY), &combine_entry, &gram_row_entry, \
+                                   &rna_record_entry, &rna_extrapolate_entry};                      \
+    return &table;                                                                                  \
+  }
+
+}  // namespace interp::cpu
