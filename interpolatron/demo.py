@@ -24,13 +24,14 @@ WEIGHT_DECAY = 2e-4
 def _recipes() -> dict[str, Callable]:
     torch_sgd = torch.optim.SGD
     wd = WEIGHT_DECAY
+    interp = Interpolatron
     return {
         "SGD": lambda p: torch_sgd(p, lr=0.25 * SCALE, weight_decay=wd),
         "momentum": lambda p: torch_sgd(p, lr=0.025 * SCALE, momentum=0.9, weight_decay=wd),
         "Nesterov": lambda p: torch_sgd(p, lr=0.025 * SCALE, momentum=0.9, nesterov=True, weight_decay=wd),
         "Adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=wd),
-        "Interpolatron-2": lambda p: Interpolatron(p, lr=0.1 * SCALE, alphas=(0.05, 0.95), weight_decay=wd),
-        "Interpolatron-3": lambda p: Interpolatron(p, lr=0.1 * SCALE, alphas=(0.1, 0.3, 0.6), weight_decay=wd),
+        "Interpolatron-2": lambda p: interp(p, lr=0.1 * SCALE, alphas=(0.05, 0.95), weight_decay=wd),
+        "Interpolatron-3": lambda p: interp(p, lr=0.1 * SCALE, alphas=(0.1, 0.3, 0.6), weight_decay=wd),
         "Anderson-2": lambda p: Anderson(p, lr=0.25 * SCALE, history=2, weight_decay=wd),
         "momentum+RNA": lambda p: torch_sgd(p, lr=0.025 * SCALE, momentum=0.9, weight_decay=wd),
     }
