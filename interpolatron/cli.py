@@ -48,6 +48,11 @@ def info() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: argparse.REMAINDER refuses a leading "--flag"
+        from .benchmark import main as bench_main
+
+        return bench_main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="interpolatron", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small CNN on the bundled digits with every optimizer")
@@ -58,20 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--only", nargs="+", help="a subset of the optimizers, by name")
     sub.add_parser("info", help="backends available here, and why not")
-    bench = sub.add_parser("bench", help="time one optimizer step (see `interpolatron bench -h`)",
-                           add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="time one optimizer step of every optimizer and backend "
+                                 "(see `interpolatron bench -h`)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
 
         run(args.device, args.epochs, args.out, args.batch, args.seed, args.only)
-    elif args.command == "info":
-        info()
     else:
-        from .benchmark import main as bench_main
-
-        return bench_main(args.rest) or 0
+        info()
     return 0
 
 

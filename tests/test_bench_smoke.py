@@ -104,9 +104,13 @@ def test_writers(result, tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    assert bm.main(["--device", "cpu", "--sets", "many-small:0.02", "resnet50:0.001", "--dtype", "fp32",
-                    "--optimizers", "sgd", "interpolatron-2", "--reps", "1", "--warmup", "0",
-                    "--copy-mib", "2", "--out", str(tmp_path), "--name", "cli"]) == 0
+    # Through `interpolatron bench`, flags first, as a user types it.
+    from interpolatron import cli
+
+    assert cli.main(["bench", "--device", "cpu", "--sets", "many-small:0.02", "resnet50:0.001",
+                     "--dtype", "fp32", "--optimizers", "sgd", "interpolatron-2",
+                     "--reps", "1", "--warmup", "0", "--copy-mib", "2",
+                     "--out", str(tmp_path), "--name", "cli"]) == 0
     out = capsys.readouterr().out
     assert "| many-smallx0.02 | float32 | interpolatron-2 | torch |" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.json", "cli.md", "cli.png"]
