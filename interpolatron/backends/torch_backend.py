@@ -52,8 +52,12 @@ def _write_slot(ring: Tensor, cols: Tensor | None, slot: Tensor, values: Tensor)
 
 
 def _buffer(cache: dict, name: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A persistent flat work buffer of the bucket: fresh CPU allocations of
-    this size page-fault on every step and would dominate the step's time."""
+    """A flat work buffer. On the CPU it persists in the bucket's cache: fresh
+    allocations of this size page-fault on every step and would dominate the
+    step's time. On a GPU the caching allocator makes a transient one free and
+    hands the memory back between steps, so nothing is kept."""
+    if device.type != "cpu":
+        return torch.empty(n, dtype=dtype, device=device)
     key = ("scratch", name)
     buf = cache.get(key)
     if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
@@ -187,13 +191,21 @@ class TorchBackend:
         device = window.device
         cd = compute_dtype(window.dtype)
         cols = _columns(sources, offsets, window, cache)
-        y0 = _flat(sources, cd, device)
+        y0 = _flat(sources, cd, device, cache, "x")
         if out is not None and slots > 1:
-            ages = torch.arange(1, slots, device=device)
-            older = _read(window, cols, cd).index_select(0, _age_slots(count, ages, slots))
-            snaps = torch.cat([y0.view(1, -1), older])
-            r = snaps[:-1] - snaps[1:]
-            out.copy_(_dots(r[0], r))
+            # One residual at a time (two snapshot rows live), not the whole window.
+            def snapshot(age: int) -> Tensor:
+                row = window.index_select(0, _age_slots(count, torch.tensor([age], device=device), slots))
+                return _read(row, cols, cd)[0]
+
+            older = snapshot(1)
+            r0 = y0 - older
+            dots = [_dot64(r0, r0, cache)]
+            for age in range(1, slots - 1):
+                nxt = snapshot(age + 1)
+                dots.append(_dot64(r0, older - nxt, cache))
+                older = nxt
+            out.copy_(torch.stack(dots))
         _write_slot(window, cols, torch.remainder(count, slots), y0)
 
     def rna_extrapolate(self, window, offsets, count, coefs, outs, cache) -> None:
