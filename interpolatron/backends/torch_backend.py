@@ -89,15 +89,21 @@ def _effective_grad(params, grads, weight_decay, maximize, dtype, device, cache=
     return g
 
 
+_DOT_CHUNK = 4096
+
+
 def _dot64(a: Tensor, b: Tensor, cache: dict | None = None) -> Tensor:
-    """``<a, b>`` as a float64 0-dim tensor: float64 data exactly, lower
-    precisions as rounded products summed in float64 (what the kernels do,
-    with a finer-grained accumulation)."""
+    """``<a, b>`` as a float64 0-dim tensor: float64 data exactly; lower
+    precisions as the kernels do it, partial sums over fixed chunks in the
+    compute dtype, then the partials in float64 (no float64 copy of the data)."""
     if a.dtype == torch.float64:
         return torch.dot(a, b)
-    prod = _buffer(cache, "prod", a.numel(), a.dtype, a.device) if cache is not None else torch.empty_like(a)
+    n = a.numel()
+    prod = _buffer(cache, "prod", n, a.dtype, a.device) if cache is not None else torch.empty_like(a)
     torch.mul(a, b, out=prod)
-    return prod.sum(dtype=torch.float64)
+    whole = n - n % _DOT_CHUNK
+    partials = prod[:whole].view(-1, _DOT_CHUNK).sum(1)
+    return partials.to(torch.float64).sum() + prod[whole:].to(torch.float64).sum()
 
 
 def _slot_dots(new: Tensor, ring: Tensor, cache: dict) -> Tensor:
