@@ -37,7 +37,9 @@ def _recipes() -> dict[str, Callable]:
     }
 
 
-class _Block(nn.Module):
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the identity, then ReLU."""
+
     def __init__(self, width: int):
         super().__init__()
         self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
@@ -54,7 +56,7 @@ def small_resnet(width: int = 16, classes: int = 10) -> nn.Module:
     """Stem, two residual blocks, a strided stage, global pooling."""
     return nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        _Block(width), _Block(width),
+        ResidualBlock(width), ResidualBlock(width),
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
     )

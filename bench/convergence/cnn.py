@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from interpolatron import RNA, Anderson, Interpolatron
+from interpolatron.demo import ResidualBlock as Block
 
 WEIGHT_DECAY = 2e-4
 RNA_LABEL = "momentum + offline RNA"
@@ -113,18 +114,6 @@ DATASETS: dict[str, Callable[..., Data]] = {"digits": digits, "shapes": shapes}
 
 
 # -- model ----------------------------------------------------------------------
-
-
-class Block(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
 def resnet(width: int = 16, classes: int = 10, stem_stride: int = 1) -> nn.Module:
