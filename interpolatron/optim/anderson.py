@@ -97,6 +97,16 @@ class Anderson(BucketedOptimizer):
         parts = [torch.arange(off, off + p.numel()) for off, p in zip(w.offsets, w.params)]
         return torch.cat(parts).to(w.bucket.g_hist.device)
 
+    def _active_signature(self, work) -> tuple:
+        """Which parameters have a gradient this step, cheaply: when every bucket
+        is complete (the usual step) its identity suffices; only a partial
+        step pays for the exact index set (this runs on the hot path)."""
+        if all(len(w.params) == len(w.bucket.members) for w in work):
+            return ("buckets",) + tuple((w.bucket.key[0], str(w.bucket.key[1]), str(w.bucket.key[2]),
+                                         len(w.params)) for w in work)
+        order = self._group_index()
+        return ("params",) + tuple(sorted(order[id(p)] for w in work for p in w.params))
+
     @property
     def coefficients(self) -> Tensor:
         """The mixing coefficients of the last step (float64, age order, on the device)."""
@@ -125,8 +135,7 @@ class Anderson(BucketedOptimizer):
         # The Gram is over the parameters that have a gradient now, each at its
         # own (aligned) ages. The kept matrix is only valid for the same set as
         # the last step's: otherwise recompute it from the rings.
-        order = self._group_index()
-        active = tuple(sorted(order[id(p)] for w in work for p in w.params))
+        active = self._active_signature(work)
         if self._membership_changed or st.get("active") != active:
             gram = ring_gram([(w.bucket.g_hist, w.bucket.count, self._active_columns(w)) for w in work],
                              k, home)
