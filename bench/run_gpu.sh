@@ -20,8 +20,11 @@ if [[ -z "${SKIP_BUILD:-}" ]]; then
 fi
 "$PY" -m interpolatron info | tee "$OUT/gpu-info.txt"
 
-# The GPU tests (the Triton kernels run natively, not in the interpreter).
-INTERPOLATRON_TRITON_NATIVE=1 "$PY" -m pytest -m gpu tests/ -q -ra | tee "$OUT/gpu-tests.txt"
+# The whole suite on the GPU machine: the `gpu` tests run, and the Triton op
+# matrix is compiled natively instead of interpreted. A failure is recorded
+# and the benchmark still runs (a GPU session is short).
+tests_rc=0
+INTERPOLATRON_TRITON_NATIVE=1 "$PY" -m pytest tests/ -q -ra 2>&1 | tee "$OUT/gpu-tests.txt" || tests_rc=$?
 
 # The step benchmark: JSON + markdown + PNG named after the GPU and the versions.
 "$PY" -m interpolatron bench --device cuda --dtype fp32 bf16 \
@@ -32,3 +35,7 @@ INTERPOLATRON_BENCH_DEVICE=cuda INTERPOLATRON_BENCH_SETS="resnet50 gpt2 many-sma
     "$PY" -m pytest bench/ --benchmark-only -q \
     --benchmark-json="$OUT/pytest-benchmark-cuda.json" | tail -n 5
 echo "results in $OUT/"
+if [[ $tests_rc -ne 0 ]]; then
+    echo "THE TEST SUITE FAILED on this GPU machine (exit $tests_rc): see $OUT/gpu-tests.txt" >&2
+    exit "$tests_rc"
+fi
