@@ -101,6 +101,13 @@ def _extension_setup():
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
     if skipped == CUDA_BUILT:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+            # torch derives the arch list from the visible GPUs and raises
+            # IndexError without one (a container build, a login node); that
+            # would silently fall back to a CPU-only build.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0+PTX"
+            _warn("no GPU visible: building the CUDA kernels for TORCH_CUDA_ARCH_LIST="
+                  + os.environ["TORCH_CUDA_ARCH_LIST"])
         ext = cpp_extension.CUDAExtension(
             "interpolatron._C", cpu_sources + cuda_sources,
             define_macros=[("INTERPOLATRON_WITH_CUDA", "1")],

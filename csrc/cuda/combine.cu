@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) combine_kernel(cons
     store_frag<T, N>(param + i, n, w.vec, ax);
   });
 
-  if constexpr (kDots) block_partials<C, kDotGroup>(dots, k, p.partials + blockIdx.x * kDotGroup);
+  if constexpr (kDots) block_partials<C, kDotGroup>(dots, k, p.partials + static_cast<int64_t>(blockIdx.x) * kDotGroup);
 }
 
 // Block partials of <g0, g(age d)> for the dots d of this block's group
