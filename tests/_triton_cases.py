@@ -7,9 +7,8 @@ Triton backend can be run on identical copies and compared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_bucket  # noqa: F401
 from torch import Tensor
 
 
@@ -27,28 +26,6 @@ def kernel_device() -> str | None:
     return "cuda" if torch.cuda.is_available() else None
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    shapes: tuple[tuple[int, ...], ...]
-    # Indices of the tensors that take part in the op (None: all). A subset
-    # leaves holes in the ring's columns: the offsets are not contiguous.
-    active: tuple[int, ...] | None = None
-    # Extra columns left between consecutive tensors in the ring.
-    gap: int = 0
-
-    def __str__(self) -> str:
-        return self.name
-
-
-CASES = (
-    Case("odd_sizes", ((37,), (5, 3), (1,), (19,))),
-    Case("zero_size", ((0,), (21,), (0, 4), (3,))),
-    Case("many_small", tuple((1 + (5 * i) % 9,) for i in range(56))),
-    Case("mixed_shapes", ((2, 3, 4), (16,), (7, 1), (33,), (2, 2))),
-    Case("subset", ((9,), (20,), (4, 4), (11,), (6,)), active=(1, 3, 4)),
-    Case("gaps", ((13,), (32,), (3,)), gap=5),
-)
 QUICK_CASES = tuple(c for c in CASES if c.name in ("odd_sizes", "subset"))
 QUICK_IDS = [c.name for c in QUICK_CASES]
 
@@ -66,56 +43,8 @@ def case_dtype_params() -> list:
             if c.name != "many_small" or d in (torch.float32, torch.bfloat16)]
 
 
-@dataclass
-class Bucket:
-    params: list[Tensor]
-    grads: list[Tensor]
-    offsets: list[int]
-    n: int  # ring columns (all tensors of the layout, active or not)
-    dtype: torch.dtype
-    device: str
-
-    def ring(self, slots: int, poison_slot: int | None = None) -> Tensor:
-        r = torch.randn(slots, self.n, device=self.device).to(self.dtype)
-        if poison_slot is not None:
-            # Only the columns the op owns: the others must keep their values.
-            for p, off in zip(self.params, self.offsets):
-                r[poison_slot, off:off + p.numel()] = float("nan")
-        return r
-
-
-def make_bucket(case: Case, dtype: torch.dtype, device: str) -> Bucket:
-    offsets, pos = [], 0
-    for shape in case.shapes:
-        offsets.append(pos)
-        pos += _numel(shape) + case.gap
-    active = case.active if case.active is not None else range(len(case.shapes))
-    params = [torch.randn(case.shapes[i], device=device).to(dtype) for i in active]
-    grads = [torch.randn(case.shapes[i], device=device).to(dtype) for i in active]
-    return Bucket(params, grads, [offsets[i] for i in active], pos, dtype, device)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def clones(tensors: list[Tensor]) -> list[Tensor]:
-    return [t.clone() for t in tensors]
-
-
 def nan_like(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.full_like(t, float("nan")) for t in tensors]
-
-
-def device_scalars(k: int, count: int, device: str, lr: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
-    """Random coefficients summing to one, lr and count as the seam has them: on the device."""
-    coefs = torch.rand(k, dtype=torch.float64, device=device) + 0.05
-    coefs /= coefs.sum()
-    return (coefs, torch.tensor(lr, dtype=torch.float64, device=device),
-            torch.tensor(count, dtype=torch.int64, device=device))
 
 
 def tol(dtype: torch.dtype) -> dict:

@@ -9,11 +9,10 @@ is not built every test here skips with the reason.
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 
 import pytest
 import torch
+from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_bucket
 from torch import Tensor
 
 from interpolatron.backends import cuda_backend
@@ -37,24 +36,7 @@ needs_cuda_kernels = pytest.mark.skipif(
 # --------------------------------------------------------------------------- bucket layouts
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    shapes: tuple[tuple[int, ...], ...]
-    active: tuple[int, ...] | None = None  # the tensors with a gradient (None: all)
-    gap: int = 0  # ring columns left unused after each tensor
-
-    def __str__(self) -> str:
-        return self.name
-
-
-CASES = (
-    Case("odd_sizes", ((37,), (5, 3), (1,), (19,))),
-    Case("zero_size", ((0,), (21,), (0, 4), (3,))),
-    Case("many_small", tuple((1 + (5 * i) % 9,) for i in range(56))),
-    Case("mixed_shapes", ((2, 3, 4), (16,), (7, 1), (33,), (2, 2))),
-    Case("subset", ((9,), (20,), (4, 4), (11,), (6,)), active=(1, 3, 4)),
-    Case("gaps", ((13,), (32,), (3,)), gap=5),
+CASES = CASES + (
     # Several chunks per tensor, vector bodies and scalar tails, and a tensor
     # whose ring columns start at an odd offset (unaligned vector loads).
     Case("multi_chunk", ((CPU_CHUNK * 2 + 37,), (3,), (CPU_CHUNK + 1,)), gap=1),
@@ -62,52 +44,7 @@ CASES = (
 CASE_IDS = [c.name for c in CASES]
 
 
-@dataclass
-class Bucket:
-    params: list[Tensor]  # the active tensors
-    grads: list[Tensor]
-    offsets: list[int]
-    n: int  # ring columns
-    dtype: torch.dtype
-    device: str
-
-    def ring(self, slots: int) -> Tensor:
-        return torch.randn(slots, self.n, device=self.device).to(self.dtype)
-
-    def poison(self, ring: Tensor, slot: int) -> None:
-        """NaN in the columns the op owns in ``slot`` (which the op must overwrite)."""
-        for p, off in zip(self.params, self.offsets):
-            ring[slot, off:off + p.numel()] = NAN
-
-    def owned(self) -> Tensor:
-        """Mask of the ring columns that belong to the active tensors."""
-        m = torch.zeros(self.n, dtype=torch.bool, device=self.device)
-        for p, off in zip(self.params, self.offsets):
-            m[off:off + p.numel()] = True
-        return m
-
-
-def make_bucket(case: Case, dtype: torch.dtype, device: str = "cpu") -> Bucket:
-    offsets, pos = [], 0
-    for shape in case.shapes:
-        offsets.append(pos)
-        pos += math.prod(shape) + case.gap
-    active = case.active if case.active is not None else range(len(case.shapes))
-    params = [torch.randn(case.shapes[i], device=device).to(dtype) for i in active]
-    grads = [torch.randn(case.shapes[i], device=device).to(dtype) for i in active]
-    return Bucket(params, grads, [offsets[i] for i in active], pos, dtype, device)
-
-
-def scalars(k: int, count: int, device: str = "cpu", lr: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
-    """Random positive coefficients summing to one, lr and count, on the device."""
-    coefs = torch.rand(k, dtype=torch.float64, device=device) + 0.05
-    coefs /= coefs.sum()
-    return (coefs, torch.tensor(lr, dtype=torch.float64, device=device),
-            torch.tensor(count, dtype=torch.int64, device=device))
-
-
-def clones(ts: list[Tensor]) -> list[Tensor]:
-    return [t.clone() for t in ts]
+scalars = device_scalars
 
 
 def tol(dtype: torch.dtype) -> dict:

@@ -1,0 +1,91 @@
+"""Bucket layouts shared by the kernel-backend tests (Triton, C++/CUDA).
+
+Each case names a layout of tensors in a flat ring; :func:`make_bucket` fills
+it with fresh random data (the conftest seeds every test), so the torch
+backend (the oracle) and a fused backend run on identical copies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    # Indices of the tensors that take part in the op (None: all). A subset
+    # leaves holes in the ring's columns: the offsets are not contiguous.
+    active: tuple[int, ...] | None = None
+    # Extra columns left between consecutive tensors in the ring.
+    gap: int = 0
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CASES = (
+    Case("odd_sizes", ((37,), (5, 3), (1,), (19,))),
+    Case("zero_size", ((0,), (21,), (0, 4), (3,))),
+    Case("many_small", tuple((1 + (5 * i) % 9,) for i in range(56))),
+    Case("mixed_shapes", ((2, 3, 4), (16,), (7, 1), (33,), (2, 2))),
+    Case("subset", ((9,), (20,), (4, 4), (11,), (6,)), active=(1, 3, 4)),
+    Case("gaps", ((13,), (32,), (3,)), gap=5),
+)
+
+
+@dataclass
+class Bucket:
+    params: list[Tensor]  # the active tensors
+    grads: list[Tensor]
+    offsets: list[int]
+    n: int  # ring columns (all tensors of the layout, active or not)
+    dtype: torch.dtype
+    device: str
+
+    def ring(self, slots: int, poison_slot: int | None = None) -> Tensor:
+        r = torch.randn(slots, self.n, device=self.device).to(self.dtype)
+        if poison_slot is not None:
+            self.poison(r, poison_slot)
+        return r
+
+    def poison(self, ring: Tensor, slot: int) -> None:
+        """NaN in the columns the op owns in ``slot`` (which the op must
+        overwrite); the other columns must keep their values."""
+        for p, off in zip(self.params, self.offsets):
+            ring[slot, off:off + p.numel()] = float("nan")
+
+    def owned(self) -> Tensor:
+        """Mask of the ring columns that belong to the active tensors."""
+        m = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        for p, off in zip(self.params, self.offsets):
+            m[off:off + p.numel()] = True
+        return m
+
+
+def make_bucket(case: Case, dtype: torch.dtype, device: str = "cpu") -> Bucket:
+    offsets, pos = [], 0
+    for shape in case.shapes:
+        offsets.append(pos)
+        pos += math.prod(shape) + case.gap
+    active = case.active if case.active is not None else range(len(case.shapes))
+    params = [torch.randn(case.shapes[i], device=device).to(dtype) for i in active]
+    grads = [torch.randn(case.shapes[i], device=device).to(dtype) for i in active]
+    return Bucket(params, grads, [offsets[i] for i in active], pos, dtype, device)
+
+
+def clones(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.clone() for t in tensors]
+
+
+def device_scalars(k: int, count: int, device: str = "cpu", lr: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """Random positive coefficients summing to one, lr and count, as the seam
+    has them: on the device."""
+    coefs = torch.rand(k, dtype=torch.float64, device=device) + 0.05
+    coefs /= coefs.sum()
+    return (coefs, torch.tensor(lr, dtype=torch.float64, device=device),
+            torch.tensor(count, dtype=torch.int64, device=device))
