@@ -89,3 +89,15 @@ def device_scalars(k: int, count: int, device: str = "cpu", lr: float = 0.1) -> 
     coefs /= coefs.sum()
     return (coefs, torch.tensor(lr, dtype=torch.float64, device=device),
             torch.tensor(count, dtype=torch.int64, device=device))
+
+
+def tol(dtype: torch.dtype) -> dict:
+    """Elementwise tolerance of a fused backend against the oracle. 16-bit
+    results may land one ulp apart: the summation order differs, and Triton's
+    interpreter truncates fp32 to bf16 where torch rounds to nearest even."""
+    return {
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.float16: dict(rtol=2e-3, atol=2e-3),
+        torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    }[dtype]

@@ -8,7 +8,7 @@ Triton backend can be run on identical copies and compared.
 from __future__ import annotations
 
 import torch
-from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_bucket  # noqa: F401
+from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_bucket, tol  # noqa: F401
 from torch import Tensor
 
 
@@ -45,18 +45,6 @@ def case_dtype_params() -> list:
 
 def nan_like(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.full_like(t, float("nan")) for t in tensors]
-
-
-def tol(dtype: torch.dtype) -> dict:
-    """Elementwise tolerance against the oracle. 16-bit results may differ by one
-    ulp: summation order differs, and Triton's interpreter truncates fp32 to
-    bf16 where torch rounds to nearest even."""
-    return {
-        torch.float64: dict(rtol=1e-12, atol=1e-12),
-        torch.float32: dict(rtol=1e-5, atol=1e-5),
-        torch.float16: dict(rtol=2e-3, atol=2e-3),
-        torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    }[dtype]
 
 
 def assert_lists_close(got: list[Tensor], want: list[Tensor], dtype: torch.dtype) -> None:

@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 import torch
-from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_bucket
+from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_bucket, tol
 from torch import Tensor
 
 from interpolatron.backends import cuda_backend
@@ -45,17 +45,6 @@ CASE_IDS = [c.name for c in CASES]
 
 
 scalars = device_scalars
-
-
-def tol(dtype: torch.dtype) -> dict:
-    """Elementwise tolerance against the oracle: the summation order differs, so
-    16-bit results may land one ulp apart."""
-    return {
-        torch.float64: dict(rtol=1e-12, atol=1e-12),
-        torch.float32: dict(rtol=1e-5, atol=1e-5),
-        torch.float16: dict(rtol=2e-3, atol=2e-3),
-        torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    }[dtype]
 
 
 def assert_close(got, want, dtype: torch.dtype) -> None:

@@ -203,6 +203,14 @@ class BucketedOptimizer(Optimizer):
         return bucket
 
     @staticmethod
+    def _closure_loss(closure):
+        """The loss of ``closure`` evaluated with gradients on (``step`` runs under no_grad)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    @staticmethod
     def _sync_lr(bucket: Bucket, group: dict) -> None:
         lr = group["lr"]
         if isinstance(lr, Tensor):

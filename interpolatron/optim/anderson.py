@@ -118,10 +118,7 @@ class Anderson(BucketedOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One Anderson step: the Gram pass, the on-device solve, the update pass."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         work = self._prepare()
         if not work:
             return loss

@@ -80,10 +80,7 @@ class Interpolatron(BucketedOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One interpolation step. ``closure`` re-evaluates the loss (optional)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             self._validate_group(group)
         work = self._prepare()
