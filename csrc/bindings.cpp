@@ -181,15 +181,17 @@ bool combine(const std::vector<at::Tensor>& params, const std::optional<std::vec
 
 bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
               const std::vector<int64_t>& offsets, const at::Tensor& g_hist, const at::Tensor& count,
-              double weight_decay, bool maximize, const at::Tensor& out, TableCache* cache) {
+              double weight_decay, bool maximize, const at::Tensor& out, TableCache* cache, bool store) {
   const at::Device device = g_hist.device();
   check_device(device);
   check_ring(g_hist, "g_hist", device);
   GramCall call;
   call.dtype = ring_dtype(g_hist, "g_hist");
-  const int64_t k = g_hist.size(0);
-  TORCH_CHECK_VALUE(k >= 1, "gram_row needs a g ring with at least one slot");
-  check_out(out, "out", device, k);
+  const int64_t slots = g_hist.size(0);
+  TORCH_CHECK_VALUE(!store || slots >= 1, "gram_row with store=True needs a g ring with at least one slot");
+  TORCH_CHECK_VALUE(slots + (store ? 0 : 1) <= cpu::kMaxSlots, "gram_row supports at most ", cpu::kMaxSlots,
+                    " dots, got ", slots + (store ? 0 : 1));
+  check_out(out, "out", device, store ? slots : slots + 1);
   // The gradients are the segments' payload; params are read only for the
   // weight decay, but they must match the gradients one for one.
   auto segs = make_segs(params, &grads, offsets, g_hist, "params");
@@ -199,6 +201,7 @@ bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
   call.count = scalar_input(count, "count", device, at::kLong, 1);
   call.weight_decay = weight_decay;
   call.maximize = maximize;
+  call.store = store;
   call.out = out;
   if (is_cuda(device)) {
 #if defined(INTERPOLATRON_WITH_CUDA)
@@ -209,7 +212,7 @@ bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
   } else {
     gram_row_cpu(call);
   }
-  bump(g_hist);
+  if (store) bump(g_hist);
   bump(out);
   return true;
 }
@@ -299,7 +302,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("g_hist"), py::arg("coefs"), py::arg("lr"), py::arg("count"), py::arg("weight_decay"),
         py::arg("maximize"), py::arg("gram"), py::arg("cache"), release);
   m.def("gram_row", &interp::gram_row, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("g_hist"),
-        py::arg("count"), py::arg("weight_decay"), py::arg("maximize"), py::arg("out"), py::arg("cache"), release);
+        py::arg("count"), py::arg("weight_decay"), py::arg("maximize"), py::arg("out"), py::arg("cache"), py::arg("store") = true, release);
   m.def("rna_record", &interp::rna_record, py::arg("sources"), py::arg("offsets"), py::arg("window"),
         py::arg("count"), py::arg("out"), py::arg("cache"), release);
   m.def("rna_extrapolate", &interp::rna_extrapolate, py::arg("window"), py::arg("offsets"), py::arg("count"),
@@ -321,7 +324,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "variant now in use.");
   // Bumped whenever the Python-visible interface changes, so that a stale
   // build is reported as such instead of failing on a missing function.
-  m.attr("API_VERSION") = 1;
+  m.attr("API_VERSION") = 2;
   m.attr("CPU_CHUNK") = interp::cpu::kChunk;
   m.attr("MAX_SLOTS") = interp::cpu::kMaxSlots;
 }

@@ -39,14 +39,18 @@ struct CombineCall {
   std::optional<at::Tensor> gram;  // float64 (k,)
 };
 
+// store: g_hist has S slots holding ages 0..S-1 (age 0, the effective
+// gradient, is written to slot c mod S), out has S entries. !store (read-only):
+// the S slots hold ages 1..S, nothing is written, out has S + 1 entries.
 struct GramCall {
   DType dtype;
   std::vector<Seg> segs;
-  at::Tensor g_hist;  // (k, N)
+  at::Tensor g_hist;  // (S, N)
   at::Tensor count;
   double weight_decay;
   bool maximize;
-  at::Tensor out;  // float64 (k,)
+  bool store;
+  at::Tensor out;  // float64 (S,) when store, (S + 1,) otherwise
 };
 
 struct RecordCall {

@@ -140,9 +140,13 @@ def test_state_dict_round_trip_resumes_bit_identically(name, via, skips):
     _assert_same_tree(opt.state_dict(), frozen)
 
 
-def test_interpolatron_state_holds_k_minus_1_iterates_and_gradients():
+@pytest.mark.parametrize("name", ["interpolatron", "anderson"])
+def test_state_holds_k_minus_1_iterates_and_gradients(name):
+    """k = 2: one stored iterate and one stored gradient per parameter, Adam's
+    footprint (Anderson's Gram pass is read-only; its update pass stores g)."""
     params = _params(_init(0))
-    opt = interpolatron.Interpolatron(params, lr=0.1, alphas=(0.05, 0.95), backend="torch")
+    opt = (interpolatron.Interpolatron(params, lr=0.1, alphas=(0.05, 0.95), backend="torch")
+           if name == "interpolatron" else interpolatron.Anderson(params, lr=0.1, history=2, backend="torch"))
     _run(opt, params, Problem(SHAPES, seed=0), 2)
     for p in params:
         st = opt.state[p]

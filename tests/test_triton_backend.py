@@ -230,6 +230,29 @@ def test_gram_row_matches_torch(case: Case, dtype, k):
     assert_gram_close(out1, out0, _gram_scale(new, olders), dtype)
 
 
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("case,dtype", case_dtype_params())
+def test_gram_row_read_only_matches_torch(case: Case, dtype, k):
+    """Anderson's Gram pass: a (k-1)-slot ring of ages 1..k-1, left bitwise as it was."""
+    b = make_bucket(case, dtype, DEVICE)
+    count = 3 * k + 2
+    wd, maximize = (0.1, k % 2 == 1) if case.name != "subset" else (0.0, True)
+    g_hist = b.ring(k - 1)
+    outs = []
+    for backend in (ORACLE, TRITON):
+        gh = g_hist.clone()
+        out = torch.full((k,), NAN, dtype=torch.float64, device=DEVICE)
+        backend.gram_row(b.params, b.grads, b.offsets, gh, torch.tensor(count, device=DEVICE), wd,
+                         maximize, out, {}, store=False)
+        assert torch.equal(gh, g_hist), f"{backend.name}: the read-only Gram pass wrote into the ring"
+        outs.append(out)
+    g0 = torch.cat([g.reshape(-1) for g in b.grads]).double() * (-1 if maximize else 1)
+    if wd:
+        g0 = g0 + wd * torch.cat([p.reshape(-1) for p in b.params]).double()
+    olders = [g0] + [g_hist[(count - j) % (k - 1)].double() for j in range(1, k)]
+    assert_gram_close(outs[1], outs[0], _gram_scale(g0, olders), dtype)
+
+
 def test_gram_row_without_weight_decay_ignores_params():
     """params are read only when weight_decay != 0: NaN params must not leak in."""
     b = make_bucket(CASES[0], torch.float32, DEVICE)

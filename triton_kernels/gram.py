@@ -1,9 +1,12 @@
-"""Anderson's first pass: store the new effective gradient and its Gram row.
+"""The Gram row of a new gradient: Anderson's first pass (read-only) and RNA's
+gradient record (which also stores the gradient).
 
 One pass over the new gradient (plus the parameter when weight decay is on)
-and the ``k - 1`` stored gradients; the gradient goes to slot ``c mod k`` and
-each program writes its partials ``<g(age 0), g(age j)>`` (fp32, fp64 for
-fp64 data), which :func:`reduce_partials` sums in float64 in a fixed order.
+and the stored gradients of ages ``1..k-1``; each program writes its partials
+``<g(age 0), g(age j)>`` (fp32, fp64 for fp64 data), which
+:func:`reduce_partials` sums in float64 in a fixed order. With ``store`` the
+ring has ``k`` slots and the gradient goes to slot ``c mod k``; without, the
+ring has ``k - 1`` slots holding ages ``1..k-1`` and nothing is written.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from .reduce import reduce_partials
 
 @triton.jit
 def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, partials, nblocks,
-                    K: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                    K: tl.constexpr, SLOTS: tl.constexpr, STORE: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
                     GDT: tl.constexpr, PDT: tl.constexpr, CD: tl.constexpr,
                     RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
     RH: tl.constexpr = FAST and RING_ALIGNED
@@ -35,24 +39,26 @@ def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count,
         g = g + tl.load(wd).to(CD) * x
     tl.store(partials + pid, tl.sum(g * g, axis=0))
     for j in tl.static_range(1, K):
-        gj = _ld(_ring_ptr(g_hist, _slot(c, j, K), g_stride, col, RH), rem, BLOCK, FAST).to(CD)
+        gj = _ld(_ring_ptr(g_hist, _slot(c, j, SLOTS), g_stride, col, RH), rem, BLOCK, FAST).to(CD)
         tl.store(partials + j * nblocks + pid, tl.sum(g * gj, axis=0))
-    _st(_ring_ptr(g_hist, _slot(c, 0, K), g_stride, col, RH), g, rem, BLOCK, FAST)
+    if STORE:
+        _st(_ring_ptr(g_hist, _slot(c, 0, SLOTS), g_stride, col, RH), g, rem, BLOCK, FAST)
 
 
 @triton.jit
 def _gram_row_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
                      g_hist, g_stride, count, wd, partials, nblocks,
-                     K: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                     K: tl.constexpr, SLOTS: tl.constexpr, STORE: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
                      GDT: tl.constexpr, PDT: tl.constexpr, CD: tl.constexpr,
                      RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
     if fast:
         _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, partials,
-                        nblocks, K, MAXIMIZE, HAS_WD, GDT, PDT, CD, RING_ALIGNED, BLOCK, True)
+                        nblocks, K, SLOTS, STORE, MAXIMIZE, HAS_WD, GDT, PDT, CD, RING_ALIGNED, BLOCK, True)
     else:
         _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, partials,
-                        nblocks, K, MAXIMIZE, HAS_WD, GDT, PDT, CD, RING_ALIGNED, BLOCK, False)
+                        nblocks, K, SLOTS, STORE, MAXIMIZE, HAS_WD, GDT, PDT, CD, RING_ALIGNED, BLOCK, False)
 
 
 def gram_row(
@@ -65,11 +71,13 @@ def gram_row(
     maximize: bool,
     out: Tensor,
     cache: dict,
+    store: bool = True,
 ) -> None:
     """Launch the Gram pass for one bucket (see :meth:`Backend.gram_row`)."""
-    k = g_hist.shape[0]
-    if k < 1:
-        raise ValueError("gram_row needs a g ring with at least one slot")
+    slots = g_hist.shape[0]
+    if store and slots < 1:
+        raise ValueError("gram_row with store=True needs a g ring with at least one slot")
+    k = slots if store else slots + 1
     device = g_hist.device
     _launch.check_device_scalars(device, count=count)
     dtype = g_hist.dtype
@@ -92,7 +100,8 @@ def gram_row(
         tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start, tabs.ntensors,
         g_hist, g_hist.stride(0), count, wd, partials, tabs.nblocks,
         num_warps=cfg.num_warps,
-        K=k, MAXIMIZE=bool(maximize), HAS_WD=has_wd, GDT=_launch.tl_dtype(grads[0].dtype),
+        K=k, SLOTS=slots, STORE=bool(store), MAXIMIZE=bool(maximize), HAS_WD=has_wd,
+        GDT=_launch.tl_dtype(grads[0].dtype),
         PDT=_launch.tl_dtype(params[0].dtype if has_wd else grads[0].dtype),
         CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(g_hist), BLOCK=cfg.block,
     )

@@ -64,7 +64,7 @@ struct GramArgs {
   double weight_decay;
   bool maximize;
   char* const* g_rows;  // [j], j = 1..k-1
-  char* g_write;        // row of slot c mod k
+  char* g_write;        // row that receives the effective gradient, or nullptr (read-only)
   double* partials;     // partials[chunk * k + j]
 };
 

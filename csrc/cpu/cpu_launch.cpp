@@ -163,10 +163,11 @@ void combine_cpu(const CombineCall& call) {
 }
 
 void gram_row_cpu(const GramCall& call) {
-  const int k = static_cast<int>(call.g_hist.size(0));
+  const int slots = static_cast<int>(call.g_hist.size(0));
+  const int k = call.store ? slots : slots + 1;  // dots of ages 0..k-1; the ring holds ages 1..k-1
   const int64_t c = call.count.item<int64_t>();
   std::vector<char*> g_rows(k, nullptr);
-  for (int j = 1; j < k; ++j) g_rows[j] = row_ptr(call.g_hist, ring_slot(c, j, k));
+  for (int j = 1; j < k; ++j) g_rows[j] = row_ptr(call.g_hist, ring_slot(c, j, slots));
 
   const Plan plan = make_plan(call.segs);
   const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
@@ -180,7 +181,7 @@ void gram_row_cpu(const GramCall& call) {
   args.weight_decay = call.weight_decay;
   args.maximize = call.maximize;
   args.g_rows = g_rows.data();
-  args.g_write = row_ptr(call.g_hist, ring_slot(c, 0, k));
+  args.g_write = call.store ? row_ptr(call.g_hist, ring_slot(c, 0, slots)) : nullptr;
   args.partials = partials.data();
 
   const cpu::KernelTable& kt = kernels();

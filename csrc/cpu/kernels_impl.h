@@ -182,8 +182,12 @@ void grad_dots(const S* p, const S* g, int64_t len, const S* const* others, type
   using V = typename IO<S>::V;
   constexpr int64_t W = IO<S>::W;
   const V signv(sign), wdv(wd);
-  V acc[ND];
-  for (int d = 0; d < ND; ++d) acc[d] = V(C(0));
+  // Separate accumulators for the two halves and fused multiply-adds: one
+  // dependent operation per accumulator per iteration, so the loop keeps up
+  // with the loads (measured: a 2-stream read-only pass went from 6.4 to 4.6 ms
+  // at 25M fp32 elements, torch.dot's speed).
+  V acc_lo[ND], acc_hi[ND];
+  for (int d = 0; d < ND; ++d) acc_lo[d] = acc_hi[d] = V(C(0));
   const V zero(C(0));
   int64_t e = 0;
   for (; e + W <= len; e += W) {
@@ -196,7 +200,8 @@ void grad_dots(const S* p, const S* g, int64_t len, const S* const* others, type
     for (int d = 0; d < ND; ++d) {
       V o_lo = g_lo, o_hi = g_hi;
       if (others[d]) IO<S>::load(others[d] + e, o_lo, o_hi);
-      acc[d] = acc[d] + g_lo * o_lo + g_hi * o_hi;
+      acc_lo[d] = at::vec::fmadd(g_lo, o_lo, acc_lo[d]);
+      acc_hi[d] = at::vec::fmadd(g_hi, o_hi, acc_hi[d]);
     }
   }
   C tail[ND];
@@ -207,7 +212,7 @@ void grad_dots(const S* p, const S* g, int64_t len, const S* const* others, type
     if (write) store_c(write + e, g0);
     for (int d = 0; d < ND; ++d) tail[d] += g0 * (others[d] ? load_c(others[d] + e) : g0);
   }
-  for (int d = 0; d < ND; ++d) out[d] = lane_sum(acc[d]) + static_cast<double>(tail[d]);
+  for (int d = 0; d < ND; ++d) out[d] = lane_sum(acc_lo[d] + acc_hi[d]) + static_cast<double>(tail[d]);
 }
 
 // <r_0, r_j> for j = j0 .. j0+ND-1 over one chunk, with r_j = y_j - y_{j+1}.
@@ -437,7 +442,7 @@ void gram_row_impl(const GramArgs& a, int64_t c0, int64_t c1) {
     const S* g = static_cast<const S*>(sg.b) + ch.begin;
     others[0] = nullptr;
     for (int j = 1; j < k; ++j) others[j] = at_col<S>(a.g_rows[j], off);
-    S* gw = at_col<S>(a.g_write, off);
+    S* gw = a.g_write ? at_col<S>(a.g_write, off) : nullptr;
     // The first group also stores g0: its slot is not among the ones read.
     dot_groups(k, a.partials + c * k, [&](auto nd, int d0, double* out) {
       grad_dots<S, decltype(nd)::value>(p, g, ch.len, others + d0, sign, wd, has_wd, d0 == 0 ? gw : nullptr,

@@ -111,7 +111,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) combine_kernel(cons
 
 // Block partials of <g0, g(age d)> for the dots d of this block's group
 // (blockIdx.y); g0 = sign * grad + weight_decay * param. The first group
-// optionally stores g0 into slot count mod slots, which no group reads.
+// optionally stores g0 into slot count mod slots, which no group reads (the
+// read-only form reads ages 1..ndots-1 = 1..slots).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) grad_dots_kernel(const GradDotsLaunch p) {
   using C = compute_t<T>;
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) grad_dots_kernel(co
   const C wd = static_cast<C>(p.weight_decay);
   const bool has_wd = p.weight_decay != 0.0;
   const bool store = p.store && blockIdx.y == 0;
-  const int64_t woff = ring_slot(count, 0, p.slots) * p.row_elems;
+  const int64_t woff = p.store ? ring_slot(count, 0, p.slots) * p.row_elems : 0;  // read-only: slots may be 0
   const T* param = reinterpret_cast<const T*>(w.a);
   const T* grad = reinterpret_cast<const T*>(w.b);
   T* gr = reinterpret_cast<T*>(p.g_ring) + w.col;

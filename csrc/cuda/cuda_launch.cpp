@@ -143,16 +143,17 @@ void gram_row_cuda(const GramCall& call, TableCache& cache) {
   const c10::cuda::CUDAGuard guard(device);
   const cuda::Table table = device_table(cache, call.segs, nonempty({call.g_hist}), device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int k = static_cast<int>(call.g_hist.size(0));
+  const int slots = static_cast<int>(call.g_hist.size(0));
+  const int k = call.store ? slots : slots + 1;  // dots of ages 0..k-1; the ring holds ages 1..k-1
   at::Tensor partials = partial_buffer(table.nblocks, k, device);
   cuda::GradDotsLaunch d{};
   d.dtype = call.dtype;
   d.table = table;
   d.g_ring = call.g_hist.data_ptr();
   d.row_elems = call.g_hist.size(1);
-  d.slots = k;
+  d.slots = slots;
   d.ndots = k;
-  d.store = true;
+  d.store = call.store;
   d.count = call.count.data_ptr<int64_t>();
   d.weight_decay = call.weight_decay;
   d.maximize = call.maximize;

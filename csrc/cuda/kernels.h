@@ -66,8 +66,9 @@ struct CombineLaunch {
 };
 
 // <g0, g(age j)>, j = 0..ndots-1, with g0 the effective gradient and the ring
-// of `slots` slots holding ages 1..ndots-1; optionally stores g0 into slot
-// count mod slots (gram_row). grid.y = ceil(ndots / kDotGroup).
+// of `slots` slots holding ages 1..ndots-1; with `store` also stores g0 into
+// slot count mod slots (then ndots == slots; read-only: ndots == slots + 1).
+// grid.y = ceil(ndots / kDotGroup).
 struct GradDotsLaunch {
   DType dtype;
   Table table;

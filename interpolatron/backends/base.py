@@ -94,10 +94,20 @@ class Backend(Protocol):
         maximize: bool,
         out: Tensor,
         cache: dict,
+        store: bool = True,
     ) -> None:
-        """Store the effective gradient in slot ``c mod k`` of ``g_hist`` (``k`` slots)
-        and write into ``out`` (float64, shape ``(k,)``) this bucket's partial
-        ``<g(age 0), g(age j)>`` for ``j = 0..k-1`` (``out[0] = ||g||^2``).
+        """Write into ``out`` (float64, shape ``(k,)``) this bucket's partial
+        ``<g(age 0), g(age j)>`` for ``j = 0..k-1`` (``out[0] = ||g||^2``), where
+        age 0 is the effective gradient of ``grads``.
+
+        * ``store`` (RNA's gradient record): ``g_hist`` has ``k`` slots, ages
+          ``1..k-1`` stored, and the op writes the effective gradient into slot
+          ``c mod k`` (the oldest entry, never read).
+        * ``store=False`` (Anderson's Gram pass, read-only): ``g_hist`` has
+          ``k - 1`` slots holding ages ``1..k-1`` (Interpolatron's layout; the
+          following :meth:`combine` with ``grads`` stores the gradient), and
+          nothing but ``out`` is written. ``k == 1`` is an empty ring.
+
         ``params`` are read only when ``weight_decay != 0``."""
         ...
 

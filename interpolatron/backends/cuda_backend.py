@@ -24,7 +24,7 @@ from .base import SUPPORTED_DTYPES
 from .torch_backend import BACKEND as _REFERENCE
 
 # The interface version of csrc/bindings.cpp this module speaks.
-_API_VERSION = 1
+_API_VERSION = 2
 
 try:
     from interpolatron import _C
@@ -163,12 +163,13 @@ class CudaBackend:
 
     def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
                  g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
-                 cache: dict) -> None:
+                 cache: dict, store: bool = True) -> None:
         done = _C.gram_row(params, grads, offsets, g_hist, count, float(weight_decay), bool(maximize), out,
-                           _tables(cache, "gram_row", g_hist.device))
+                           _tables(cache, "gram_row", g_hist.device), bool(store))
         if not done:
             _fallback("gram_row")
-            _REFERENCE.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache)
+            _REFERENCE.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache,
+                                store)
 
     def rna_record(self, sources: Sequence[Tensor], offsets: Sequence[int], window: Tensor,
                    count: Tensor, out: Tensor | None, cache: dict) -> None:

@@ -179,18 +179,22 @@ class TorchBackend:
         _scatter_back(params, new if dtype == cd else new.to(dtype))
 
     def gram_row(self, params, grads, offsets, g_hist, count, weight_decay, maximize,
-                 out, cache) -> None:
-        k = g_hist.shape[0]
+                 out, cache, store=True) -> None:
+        slots = g_hist.shape[0]
+        if store and slots < 1:
+            raise ValueError("gram_row with store=True needs a g ring with at least one slot")
+        k = slots if store else slots + 1
         device = g_hist.device
         cd = compute_dtype(g_hist.dtype)
         cols = _columns(grads, offsets, g_hist, cache)
         g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache)
         row = [_dot64(g, g, cache).view(1)]
         if k > 1:
-            by_age = _age_slots(count, torch.arange(1, k, device=device), k)
+            by_age = _age_slots(count, torch.arange(1, k, device=device), slots)
             row.append(_slot_dots(g, _read(g_hist, cols, cd), cache).index_select(0, by_age))
         out.copy_(torch.cat(row))
-        _write_slot(g_hist, cols, torch.remainder(count, k), g)
+        if store:
+            _write_slot(g_hist, cols, torch.remainder(count, slots), g)
 
     def rna_record(self, sources, offsets, window, count, out, cache) -> None:
         slots = window.shape[0]

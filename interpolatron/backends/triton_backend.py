@@ -58,8 +58,8 @@ class TritonBackend:
 
     def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
                  g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
-                 cache: dict) -> None:
-        _gram.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache)
+                 cache: dict, store: bool = True) -> None:
+        _gram.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache, store)
 
     def rna_record(self, sources: Sequence[Tensor], offsets: Sequence[int], window: Tensor,
                    count: Tensor, out: Tensor | None, cache: dict) -> None:

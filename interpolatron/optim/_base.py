@@ -260,7 +260,7 @@ class BucketedOptimizer(Optimizer):
                     raise ValueError(
                         f"param group {i}: the state_dict's history has ring sizes "
                         f"{theirs['ring_slots'][i]}, this configuration needs {needed} "
-                        f"(a different number of steps k)")
+                        f"(a different number of steps k, or a checkpoint of an older layout)")
         self._check_state_shapes(state_dict, theirs)
         state_dict = {k: v for k, v in state_dict.items() if k != "interpolatron"}
         super().load_state_dict(state_dict)

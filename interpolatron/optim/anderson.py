@@ -30,9 +30,11 @@ class Anderson(BucketedOptimizer):
     ``state["anderson"]["fallbacks"]``. One global :math:`a` serves every
     parameter (the paper's :math:`x` is the whole model); each group keeps its
     own ``lr`` and ``weight_decay``. The Gram matrix is kept between steps: a
-    step computes one new row in a pass that also stores the gradient, then a
-    second pass applies the update (two passes, :math:`3k+3` element
-    accesses). Solves run in float64 on the device without a host sync.
+    step computes its one new row in a read-only pass, then the update pass
+    (Interpolatron's, which also stores the gradient) applies it: two passes,
+    :math:`3k+3` element accesses, and histories of :math:`k-1` iterates and
+    :math:`k-1` gradients. Solves run in float64 on the device without a host
+    sync.
 
     When the set of parameters with gradients changes (a new parameter, a
     parameter or a whole group without a gradient this step), the Gram matrix
@@ -67,7 +69,7 @@ class Anderson(BucketedOptimizer):
         super().__init__(params, defaults, backend)
 
     def _ring_slots(self, group: dict) -> tuple[int, int]:
-        return self.history - 1, self.history
+        return self.history - 1, self.history - 1
 
     def _coef_len(self, group: dict) -> int:
         return self.history
@@ -117,7 +119,8 @@ class Anderson(BucketedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        """One Anderson step: the Gram pass, the on-device solve, the update pass."""
+        """One Anderson step: the read-only Gram pass, the on-device solve, the update
+        pass (which stores the gradient and the old iterate)."""
         loss = self._closure_loss(closure)
         work = self._prepare()
         if not work:
@@ -127,17 +130,21 @@ class Anderson(BucketedOptimizer):
         for w in work:
             b, group = w.bucket, w.group
             b.backend.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count,
-                               group["weight_decay"], group["maximize"], b.gram, b.cache)
+                               group["weight_decay"], group["maximize"], b.gram, b.cache, store=False)
         k = self.history
         # The Gram is over the parameters that have a gradient now, each at its
         # own (aligned) ages. The kept matrix is only valid for the same set as
-        # the last step's: otherwise recompute it from the rings.
+        # the last step's: otherwise its older ages are recomputed from the rings.
+        row = reduce_gram([w.bucket.gram for w in work], home)
         active = self._active_signature(work)
-        if self._membership_changed or st.get("active") != active:
-            gram = ring_gram([(w.bucket.g_hist, w.bucket.count, self._active_columns(w)) for w in work],
-                             k, home)
-        else:
-            gram = shift_in_row(st["gram"], reduce_gram([w.bucket.gram for w in work], home))
+        kept = st["gram"]
+        if (self._membership_changed or st.get("active") != active) and k > 1:
+            # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
+            older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_columns(w)) for w in work],
+                              k - 1, home)
+            kept = torch.zeros_like(kept)
+            kept[: k - 1, : k - 1] = older
+        gram = shift_in_row(kept, row)
         st["active"] = active
         valid = torch.arange(k, device=home) <= st["steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
@@ -149,7 +156,7 @@ class Anderson(BucketedOptimizer):
             b, group = w.bucket, w.group
             self._sync_lr(b, group)
             b.coefs.copy_(coefs)  # same device: a device copy; another device: a peer copy
-            b.backend.combine(w.params, None, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr, b.count,
+            b.backend.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr, b.count,
                               group["weight_decay"], group["maximize"], None, b.cache)
         self._advance(work)
         return loss
