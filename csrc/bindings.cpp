@@ -125,7 +125,7 @@ void bump(const std::vector<at::Tensor>& ts) {
   return *cache;
 }
 
-bool combine(const std::vector<at::Tensor>& params, const std::optional<std::vector<at::Tensor>>& grads,
+bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
              const std::vector<int64_t>& offsets, const at::Tensor& x_hist, const at::Tensor& g_hist,
              const at::Tensor& coefs, const at::Tensor& lr, const at::Tensor& count, double weight_decay,
              bool maximize, const std::optional<at::Tensor>& gram, TableCache* cache) {
@@ -140,19 +140,13 @@ bool combine(const std::vector<at::Tensor>& params, const std::optional<std::vec
   TORCH_CHECK_VALUE(g_hist.size(1) == x_hist.size(1), "x_hist has ", x_hist.size(1), " columns, g_hist ",
                     g_hist.size(1));
   call.k = static_cast<int>(coefs.numel());
-  call.has_grads = grads.has_value();
   const int k = call.k;
   TORCH_CHECK_VALUE(k >= 1 && k <= cpu::kMaxSlots, "combine needs 1 <= k <= ", cpu::kMaxSlots, " coefficients, got ",
                     k);
   TORCH_CHECK_VALUE(x_hist.size(0) == k - 1, "x_hist must have k - 1 = ", k - 1, " slots, has ", x_hist.size(0));
-  const int64_t g_slots = call.has_grads ? k - 1 : k;
-  TORCH_CHECK_VALUE(g_hist.size(0) == g_slots, "g_hist must have ", g_slots, " slots ",
-                    call.has_grads ? "(k - 1, grads given)" : "(k, grads None)", ", has ", g_hist.size(0));
-  if (gram) {
-    TORCH_CHECK_VALUE(call.has_grads, "combine: gram is only produced when grads are given");
-    check_out(*gram, "gram", device, k);
-  }
-  auto segs = make_segs(params, call.has_grads ? &*grads : nullptr, offsets, x_hist, "params");
+  TORCH_CHECK_VALUE(g_hist.size(0) == k - 1, "g_hist must have k - 1 = ", k - 1, " slots, has ", g_hist.size(0));
+  if (gram) check_out(*gram, "gram", device, k);
+  auto segs = make_segs(params, &grads, offsets, x_hist, "params");
   if (!segs) return false;
   call.segs = std::move(*segs);
   call.x_hist = x_hist;
@@ -174,7 +168,7 @@ bool combine(const std::vector<at::Tensor>& params, const std::optional<std::vec
   }
   bump(params);
   bump(x_hist);
-  if (call.has_grads) bump(g_hist);
+  bump(g_hist);
   if (gram) bump(*gram);
   return true;
 }
@@ -324,7 +318,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "variant now in use.");
   // Bumped whenever the Python-visible interface changes, so that a stale
   // build is reported as such instead of failing on a missing function.
-  m.attr("API_VERSION") = 2;
+  m.attr("API_VERSION") = 3;
   m.attr("CPU_CHUNK") = interp::cpu::kChunk;
   m.attr("MAX_SLOTS") = interp::cpu::kMaxSlots;
 }

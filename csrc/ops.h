@@ -28,9 +28,8 @@ struct CombineCall {
   DType dtype;
   std::vector<Seg> segs;
   int k;
-  bool has_grads;
   at::Tensor x_hist;  // (k - 1, N)
-  at::Tensor g_hist;  // (k - 1, N) with grads, (k, N) without
+  at::Tensor g_hist;  // (k - 1, N)
   at::Tensor coefs;   // float64 (k,), contiguous
   at::Tensor lr;      // float64, one element
   at::Tensor count;   // int64, one element

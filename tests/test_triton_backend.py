@@ -89,17 +89,16 @@ def test_unavailable_reason_names_the_fix():
 # --------------------------------------------------------------------------- combine
 
 
-def _combine_both(b, k, count, *, with_grads=True, weight_decay=0.0, maximize=False, gram=False):
+def _combine_both(b, k, count, *, weight_decay=0.0, maximize=False, gram=False):
     """Run the oracle and Triton on identical copies; return both final states."""
     coefs, lr, cnt = device_scalars(k, count, DEVICE)
-    g_slots = k - 1 if with_grads else k
-    x_hist, g_hist = b.ring(k - 1), b.ring(g_slots)
+    x_hist, g_hist = b.ring(k - 1), b.ring(k - 1)
     states = []
     for backend in (ORACLE, TRITON):
         params = clones(b.params)
         xh, gh = x_hist.clone(), g_hist.clone()
         out = torch.full((k,), NAN, dtype=torch.float64, device=DEVICE) if gram else None
-        backend.combine(params, b.grads if with_grads else None, b.offsets, xh, gh, coefs, lr, cnt,
+        backend.combine(params, b.grads, b.offsets, xh, gh, coefs, lr, cnt,
                         weight_decay, maximize, out, {})
         states.append((params, xh, gh, out))
     return states
@@ -180,25 +179,9 @@ def test_combine_trajectory_wraps_the_ring(dtype):
                 mine.copy_(ref)
 
 
-@pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("case,dtype", case_dtype_params())
-def test_combine_anderson_matches_torch(case: Case, dtype, k):
-    """grads=None: the age-0 gradient is already in slot c mod k of a k-slot ring."""
-    b = make_bucket(case, dtype, DEVICE)
-    (p0, x0, g0, _), (p1, x1, g1, _) = _combine_both(b, k, count=4 * k + 2, with_grads=False,
-                                                     weight_decay=0.3, maximize=True)
-    assert_lists_close(p1, p0, dtype)
-    assert_lists_close([x1], [x0], dtype)
-    assert torch.equal(g1, g0), "the g ring is read-only when grads is None"
-
-
-def test_combine_rejects_gram_without_grads_and_bad_rings():
+def test_combine_rejects_bad_rings():
     b = make_bucket(CASES[0], torch.float32, DEVICE)
     coefs, lr, cnt = device_scalars(3, 0, DEVICE)
-    gram = torch.zeros(3, dtype=torch.float64, device=DEVICE)
-    with pytest.raises(ValueError, match="gram"):
-        TRITON.combine(b.params, None, b.offsets, b.ring(2), b.ring(3), coefs, lr, cnt, 0.0, False,
-                       gram, {})
     with pytest.raises(ValueError, match="slots"):
         TRITON.combine(b.params, b.grads, b.offsets, b.ring(2), b.ring(3), coefs, lr, cnt, 0.0, False,
                        None, {})
@@ -500,10 +483,10 @@ def test_empty_buckets_launch_nothing_and_zero_the_gram(layout, launches):
     rna = torch.full((k - 1,), NAN, dtype=torch.float64, device=DEVICE)
     TRITON.rna_record(b.params, b.offsets, b.ring(k), cnt, rna, {})
     TRITON.rna_extrapolate(b.ring(k), b.offsets, cnt, coefs[:2], nan_like(b.params), {})
-    TRITON.combine(b.params, None, b.offsets, b.ring(k - 1), b.ring(k), coefs, lr, cnt, 0.0, False,
-                   None, {})
+    row_ro = torch.full((k,), NAN, dtype=torch.float64, device=DEVICE)
+    TRITON.gram_row(b.params, b.grads, b.offsets, b.ring(k - 1), cnt, 0.1, False, row_ro, {}, store=False)
     assert launches == []
-    for r in (gram, row, rna):
+    for r in (gram, row, rna, row_ro):
         assert torch.equal(r, torch.zeros_like(r))
 
 

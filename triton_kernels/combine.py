@@ -31,7 +31,7 @@ from .reduce import reduce_partials
 @triton.jit
 def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
                    coefs, lr, count, wd, partials, nblocks,
-                   K: tl.constexpr, HAS_GRAD: tl.constexpr, GRAM: tl.constexpr,
+                   K: tl.constexpr, GRAM: tl.constexpr,
                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
                    PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
                    RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
@@ -43,27 +43,19 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
     x_raw = _ld(p, rem, BLOCK, FAST)
     x = x_raw.to(CD)
     acc_x = a * x
-    if HAS_GRAD:
-        g = _ld(_tensor_ptr(ptrs + ntensors, t, start, GDT, FAST), rem, BLOCK, FAST).to(CD)
-        if MAXIMIZE:
-            g = -g
-        if HAS_WD:
-            g = g + tl.load(wd).to(CD) * x
-        if GRAM:
-            tl.store(partials + pid, tl.sum(g * g, axis=0))
-    else:
-        # Anderson: age 0 already sits in slot c mod k of the k-slot g ring.
-        g = _ld(_ring_ptr(g_hist, _slot(c, 0, K), g_stride, col, RH), rem, BLOCK, FAST).to(CD)
+    g = _ld(_tensor_ptr(ptrs + ntensors, t, start, GDT, FAST), rem, BLOCK, FAST).to(CD)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WD:
+        g = g + tl.load(wd).to(CD) * x
+    if GRAM:
+        tl.store(partials + pid, tl.sum(g * g, axis=0))
     acc_g = a * g
     for j in tl.static_range(1, K):
         aj = tl.load(coefs + j).to(CD)
         xs = _slot(c, j, K - 1)
         acc_x += aj * _ld(_ring_ptr(x_hist, xs, x_stride, col, RH), rem, BLOCK, FAST).to(CD)
-        if HAS_GRAD:
-            gs = xs
-        else:
-            gs = _slot(c, j, K)
-        gj = _ld(_ring_ptr(g_hist, gs, g_stride, col, RH), rem, BLOCK, FAST).to(CD)
+        gj = _ld(_ring_ptr(g_hist, xs, g_stride, col, RH), rem, BLOCK, FAST).to(CD)
         acc_g += aj * gj
         if GRAM:
             tl.store(partials + j * nblocks + pid, tl.sum(g * gj, axis=0))
@@ -73,25 +65,24 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
         # Slot c mod (k-1) held age k-1, consumed above: the oldest entry is replaced.
         ws = _slot(c, 0, K - 1)
         _st(_ring_ptr(x_hist, ws, x_stride, col, RH), x_raw, rem, BLOCK, FAST)
-        if HAS_GRAD:
-            _st(_ring_ptr(g_hist, ws, g_stride, col, RH), g, rem, BLOCK, FAST)
+        _st(_ring_ptr(g_hist, ws, g_stride, col, RH), g, rem, BLOCK, FAST)
 
 
 @triton.jit
 def _combine_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
                     x_hist, g_hist, x_stride, g_stride, coefs, lr, count, wd, partials, nblocks,
-                    K: tl.constexpr, HAS_GRAD: tl.constexpr, GRAM: tl.constexpr,
+                    K: tl.constexpr, GRAM: tl.constexpr,
                     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
                     PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
                     RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
     if fast:
         _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                       coefs, lr, count, wd, partials, nblocks, K, HAS_GRAD, GRAM, MAXIMIZE, HAS_WD,
+                       coefs, lr, count, wd, partials, nblocks, K, GRAM, MAXIMIZE, HAS_WD,
                        PDT, GDT, CD, RING_ALIGNED, BLOCK, True)
     else:
         _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                       coefs, lr, count, wd, partials, nblocks, K, HAS_GRAD, GRAM, MAXIMIZE, HAS_WD,
+                       coefs, lr, count, wd, partials, nblocks, K, GRAM, MAXIMIZE, HAS_WD,
                        PDT, GDT, CD, RING_ALIGNED, BLOCK, False)
 
 
@@ -102,7 +93,7 @@ def _ring_arg(ring: Tensor, fallback: Tensor) -> Tensor:
 
 def combine(
     params: Sequence[Tensor],
-    grads: Sequence[Tensor] | None,
+    grads: Sequence[Tensor],
     offsets: Sequence[int],
     x_hist: Tensor,
     g_hist: Tensor,
@@ -116,21 +107,17 @@ def combine(
 ) -> None:
     """Launch the fused step for one bucket (see :meth:`Backend.combine`)."""
     k = coefs.numel()
-    has_grad = grads is not None
-    if not has_grad and gram is not None:
-        raise ValueError("combine: gram is only produced when grads are given")
     if k < 1:
         raise ValueError("combine needs at least one coefficient")
-    g_slots = k - 1 if has_grad else k
-    if x_hist.shape[0] != k - 1 or g_hist.shape[0] != g_slots:
-        raise ValueError(f"combine with k={k}: expected {k - 1} x slots and {g_slots} g slots, "
+    if x_hist.shape[0] != k - 1 or g_hist.shape[0] != k - 1:
+        raise ValueError(f"combine with k={k}: expected {k - 1} x slots and {k - 1} g slots, "
                          f"got {x_hist.shape[0]} and {g_hist.shape[0]}")
     device = x_hist.device
     _launch.check_device_scalars(device, coefs=coefs, lr=lr, count=count)
     dtype = params[0].dtype if params else x_hist.dtype
     cfg = _launch.settings(dtype)
-    rows = [params, grads] if has_grad else [params]
-    modes = ["rw", "r"] if has_grad else ["rw"]
+    rows = [params, grads]
+    modes = ["rw", "r"]
     tabs = _launch.tables(cache, "combine", rows, modes, offsets, device, cfg.block, x_hist.dtype)
     tabs.check_ring(x_hist, "x_hist")
     tabs.check_ring(g_hist, "g_hist")
@@ -140,7 +127,7 @@ def combine(
         return
     cd = _launch.partial_dtype(dtype)
     partials = tabs.partials(k, cd) if gram is not None else tabs.buf
-    has_wd = has_grad and weight_decay != 0
+    has_wd = weight_decay != 0
     wd = _launch.f64_scalar(cache, "weight_decay", weight_decay, device) if has_wd else lr
     coefs = coefs if coefs.is_contiguous() else coefs.contiguous()
     xr = _ring_arg(x_hist, tabs.buf)
@@ -151,9 +138,9 @@ def combine(
         tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start, tabs.ntensors,
         xr, gr, x_hist.stride(0), g_hist.stride(0), coefs, lr, count, wd, partials, tabs.nblocks,
         num_warps=cfg.num_warps,
-        K=k, HAS_GRAD=has_grad, GRAM=gram is not None, MAXIMIZE=bool(maximize) and has_grad,
+        K=k, GRAM=gram is not None, MAXIMIZE=bool(maximize),
         HAS_WD=has_wd, PDT=_launch.tl_dtype(dtype),
-        GDT=_launch.tl_dtype(grads[0].dtype if has_grad else dtype),
+        GDT=_launch.tl_dtype(grads[0].dtype if grads else dtype),
         CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(x_hist, g_hist), BLOCK=cfg.block,
     )
     if gram is not None:

@@ -48,11 +48,10 @@ struct CombineArgs {
   double lr;
   double weight_decay;
   bool maximize;
-  bool has_grads;
   char* const* x_rows;  // [j], j = 1..k-1: x ring row of age j
-  char* const* g_rows;  // has_grads: [j], j = 1..k-1; else [j], j = 0..k-1
+  char* const* g_rows;  // [j], j = 1..k-1: g ring row of age j
   char* x_write;        // row that receives the old param (nullptr when k == 1)
-  char* g_write;        // row that receives the effective gradient (nullptr unless has_grads, k > 1)
+  char* g_write;        // row that receives the effective gradient (nullptr when k == 1)
   double* partials;     // gram requested: partials[chunk * k + j] = <g0, g(age j)> of the chunk; else nullptr
 };
 

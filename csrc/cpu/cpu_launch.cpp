@@ -130,11 +130,12 @@ std::string select_cpu_kernels(const std::string& name) {
 void combine_cpu(const CombineCall& call) {
   const int k = call.k;
   const int64_t c = call.count.item<int64_t>();
-  const int64_t sx = k - 1;
-  const int64_t sg = call.has_grads ? k - 1 : k;
+  const int64_t slots = k - 1;
   std::vector<char*> x_rows(k, nullptr), g_rows(k, nullptr);
-  for (int j = 1; j < k; ++j) x_rows[j] = row_ptr(call.x_hist, ring_slot(c, j, sx));
-  for (int j = call.has_grads ? 1 : 0; j < k; ++j) g_rows[j] = row_ptr(call.g_hist, ring_slot(c, j, sg));
+  for (int j = 1; j < k; ++j) {
+    x_rows[j] = row_ptr(call.x_hist, ring_slot(c, j, slots));
+    g_rows[j] = row_ptr(call.g_hist, ring_slot(c, j, slots));
+  }
   const std::vector<double> coefs = to_vector(call.coefs);
 
   const Plan plan = make_plan(call.segs);
@@ -150,11 +151,10 @@ void combine_cpu(const CombineCall& call) {
   args.lr = call.lr.item<double>();
   args.weight_decay = call.weight_decay;
   args.maximize = call.maximize;
-  args.has_grads = call.has_grads;
   args.x_rows = x_rows.data();
   args.g_rows = g_rows.data();
-  args.x_write = k > 1 ? row_ptr(call.x_hist, ring_slot(c, 0, sx)) : nullptr;
-  args.g_write = (call.has_grads && k > 1) ? row_ptr(call.g_hist, ring_slot(c, 0, sg)) : nullptr;
+  args.x_write = k > 1 ? row_ptr(call.x_hist, ring_slot(c, 0, slots)) : nullptr;
+  args.g_write = k > 1 ? row_ptr(call.g_hist, ring_slot(c, 0, slots)) : nullptr;
   args.partials = call.gram ? partials.data() : nullptr;
 
   const cpu::KernelTable& kt = kernels();

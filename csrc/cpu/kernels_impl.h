@@ -286,11 +286,11 @@ template <typename S>
 struct CombineChunk {
   using C = typename IO<S>::C;
   S* p;
-  const S* g;                 // nullptr: Anderson (the g ring holds age 0)
+  const S* g;
   const S* const* xh;         // [j], j = 1..k-1
-  const S* const* gh;         // [j], j = 1..k-1 (j = 0..k-1 without grads)
+  const S* const* gh;         // [j], j = 1..k-1
   S* xw;                      // nullptr when k == 1
-  S* gw;                      // nullptr unless grads and k > 1
+  S* gw;                      // nullptr when k == 1
   int64_t len;
   const C* coef;
   C lr, sign, wd;
@@ -309,7 +309,6 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
   constexpr int64_t W = IO<S>::W;
   constexpr int ND = DOTS ? kDotGroup : 1;
   const int k = KK > 0 ? KK : k_runtime;
-  const bool has_grads = u.g != nullptr;
   const V a0(u.coef[0]), lrv(u.lr), signv(u.sign), wdv(u.wd), zero(C(0));
   V acc[ND];
   C tail[ND];
@@ -322,19 +321,12 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
     V x_lo, x_hi;
     IO<S>::load(u.p + e, x_lo, x_hi);
     V ax_lo = x_lo * a0, ax_hi = x_hi * a0;
-    V ag_lo, ag_hi, g_lo = zero, g_hi = zero;
-    if (has_grads) {
-      IO<S>::load(u.g + e, g_lo, g_hi);
-      g_lo = effective_grad(g_lo, x_lo, signv, wdv, u.has_wd);
-      g_hi = effective_grad(g_hi, x_hi, signv, wdv, u.has_wd);
-      ag_lo = g_lo * a0;
-      ag_hi = g_hi * a0;
-      if (DOTS) acc[0] = acc[0] + g_lo * g_lo + g_hi * g_hi;
-    } else {
-      IO<S>::load(u.gh[0] + e, ag_lo, ag_hi);
-      ag_lo = ag_lo * a0;
-      ag_hi = ag_hi * a0;
-    }
+    V g_lo, g_hi;
+    IO<S>::load(u.g + e, g_lo, g_hi);
+    g_lo = effective_grad(g_lo, x_lo, signv, wdv, u.has_wd);
+    g_hi = effective_grad(g_hi, x_hi, signv, wdv, u.has_wd);
+    V ag_lo = g_lo * a0, ag_hi = g_hi * a0;
+    if (DOTS) acc[0] = acc[0] + g_lo * g_lo + g_hi * g_hi;
     for (int j = 1; j < k; ++j) {
       const V aj(u.coef[j]);
       V h_lo, h_hi;
@@ -354,14 +346,9 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
   for (; e < u.len; ++e) {
     const C x = load_c(u.p + e);
     C ax = x * u.coef[0];
-    C g0 = C(0), ag;
-    if (has_grads) {
-      g0 = effective_grad(load_c(u.g + e), x, u.sign, u.wd, u.has_wd);
-      ag = g0 * u.coef[0];
-      if (DOTS) tail[0] += g0 * g0;
-    } else {
-      ag = load_c(u.gh[0] + e) * u.coef[0];
-    }
+    const C g0 = effective_grad(load_c(u.g + e), x, u.sign, u.wd, u.has_wd);
+    C ag = g0 * u.coef[0];
+    if (DOTS) tail[0] += g0 * g0;
     for (int j = 1; j < k; ++j) {
       ax = ax + load_c(u.xh[j] + e) * u.coef[j];
       const C h = load_c(u.gh[j] + e);
@@ -383,13 +370,11 @@ void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
   const int k = a.k;
   C coef[kMaxSlots];
   for (int j = 0; j < k; ++j) coef[j] = static_cast<C>(a.coefs[j]);
-  // Anderson (no grads): the g ring holds ages 0..k-1; Interpolatron: 1..k-1.
-  const int g_first = a.has_grads ? 1 : 0;
-  // With grads and k <= kDotGroup the Gram row rides along with the update;
+  // With k <= kDotGroup the Gram row rides along with the update;
   // a longer row is computed by a read-only pass over the chunk first.
-  const bool fused_dots = a.partials != nullptr && a.has_grads && k <= kDotGroup;
+  const bool fused_dots = a.partials != nullptr && k <= kDotGroup;
   auto update = fused_dots ? &combine_update<S, 0, true> : &combine_update<S, 0, false>;
-  if (a.has_grads && k <= 3) {
+  if (k <= 3) {
     const decltype(update) fixed[2][3] = {
         {&combine_update<S, 1, false>, &combine_update<S, 2, false>, &combine_update<S, 3, false>},
         {&combine_update<S, 1, true>, &combine_update<S, 2, true>, &combine_update<S, 3, true>}};
@@ -412,9 +397,9 @@ void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
     const int64_t off = sg.col + ch.begin;
     u.len = ch.len;
     u.p = static_cast<S*>(sg.a) + ch.begin;
-    u.g = a.has_grads ? static_cast<const S*>(sg.b) + ch.begin : nullptr;
+    u.g = static_cast<const S*>(sg.b) + ch.begin;
     for (int j = 1; j < k; ++j) xh[j] = at_col<S>(a.x_rows[j], off);
-    for (int j = g_first; j < k; ++j) gh[j] = at_col<S>(a.g_rows[j], off);
+    for (int j = 1; j < k; ++j) gh[j] = at_col<S>(a.g_rows[j], off);
     u.xw = a.x_write ? at_col<S>(a.x_write, off) : nullptr;
     u.gw = a.g_write ? at_col<S>(a.g_write, off) : nullptr;
 

@@ -17,16 +17,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) combine_kernel(cons
   const int k = p.k;
   // Ring row offsets by age and the coefficients, once per block.
   extern __shared__ __align__(16) unsigned char smem[];
-  int64_t* xoff = reinterpret_cast<int64_t*>(smem);
-  int64_t* goff = xoff + k;
-  C* coef = reinterpret_cast<C*>(goff + k);
+  int64_t* off = reinterpret_cast<int64_t*>(smem);  // the same slot in both rings
+  C* coef = reinterpret_cast<C*>(off + k);
   const int64_t count = *p.count;
-  const int64_t x_slots = k - 1;
-  const int64_t g_slots = p.has_grads ? k - 1 : k;
+  const int64_t slots = k - 1;  // both rings hold ages 1..k-1
   for (int j = threadIdx.x; j < k; j += kThreads) {
     coef[j] = static_cast<C>(p.coefs[j]);
-    xoff[j] = j >= 1 ? ring_slot(count, j, x_slots) * p.row_elems : 0;
-    goff[j] = (j >= 1 || !p.has_grads) ? ring_slot(count, j, g_slots) * p.row_elems : 0;
+    off[j] = j >= 1 ? ring_slot(count, j, slots) * p.row_elems : 0;
   }
   __syncthreads();
 
@@ -36,7 +33,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) combine_kernel(cons
   const C wd = static_cast<C>(p.weight_decay);
   const bool has_wd = p.weight_decay != 0.0;
   // Slot count mod (k-1) holds the oldest entries: read below, then replaced.
-  const int64_t woff = k > 1 ? ring_slot(count, 0, x_slots) * p.row_elems : 0;
+  const int64_t woff = k > 1 ? ring_slot(count, 0, slots) * p.row_elems : 0;
   T* param = reinterpret_cast<T*>(w.a);
   const T* grad = reinterpret_cast<const T*>(w.b);
   T* xr = reinterpret_cast<T*>(p.x_ring) + w.col;
@@ -50,20 +47,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) combine_kernel(cons
   for_each_frag<T>(w, [&](int64_t i, int n) {
     C x0[N], g0[N], ax[N], ag[N], h[N];
     load_frag<T, N>(param + i, n, w.vec, x0);
-    if (p.has_grads) {
-      load_frag<T, N>(grad + i, n, w.vec, g0);
+    load_frag<T, N>(grad + i, n, w.vec, g0);
 #pragma unroll
-      for (int e = 0; e < N; ++e) {
-        g0[e] = effective_grad(g0[e], x0[e], sign, wd, has_wd);
-        ag[e] = a0 * g0[e];
-      }
-    } else {
-      load_frag<T, N>(gr + goff[0] + i, n, w.vec, h);
-#pragma unroll
-      for (int e = 0; e < N; ++e) {
-        g0[e] = C(0);
-        ag[e] = a0 * h[e];
-      }
+    for (int e = 0; e < N; ++e) {
+      g0[e] = effective_grad(g0[e], x0[e], sign, wd, has_wd);
+      ag[e] = a0 * g0[e];
     }
 #pragma unroll
     for (int e = 0; e < N; ++e) ax[e] = a0 * x0[e];
@@ -75,10 +63,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) combine_kernel(cons
       for (int j = 1; j < kDotGroup; ++j) {
         if (j < k) {
           const C aj = coef[j];
-          load_frag<T, N>(xr + xoff[j] + i, n, w.vec, h);
+          load_frag<T, N>(xr + off[j] + i, n, w.vec, h);
 #pragma unroll
           for (int e = 0; e < N; ++e) ax[e] += aj * h[e];
-          load_frag<T, N>(gr + goff[j] + i, n, w.vec, h);
+          load_frag<T, N>(gr + off[j] + i, n, w.vec, h);
 #pragma unroll
           for (int e = 0; e < N; ++e) {
             ag[e] += aj * h[e];
@@ -89,17 +77,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) combine_kernel(cons
     } else {
       for (int j = 1; j < k; ++j) {
         const C aj = coef[j];
-        load_frag<T, N>(xr + xoff[j] + i, n, w.vec, h);
+        load_frag<T, N>(xr + off[j] + i, n, w.vec, h);
 #pragma unroll
         for (int e = 0; e < N; ++e) ax[e] += aj * h[e];
-        load_frag<T, N>(gr + goff[j] + i, n, w.vec, h);
+        load_frag<T, N>(gr + off[j] + i, n, w.vec, h);
 #pragma unroll
         for (int e = 0; e < N; ++e) ag[e] += aj * h[e];
       }
     }
     if (k > 1) {
       store_frag<T, N>(xr + woff + i, n, w.vec, x0);
-      if (p.has_grads) store_frag<T, N>(gr + woff + i, n, w.vec, g0);
+      store_frag<T, N>(gr + woff + i, n, w.vec, g0);
     }
 #pragma unroll
     for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
@@ -175,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) grad_dots_kernel(co
 
 template <typename T>
 cudaError_t combine_typed(const CombineLaunch& p, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(p.k) * (2 * sizeof(int64_t) + sizeof(compute_t<T>));
+  const size_t smem = static_cast<size_t>(p.k) * (sizeof(int64_t) + sizeof(compute_t<T>));
   const dim3 grid(static_cast<unsigned>(p.table.nblocks));
   if (p.partials) {
     combine_kernel<T, true><<<grid, kThreads, smem, stream>>>(p);

@@ -123,7 +123,6 @@ void combine_cuda(const CombineCall& call, TableCache& cache) {
   p.g_ring = call.g_hist.data_ptr();
   p.row_elems = call.x_hist.size(1);
   p.k = k;
-  p.has_grads = call.has_grads;
   p.coefs = call.coefs.data_ptr<double>();
   p.lr = call.lr.data_ptr<double>();
   p.count = call.count.data_ptr<int64_t>();

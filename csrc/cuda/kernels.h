@@ -53,10 +53,9 @@ struct CombineLaunch {
   DType dtype;
   Table table;
   void* x_ring;  // (k - 1, row_elems)
-  void* g_ring;  // (k - 1 or k, row_elems)
+  void* g_ring;  // (k - 1, row_elems)
   int64_t row_elems;
   int k;
-  bool has_grads;
   const double* coefs;  // k, device
   const double* lr;     // 1, device
   const int64_t* count;  // 1, device

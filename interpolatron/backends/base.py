@@ -49,7 +49,7 @@ class Backend(Protocol):
     def combine(
         self,
         params: Sequence[Tensor],
-        grads: Sequence[Tensor] | None,
+        grads: Sequence[Tensor],
         offsets: Sequence[int],
         x_hist: Tensor,
         g_hist: Tensor,
@@ -67,19 +67,16 @@ class Backend(Protocol):
         iterates of ages ``1..k-1``; ``params`` hold age 0 and are overwritten
         with the new iterate.
 
-        * ``grads is not None`` (Interpolatron): ``g_hist`` has ``k - 1`` slots
-          holding gradients of ages ``1..k-1``; age 0 is the effective gradient
-          of ``grads``. The op writes the OLD param and the effective gradient
-          into slot ``c mod (k-1)`` of ``x_hist`` / ``g_hist`` (the oldest
-          entries, read before they are overwritten). ``gram``, if given,
-          receives (overwritten, not accumulated) this bucket's partial
-          ``<g(age 0), g(age j)>`` for ``j = 0..k-1``.
-        * ``grads is None`` (Anderson, after :meth:`gram_row`): ``g_hist`` has
-          ``k`` slots and already holds the gradient of age 0 in slot
-          ``c mod k``; only ``x_hist`` is written. ``gram`` must be None.
+        ``g_hist`` has ``k - 1`` slots holding gradients of ages ``1..k-1``; age
+        0 is the effective gradient of ``grads``. The op writes the OLD param and
+        the effective gradient into slot ``c mod (k-1)`` of ``x_hist`` /
+        ``g_hist`` (the oldest entries, read before they are overwritten).
+        ``gram``, if given, receives (overwritten, not accumulated) this
+        bucket's partial ``<g(age 0), g(age j)>`` for ``j = 0..k-1``. Anderson
+        calls it after its read-only :meth:`gram_row`, with the solved
+        coefficients.
 
-        ``k == 1`` is SGD: the rings have zero slots (for ``grads is None`` the
-        g ring has one slot) and nothing is stored.
+        ``k == 1`` is SGD: the rings have zero slots and nothing is stored.
         """
         ...
 

@@ -24,7 +24,7 @@ from .base import SUPPORTED_DTYPES
 from .torch_backend import BACKEND as _REFERENCE
 
 # The interface version of csrc/bindings.cpp this module speaks.
-_API_VERSION = 2
+_API_VERSION = 3
 
 try:
     from interpolatron import _C
@@ -150,7 +150,7 @@ def _tables(cache: dict, op: str, device: torch.device):
 class CudaBackend:
     name = "cuda"
 
-    def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor] | None,
+    def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor],
                 offsets: Sequence[int], x_hist: Tensor, g_hist: Tensor, coefs: Tensor, lr: Tensor,
                 count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
                 cache: dict) -> None:

@@ -146,8 +146,6 @@ class TorchBackend:
         dtype = params[0].dtype if params else x_hist.dtype
         cd = compute_dtype(dtype)
         device = x_hist.device
-        if grads is None and gram is not None:
-            raise ValueError("combine: gram is only produced when grads are given")
         x = _flat(params, cd, device, cache, "x")
         cx = _columns(params, offsets, x_hist, cache)
         lr_c, a0 = lr.to(cd), coefs[0].to(cd)
@@ -156,26 +154,22 @@ class TorchBackend:
         if k > 1:  # + sum over the stored iterates, weighted per slot
             new.addmv_(_read(x_hist, cx, cd).t(), _slot_weights(coefs, count, k - 1, 1, cd))
         step = _buffer(cache, "step", x.numel(), cd, device)
-        if grads is not None:
-            g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache, x)
-            gh = _read(g_hist, cx, cd) if k > 1 else None
-            torch.mul(g, a0, out=step)
+        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache, x)
+        gh = _read(g_hist, cx, cd) if k > 1 else None
+        torch.mul(g, a0, out=step)
+        if k > 1:
+            step.addmv_(gh.t(), _slot_weights(coefs, count, k - 1, 1, cd))
+        if gram is not None:
+            row = [_dot64(g, g, cache).view(1)]
             if k > 1:
-                step.addmv_(gh.t(), _slot_weights(coefs, count, k - 1, 1, cd))
-            if gram is not None:
-                row = [_dot64(g, g, cache).view(1)]
-                if k > 1:
-                    by_age = _age_slots(count, torch.arange(1, k, device=device), k - 1)
-                    row.append(_slot_dots(g, gh, cache).index_select(0, by_age))
-                gram.copy_(torch.cat(row))
-        else:
-            torch.mv(_read(g_hist, cx, cd).t(), _slot_weights(coefs, count, k, 0, cd), out=step)
+                by_age = _age_slots(count, torch.arange(1, k, device=device), k - 1)
+                row.append(_slot_dots(g, gh, cache).index_select(0, by_age))
+            gram.copy_(torch.cat(row))
         new.sub_(step.mul_(lr_c))
-        if k > 1:  # the oldest slots take the old iterate (and gradient), read above
+        if k > 1:  # the oldest slots take the old iterate and gradient, read above
             slot = torch.remainder(count, k - 1)
             _write_slot(x_hist, cx, slot, x)
-            if grads is not None:
-                _write_slot(g_hist, cx, slot, g)
+            _write_slot(g_hist, cx, slot, g)
         _scatter_back(params, new if dtype == cd else new.to(dtype))
 
     def gram_row(self, params, grads, offsets, g_hist, count, weight_decay, maximize,

@@ -49,7 +49,7 @@ def _interpret_requested() -> bool:
 class TritonBackend:
     name = "triton"
 
-    def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor] | None,
+    def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor],
                 offsets: Sequence[int], x_hist: Tensor, g_hist: Tensor, coefs: Tensor, lr: Tensor,
                 count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
                 cache: dict) -> None:
