@@ -233,7 +233,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) grad
       uint4 rh[G];
       const bool loads = ndots > 1;  // k = 1: no ring row at all
 #pragma unroll
-      for (int dl = 0; dl < G; ++dl) rh[dl] = loads ? ld_frag<T, V>(gr + off[dl] + i, n) : make_uint4(0, 0, 0, 0);
+      for (int dl = 0; dl < G; ++dl) {
+        rh[dl] = (loads && d0 + dl != 0) ? ld_frag<T, V>(gr + off[dl] + i, n) : make_uint4(0, 0, 0, 0);
+      }
       C g0[N], x[N], h[N];
       unpack<T>(rg, g0);
       unpack<T>(rx, x);

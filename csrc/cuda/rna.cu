@@ -60,7 +60,10 @@ __global__ void __launch_bounds__(kThreads, 2) record_kernel(const RecordLaunch 
       const uint4 ry1 = ld_frag<T, V>(win + off1 + i, n);
       uint4 rs[G + 1];
 #pragma unroll
-      for (int a = 0; a <= G; ++a) rs[a] = (d0 == 0 && a == 0) ? ry0 : ld_frag<T, V>(win + off[a] + i, n);
+      for (int a = 0; a <= G; ++a) {
+        const int age = d0 + a;
+        rs[a] = age == 0 ? ry0 : age == 1 ? ry1 : ld_frag<T, V>(win + off[a] + i, n);
+      }
       if (copy) st_frag<T, V>(win + woff + i, n, ry0);
       C r0[N], prev[N], next[N];
       unpack<T>(ry0, r0);

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..backends import BACKEND_NAMES, SUPPORTED_DTYPES, resolve
+from ..layout import padded_offsets
 
 BucketKey = tuple[int, torch.device, torch.dtype]
 
@@ -31,10 +32,9 @@ class Bucket:
         self.key = key
         self.backend = backend
         self.members = members
-        numels = [p.numel() for p in members]
-        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
+        # Each member's columns start on a 128-byte boundary (aligned vector accesses).
+        self.offsets, self.numel = padded_offsets([p.numel() for p in members], dtype.itemsize)
         self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
-        self.numel = sum(numels)
         self.x_hist = torch.zeros(x_slots, self.numel, dtype=dtype, device=device)
         self.g_hist = torch.zeros(g_slots, self.numel, dtype=dtype, device=device)
         self.count = count
