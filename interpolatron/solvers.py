@@ -90,18 +90,19 @@ def _anderson_2(gram: Tensor, valid: Tensor, reg: float, constraint: str | None,
         d = d + (reg * (d * vf).sum() / vf.sum().clamp(min=1)) * vf
     dm = torch.where(valid, d, 1.0)
     b = torch.where(valid[1], gram[0, 1], 0.0)
-    finite = torch.isfinite(dm).all() & torch.isfinite(b)
     if constraint is None:
         num = dm.flip(0) * vf - b
         a = num / num.sum()
-        ok = finite & (dm > 0).all() & (1 - b * b / dm.prod() > tol)
+        # A non-finite entry makes ``a`` non-finite (checked below).
+        ok = (dm > 0).all() & (1 - b * b / dm.prod() > tol)
     else:
-        den = dm.sum() - 2 * b
+        s = dm.sum()
+        den = s - 2 * b
         t = torch.where(den > 0, ((dm[1] - b) / den).clamp(0, 1), 0.0)
         t = torch.where(valid[1], t, 1.0)
         a = torch.stack((t, 1 - t))
-        ok = finite
-    ok = ok & torch.isfinite(a).all()
+        ok = torch.isfinite(s + b)  # the system (finite a can come from an infinite p)
+    ok = ok & torch.isfinite(a.sum())
     return torch.where(ok, a, _first_unit(2, gram.device, gram.dtype)), ~ok
 
 

@@ -265,8 +265,13 @@ def f64_scalar(cache: dict, name: str, value: float, device: torch.device) -> Te
     exact value, and caching keeps the host-to-device copy off the hot path."""
     slot = ("triton", "scalar", name)
     entry = cache.get(slot)
-    if entry is None or entry[0] != value or entry[1].device != device:
-        entry = (value, torch.tensor(value, dtype=torch.float64, device=device))
+    if entry is None or entry[1].device != device:
+        entry = (value, torch.full((), value, dtype=torch.float64, device=device))
+        cache[slot] = entry
+    elif entry[0] != value:
+        # A fill on the device, not a (synchronous, pageable) host-to-device copy.
+        entry[1].fill_(value)
+        entry = (value, entry[1])
         cache[slot] = entry
     return entry[1]
 
