@@ -103,10 +103,18 @@ def many_small_shapes(blocks: int = 96, width: int = 32) -> list[Shape]:
     return shapes
 
 
+def ten_thousand_small_shapes(count: int = 10_000) -> list[Shape]:
+    """10,000 small tensors (biases, norms, small projections; about 2.2M
+    elements): a launch-bound step, the case CUDA graphs are for."""
+    sizes = [(64,), (128,), (32, 8), (256,), (16, 16), (96,), (48, 4), (512,)]
+    return [sizes[i % len(sizes)] for i in range(count)]
+
+
 _SET_BUILDERS: dict[str, tuple[Callable[[], list[Shape]], str]] = {
     "resnet50": (resnet50_shapes, "ResNet-50 (torchvision), 161 tensors"),
     "gpt2": (gpt2_shapes, "GPT-2 124M (tied head), 148 tensors"),
     "many-small": (many_small_shapes, "96-block width-32 transformer, 1,152 small tensors"),
+    "10k-small": (ten_thousand_small_shapes, "10,000 small tensors"),
 }
 SET_NAMES = tuple(_SET_BUILDERS)
 

@@ -31,6 +31,7 @@ def _cases(dtype: torch.dtype) -> dict:
     tdt = _launch.tl_dtype(dtype)
     block = _launch.settings(dtype).block
     per_thread = 2  # 128-bit accesses per thread and stream
+    record_per_thread = _launch.settings(dtype, "rna_record").block * dtype.itemsize // (16 * 256)
     tables = {n: "*i64" for n in _TABLES}
     common = dict(CD=tl.float32, RING_ALIGNED=True, BLOCK=block)
     return {
@@ -48,10 +49,12 @@ def _cases(dtype: torch.dtype) -> dict:
         f"rna_record-{ty}-s3": (_rna_record_kernel, {
             **tables, "window": f"*{ty}", "w_stride": "i32", "count": "*i64", "partials": "*fp64",
             "nblocks": "i32"},
-            dict(S=3, DIFFS=True, SDT=tdt, **common),
-            3 * per_thread, 1 * per_thread),
+            dict(S=3, DIFFS=True, SDT=tdt, CD=tl.float32, RING_ALIGNED=True,
+                 BLOCK=_launch.settings(dtype, "rna_record").block),
+            3 * record_per_thread, 1 * record_per_thread),
         f"rna_extrapolate-{ty}-s3": (_rna_extrapolate_kernel, {
-            **tables, "window": f"*{ty}", "w_stride": "i32", "count": "*i64", "coefs": "*fp64", "m": "i32"},
+            **tables, "window": f"*{ty}", "w_stride": "i32", "count": "*i64", "coefs": "*fp64",
+            "m": "i32"},
             dict(S=3, ODT=tdt, **common),
             3 * per_thread, 1 * per_thread),
     }
@@ -83,7 +86,8 @@ def compile_all(target, outdir: str) -> dict:
             signature.update({k: "constexpr" for k in constexprs})
             # Pointer arguments are 16-byte aligned, as torch allocates them.
             names = list(fn.arg_names)
-            attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
+            attrs = {(names.index(k),): [["tt.divisibility", 16]]
+                     for k, v in sig.items() if v.startswith("*")}
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             kernel = triton.compile(src, target=target, options={"num_warps": 8})
             ptx = Path(outdir) / f"{name}.ptx"

@@ -21,11 +21,11 @@ from interpolatron.solvers import anderson_coefficients
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
 # Ops that launch nothing (views, allocations): excluded when counting device ops.
-NO_KERNEL = {"aten::select", "aten::slice", "aten::view", "aten::as_strided", "aten::expand", "aten::unsqueeze",
-             "aten::squeeze", "aten::diagonal", "aten::t", "aten::transpose", "aten::reshape", "aten::alias",
-             "aten::permute", "aten::unbind", "aten::split", "aten::narrow", "aten::detach", "aten::empty",
-             "aten::empty_like", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg",
-             "aten::lift_fresh", "aten::_reshape_alias", "aten::result_type", "aten::flatten", "aten::_unsafe_view"}
+NO_KERNEL = {"aten::" + op for op in (
+    "select", "slice", "view", "as_strided", "expand", "unsqueeze", "squeeze", "diagonal", "t", "transpose",
+    "reshape", "alias", "permute", "unbind", "split", "narrow", "detach", "empty", "empty_like",
+    "empty_strided",
+    "resolve_conj", "resolve_neg", "lift_fresh", "_reshape_alias", "result_type", "flatten", "_unsafe_view")}
 
 
 def _profile(fn) -> list:
@@ -61,8 +61,8 @@ def _backward(model: torch.nn.Module, x: torch.Tensor) -> None:
 OPTIMIZERS = {
     "interpolatron-2": lambda ps, be: interpolatron.Interpolatron(ps, lr=0.05, alphas=(0.6, 0.4), backend=be,
                                                                   weight_decay=0.01),
-    "interpolatron-2-diag": lambda ps, be: interpolatron.Interpolatron(ps, lr=0.05, alphas=(0.6, 0.4), backend=be,
-                                                                       diagnostics=True),
+    "interpolatron-2-diag": lambda ps, be: interpolatron.Interpolatron(ps, lr=0.05, alphas=(0.6, 0.4),
+                                                                       backend=be, diagnostics=True),
     "anderson-2": lambda ps, be: interpolatron.Anderson(ps, lr=0.05, history=2, backend=be),
     "anderson-2-simplex": lambda ps, be: interpolatron.Anderson(ps, lr=0.05, history=2, backend=be,
                                                                 constraint="simplex"),
@@ -149,7 +149,8 @@ def _gpu_backends() -> list[str]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
-@pytest.mark.parametrize("name", ["interpolatron-2", "interpolatron-2-diag", "anderson-2", "anderson-2-simplex"])
+@pytest.mark.parametrize("name", ["interpolatron-2", "interpolatron-2-diag", "anderson-2",
+                                  "anderson-2-simplex"])
 def test_gpu_whole_step_graph_replays_like_eager(name, backend):
     """A captured ``opt.step()`` replayed with new gradients and an in-place lr
     change gives the same parameters as eager steps (fp32, tight tolerance)."""

@@ -31,11 +31,11 @@ from _triton_cases import (  # noqa: E402
     nan_like,
     tol,
 )
-from interpolatron.triton_kernels import _launch  # noqa: E402
 
 from interpolatron.backends import triton_backend  # noqa: E402
 from interpolatron.backends.torch_backend import BACKEND as ORACLE  # noqa: E402
 from interpolatron.backends.triton_backend import BACKEND as TRITON  # noqa: E402
+from interpolatron.triton_kernels import _launch  # noqa: E402
 
 DEVICE = kernel_device()
 pytestmark = pytest.mark.skipif(

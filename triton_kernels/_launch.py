@@ -84,7 +84,7 @@ class LaunchSettings:
     num_warps: int
 
 
-def settings(dtype: torch.dtype) -> LaunchSettings:
+def settings(dtype: torch.dtype, op: str = "") -> LaunchSettings:
     """Elements per program and warps for the streaming kernels.
 
     8 KiB per stream per program over 8 warps: 32 bytes (two 128-bit loads)
@@ -97,7 +97,12 @@ def settings(dtype: torch.dtype) -> LaunchSettings:
         if block < 1 or block & (block - 1):
             raise ValueError(f"{BLOCK_ENV} must be a power of two, got {env!r}")
     else:
-        block = 8192 // torch.empty(0, dtype=dtype).element_size()
+        es = torch.empty(0, dtype=dtype).element_size()
+        block = 8192 // es
+        if op == "rna_record" and es == 2:
+            # Its float64 residual products spill at 16 elements per thread;
+            # a record is not a per-step op.
+            block //= 2
     return LaunchSettings(block=block, num_warps=max(1, min(8, block // 256)))
 
 

@@ -38,13 +38,16 @@ def _rna_record_block(ptrs, t, start, rem, col, window, w_stride, count, partial
     if DIFFS:
         # D3: float64 products and sums; the next snapshot is loaded before
         # each reduction (software pipelining), so no load waits on a barrier.
-        r0 = (y0 - prev).to(tl.float64)
-        tl.store(partials + pid, tl.sum(r0 * r0, axis=0))
+        # r0 stays in the compute dtype and widens per product (a float64 copy
+        # of it would spill at the 16-bit block size).
+        r0 = y0 - prev
+        tl.store(partials + pid, tl.sum(r0.to(tl.float64) * r0.to(tl.float64), axis=0))
         for a in tl.static_range(2, S):
             ya = nxt.to(CD)
             if a + 1 < S:
                 nxt = _ld(_ring_ptr(window, _slot(c, a + 1, S), w_stride, col, RH), rem, BLOCK, FAST)
-            tl.store(partials + (a - 1) * nblocks + pid, tl.sum(r0 * (prev - ya).to(tl.float64), axis=0))
+            tl.store(partials + (a - 1) * nblocks + pid,
+                     tl.sum(r0.to(tl.float64) * (prev - ya).to(tl.float64), axis=0))
             prev = ya
 
 
@@ -108,7 +111,7 @@ def rna_record(
         raise ValueError("rna_record needs a window with at least one slot")
     device = window.device
     _launch.check_device_scalars(device, count=count)
-    cfg = _launch.settings(window.dtype)
+    cfg = _launch.settings(window.dtype, "rna_record")
     tabs = _launch.tables(cache, "rna_record", [sources], ["r"], offsets, device, cfg.block,
                           window.dtype)
     tabs.check_ring(window, "window")
