@@ -550,7 +550,7 @@ def environment(device: torch.device | str, command: str | None = None) -> dict[
     if hasattr(os, "getloadavg"):
         meta["loadavg_start"] = os.getloadavg()
     try:
-        from .backends.cuda_backend import extension_status
+        from .backends.native_backend import extension_status
         meta["cuda_extension"] = {k: str(v) for k, v in extension_status().items()}
     except Exception:  # noqa: BLE001 - the extension is optional
         meta["cuda_extension"] = "not importable"
@@ -701,7 +701,7 @@ def write_plot(result: BenchResult, path: str | Path) -> Path:
     height = max(len(g) for g in groups.values()) * 0.28 + 1.2 if groups else 2
     fig, axes = plt.subplots(nrows, cols, figsize=(7.5 * cols, height * nrows), squeeze=False)
     colors = {"torch.optim": "tab:gray"}
-    palette = {"torch": "tab:blue", "cuda": "tab:orange", "triton": "tab:green"}
+    palette = {"torch": "tab:blue", "native": "tab:orange", "triton": "tab:green"}
     for ax, ((set_label, dtype), rows) in zip(axes.flat, groups.items()):
         labels = [f"{r['optimizer']} [{r['impl']}]" for r in rows]
         fracs = [100 * r["fraction_of_copy"] for r in rows]

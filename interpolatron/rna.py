@@ -70,7 +70,7 @@ class RNA:
         objective: a callable on the model returning a loss; if given,
             :math:`\lambda` is chosen from :math:`\{0\} \cup
             \text{logspace}(-15, 1, k)` (and ``reg`` itself) by evaluating the extrapolations.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
     """
 
     def __init__(self, model: nn.Module | Iterable[Tensor], window: int = 10, reg: float = 1e-8,

@@ -92,7 +92,8 @@ def test_ops_on_padded_layout_match_compact(backend, dtype):
         res = torch.zeros(2, dtype=torch.float64)
         be.rna_record(ps, offsets, win, count, res, {})
         outs = [torch.empty_like(t) for t in tensors]
-        be.rna_extrapolate(win, offsets, count + 1, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), outs, {})
+        extrap = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+        be.rna_extrapolate(win, offsets, count + 1, extrap, outs, {})
         gaps = _gap_mask(offsets, numels, width)
         for ring in (x_hist, g_hist, win):
             assert not ring[:, gaps].any(), f"{name}: a gap was written"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..backends import BACKEND_NAMES, SUPPORTED_DTYPES, resolve
+from ..backends import BACKEND_NAMES, SUPPORTED_DTYPES, canonical_name, resolve
 from ..layout import padded_offsets
 
 BucketKey = tuple[int, torch.device, torch.dtype]
@@ -98,6 +98,7 @@ class BucketedOptimizer(Optimizer):
     _algorithm = "base"
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str):
+        backend = canonical_name(backend)
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend

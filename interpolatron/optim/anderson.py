@@ -50,7 +50,7 @@ class Anderson(BucketedOptimizer):
         constraint: ``None`` or ``"simplex"``.
         weight_decay: coupled L2 coefficient.
         singular_tol: normalised pivot below which the system counts as singular.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
     """
 
     _algorithm = "Anderson"

@@ -53,7 +53,7 @@ class Interpolatron(BucketedOptimizer):
         maximize: ascend instead of descend.
         diagnostics: also produce the Gram row of the gradient window in the
             update pass (free on the fused backends): see :attr:`diagnostics`.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
     """
 
     _algorithm = "Interpolatron"
