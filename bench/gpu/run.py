@@ -105,8 +105,10 @@ class Stage:
         print(f"[{self.name}] {step}: {' '.join(cmd)} (timeout {timeout_s:.0f} s)", flush=True)
         t0 = time.monotonic()
         try:
+            # The tree itself on the path: stage 2 runs even where stage 1's install failed.
+            path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                                  env={**os.environ, **(env or {})})
+                                  env={**os.environ, "PYTHONPATH": path, **(env or {})})
             rc, output = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as exc:
             rc = "timeout"
