@@ -49,21 +49,28 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
     if HAS_WD:
         g = g + tl.load(wd).to(CD) * x
     acc_g = a * g
+    # D3: products and sums in float64. For k <= 4 every row's products go into
+    # one (KP, BLOCK) tile and a single reduction runs after the last load, so
+    # no ring load waits behind a reduction's barrier; a longer row (a tile
+    # that would not fit the registers) reduces row by row.
+    TILE: tl.constexpr = GRAM and KP <= 4
     if GRAM:
-        # D3: products and sums in float64. Every row's products go into one
-        # (KP, BLOCK) tile and a single reduction runs after the last load, so
-        # no ring load waits behind a reduction's barrier.
-        rows = tl.arange(0, KP)[:, None]
         g64 = g.to(tl.float64)
+    if TILE:
+        rows = tl.arange(0, KP)[:, None]
         tile = tl.where(rows == 0, (g64 * g64)[None, :], 0.0)
+    elif GRAM:
+        tl.store(partials + pid, tl.sum(g64 * g64, axis=0))
     for j in tl.static_range(1, K):
         aj = tl.load(coefs + j).to(CD)
         xs = _slot(c, j, K - 1)
         acc_x += aj * _ld(_ring_ptr(x_hist, xs, x_stride, col, RH), rem, BLOCK, FAST).to(CD)
         gj = _ld(_ring_ptr(g_hist, xs, g_stride, col, RH), rem, BLOCK, FAST).to(CD)
         acc_g += aj * gj
-        if GRAM:
+        if TILE:
             tile += tl.where(rows == j, (g64 * gj.to(tl.float64))[None, :], 0.0)
+        elif GRAM:
+            tl.store(partials + j * nblocks + pid, tl.sum(g64 * gj.to(tl.float64), axis=0))
     lr_c = tl.load(lr).to(CD)
     _st(p, acc_x - lr_c * acc_g, rem, BLOCK, FAST)
     if K > 1:
@@ -71,7 +78,7 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
         ws = _slot(c, 0, K - 1)
         _st(_ring_ptr(x_hist, ws, x_stride, col, RH), x_raw, rem, BLOCK, FAST)
         _st(_ring_ptr(g_hist, ws, g_stride, col, RH), g, rem, BLOCK, FAST)
-    if GRAM:
+    if TILE:
         r = tl.arange(0, KP)
         tl.store(partials + r * nblocks + pid, tl.sum(tile, axis=1), mask=r < K)
 
