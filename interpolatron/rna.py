@@ -139,6 +139,9 @@ class RNA:
 
     # -- gradients between records ---------------------------------------
     def _accumulate(self, optimizer, args, kwargs) -> None:
+        check = getattr(optimizer, "_check_step", None)
+        if check is not None:
+            check()  # a step our optimizer will refuse must not reach the averages either
         grads = [(self._acc[n], p.grad) for n in self._params
                  if (p := self._named[n]).grad is not None]
         if grads:
