@@ -30,6 +30,7 @@ from interpolatron.optim._checkpoint import CheckpointError
 SHAPES = [(3, 4), (5,), (2, 3), ()]
 BEFORE, AFTER = 4, 3  # steps before the checkpoint and after resuming
 EXAMPLES = int(os.environ.get("INTERPOLATRON_CORRUPTIONS", "250"))  # per optimizer and backend
+RANDOM = os.environ.get("INTERPOLATRON_CORRUPTIONS_RANDOM")  # set: a fresh random sample (a longer hunt)
 
 CONFIGS = {
     "interpolatron-k1": (interpolatron.Interpolatron, dict(alphas=(1.0,))),
@@ -314,9 +315,15 @@ def test_corrupted_checkpoints_are_refused_or_resume_identically(config, backend
     candidates = _candidates(_reference(config, backend)[1])
     outcomes: dict[str, int] = {}
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+    # Pairs touch different entries, and change at most one step count: two
+    # lossy steps on one entry (float16, then float64) or every step of a
+    # bucket shifted alike are "a valid value replaced by another".
+    pairs = st.lists(st.sampled_from(candidates), min_size=1, max_size=2, unique_by=lambda c: c[0]).filter(
+        lambda cs: sum(c[1] in ("shift", "set") for c in cs) <= 1)
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=RANDOM is None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(st.lists(st.sampled_from(candidates), min_size=1, max_size=2))
+    @given(pairs)
     def prop(corruption):
         outcome = _check_one(config, backend, corruption)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
