@@ -10,6 +10,7 @@ per-slot weights, ``index_select`` and ``index_copy_``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -18,49 +19,66 @@ from torch import Tensor
 from ..layout import align_elems, round_up
 from .base import compute_dtype
 
+# How many column sets a bucket's cache keeps (least recently used dropped):
+# a mixture of experts changes the set of parameters with gradients every step,
+# and an unbounded cache grew by one index per distinct set.
+COLUMN_CACHE_ENTRIES = 4
+
+
+def _column_layout(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tensor,
+                   cache: dict) -> tuple[Tensor | None, tuple | None]:
+    """(columns, splits) of these tensors in the ring, from an LRU of a few sets.
+
+    ``columns`` is None when the tensors cover the ring's columns in order (the
+    usual case), else a device index of the columns they own. "In order" allows
+    the padding of the bucket layout (:mod:`interpolatron.layout`): each tensor
+    starting at the next 128-byte boundary after the previous one, the row
+    ending at the next boundary after the last. The flat work buffers then take
+    the ring's layout, gaps included: ``splits`` are the sizes of
+    ``[gap, tensor, gap, tensor, ..., tail]`` (None without any gap). The gaps
+    hold zeros there and in the rings, so they add nothing to a dot and are
+    never scattered back."""
+    numels = tuple(t.numel() for t in tensors)
+    key = (tuple(offsets), numels, ring.shape[1], ring.element_size())
+    lru = cache.get("columns")
+    if lru is None:
+        lru = cache["columns"] = OrderedDict()
+    if key in lru:
+        lru.move_to_end(key)
+        return lru[key]
+    a = align_elems(ring.element_size())
+    pos, contiguous, pieces = 0, True, []
+    for off, n in zip(offsets, numels):
+        if off != pos:
+            contiguous &= off == round_up(pos, a)
+            pieces.append(off - pos)  # a gap
+        else:
+            pieces.append(0)
+        pieces.append(n)
+        pos = off + n
+    width = ring.shape[1]
+    contiguous &= width == pos or width == round_up(pos, a)
+    pieces.append(width - pos)
+    if contiguous:
+        entry = (None, tuple(pieces) if any(pieces[0::2]) else None)
+    else:
+        parts = [torch.arange(off, off + n, dtype=torch.long) for off, n in zip(offsets, numels)]
+        cols = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        entry = (cols.to(ring.device), None)
+    lru[key] = entry
+    while len(lru) > COLUMN_CACHE_ENTRIES:
+        lru.popitem(last=False)
+    return entry
+
 
 def _columns(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tensor, cache: dict):
-    """None when the tensors cover the ring's columns in order (the usual case),
-    else a cached device index of the columns they own.
-
-    "In order" allows the padding of the bucket layout (:mod:`interpolatron.layout`):
-    each tensor starting at the next 128-byte boundary after the previous one,
-    the row ending at the next boundary after the last. The flat work buffers
-    then take the ring's layout, gaps included (see :func:`_splits`); the
-    gaps hold zeros there and in the rings, so they add nothing to a dot and
-    are never scattered back."""
-    numels = tuple(t.numel() for t in tensors)
-    key = ("columns", tuple(offsets), numels, ring.shape[1], ring.element_size())
-    if key not in cache:
-        a = align_elems(ring.element_size())
-        pos, contiguous, pieces = 0, True, []
-        for off, n in zip(offsets, numels):
-            if off != pos:
-                contiguous &= off == round_up(pos, a)
-                pieces.append(off - pos)  # a gap
-            else:
-                pieces.append(0)
-            pieces.append(n)
-            pos = off + n
-        width = ring.shape[1]
-        contiguous &= width == pos or width == round_up(pos, a)
-        pieces.append(width - pos)
-        if contiguous:
-            cache[key] = None
-            # Sizes of [gap, tensor, gap, tensor, ..., tail]; None without any gap.
-            cache[("splits", key)] = tuple(pieces) if any(pieces[0::2]) else None
-        else:
-            parts = [torch.arange(off, off + n, dtype=torch.long) for off, n in zip(offsets, numels)]
-            cols = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-            cache[key] = cols.to(ring.device)
-            cache[("splits", key)] = None
-    return cache[key]
+    """The column index of :func:`_column_layout` (None: in order)."""
+    return _column_layout(tensors, offsets, ring, cache)[0]
 
 
 def _splits(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tensor, cache: dict):
-    """The gap layout found by :func:`_columns` (call it first)."""
-    numels = tuple(t.numel() for t in tensors)
-    return cache[("splits", ("columns", tuple(offsets), numels, ring.shape[1], ring.element_size()))]
+    """The gap layout of :func:`_column_layout` (None: no gaps, or an index)."""
+    return _column_layout(tensors, offsets, ring, cache)[1]
 
 
 def _read(ring: Tensor, cols: Tensor | None, dtype: torch.dtype) -> Tensor:
