@@ -56,6 +56,14 @@ at::Tensor scalar_input(const at::Tensor& t, const char* name, const at::Device&
   return t.to(dtype).contiguous().reshape({-1});
 }
 
+// GradScaler's grad_scale / found_inf: float32, one element, on the bucket's
+// device (read by the kernels, never on the host for CUDA).
+std::optional<at::Tensor> scale_input(const std::optional<at::Tensor>& t, const char* name,
+                                      const at::Device& device) {
+  if (!t) return std::nullopt;
+  return scalar_input(*t, name, device, at::kFloat, 1);
+}
+
 void check_out(const at::Tensor& out, const char* name, const at::Device& device, int64_t numel) {
   TORCH_CHECK_VALUE(out.device() == device, name, " is on ", out.device(), ", the bucket on ", device);
   TORCH_CHECK_TYPE(out.scalar_type() == at::kDouble, name, " must be float64, got ", out.scalar_type());
@@ -128,7 +136,8 @@ void bump(const std::vector<at::Tensor>& ts) {
 bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
              const std::vector<int64_t>& offsets, const at::Tensor& x_hist, const at::Tensor& g_hist,
              const at::Tensor& coefs, const at::Tensor& lr, const at::Tensor& count, double weight_decay,
-             bool maximize, const std::optional<at::Tensor>& gram, TableCache* cache) {
+             bool maximize, const std::optional<at::Tensor>& gram, TableCache* cache,
+             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const at::Device device = x_hist.device();
   check_device(device);
   check_ring(x_hist, "x_hist", device);
@@ -157,6 +166,8 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
   call.weight_decay = weight_decay;
   call.maximize = maximize;
   call.gram = gram;
+  call.grad_scale = scale_input(grad_scale, "grad_scale", device);
+  call.found_inf = scale_input(found_inf, "found_inf", device);
   if (is_cuda(device)) {
 #if defined(INTERPOLATRON_WITH_CUDA)
     combine_cuda(call, need_cache(cache));
@@ -175,7 +186,8 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
 
 bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
               const std::vector<int64_t>& offsets, const at::Tensor& g_hist, const at::Tensor& count,
-              double weight_decay, bool maximize, const at::Tensor& out, TableCache* cache, bool store) {
+              double weight_decay, bool maximize, const at::Tensor& out, TableCache* cache, bool store,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const at::Device device = g_hist.device();
   check_device(device);
   check_ring(g_hist, "g_hist", device);
@@ -197,6 +209,8 @@ bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
   call.maximize = maximize;
   call.store = store;
   call.out = out;
+  call.grad_scale = scale_input(grad_scale, "grad_scale", device);
+  call.found_inf = scale_input(found_inf, "found_inf", device);
   if (is_cuda(device)) {
 #if defined(INTERPOLATRON_WITH_CUDA)
     gram_row_cuda(call, need_cache(cache));
@@ -294,9 +308,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.def("combine", &interp::combine, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("x_hist"),
         py::arg("g_hist"), py::arg("coefs"), py::arg("lr"), py::arg("count"), py::arg("weight_decay"),
-        py::arg("maximize"), py::arg("gram"), py::arg("cache"), release);
+        py::arg("maximize"), py::arg("gram"), py::arg("cache"), py::arg("grad_scale") = py::none(),
+        py::arg("found_inf") = py::none(), release);
   m.def("gram_row", &interp::gram_row, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("g_hist"),
-        py::arg("count"), py::arg("weight_decay"), py::arg("maximize"), py::arg("out"), py::arg("cache"), py::arg("store") = true, release);
+        py::arg("count"), py::arg("weight_decay"), py::arg("maximize"), py::arg("out"), py::arg("cache"), py::arg("store") = true,
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(), release);
   m.def("rna_record", &interp::rna_record, py::arg("sources"), py::arg("offsets"), py::arg("window"),
         py::arg("count"), py::arg("out"), py::arg("cache"), release);
   m.def("rna_extrapolate", &interp::rna_extrapolate, py::arg("window"), py::arg("offsets"), py::arg("count"),
@@ -318,7 +334,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "variant now in use.");
   // Bumped whenever the Python-visible interface changes, so that a stale
   // build is reported as such instead of failing on a missing function.
-  m.attr("API_VERSION") = 3;
+  m.attr("API_VERSION") = 4;
   m.attr("CPU_CHUNK") = interp::cpu::kChunk;
   m.attr("MAX_SLOTS") = interp::cpu::kMaxSlots;
 }

@@ -36,6 +36,11 @@ struct CombineCall {
   double weight_decay;
   bool maximize;
   std::optional<at::Tensor> gram;  // float64 (k,)
+  // GradScaler's fused contract (float32, one element, on the device): the
+  // gradient is divided by grad_scale; a nonzero found_inf skips the op (no
+  // write at all, gram included).
+  std::optional<at::Tensor> grad_scale;
+  std::optional<at::Tensor> found_inf;
 };
 
 // store: g_hist has S slots holding ages 0..S-1 (age 0, the effective
@@ -50,6 +55,8 @@ struct GramCall {
   bool maximize;
   bool store;
   at::Tensor out;  // float64 (S,) when store, (S + 1,) otherwise
+  std::optional<at::Tensor> grad_scale;  // as in CombineCall
+  std::optional<at::Tensor> found_inf;
 };
 
 struct RecordCall {

@@ -68,3 +68,18 @@ def _st(ptr, value, rem, BLOCK: tl.constexpr, FAST: tl.constexpr):
         tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
     else:
         tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=offs < rem)
+
+
+@triton.jit
+def _skip_block(found_inf, rem, fast):
+    """GradScaler's skipped step: a set ``found_inf`` empties the block (no
+    element left, the masked path), so no load or store of the data runs."""
+    skip = tl.load(found_inf) != 0
+    return tl.where(skip, 0, rem), fast & (skip == 0)
+
+
+@triton.jit
+def _inv_scale(grad_scale, CD: tl.constexpr):
+    """``1 / grad_scale`` in the compute dtype (from float64: exact for
+    GradScaler's power-of-two scales, as in the other backends)."""
+    return (1.0 / tl.load(grad_scale).to(tl.float64)).to(CD)

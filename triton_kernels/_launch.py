@@ -285,3 +285,21 @@ def check_device_scalars(device: torch.device, **tensors: Tensor) -> None:
     for name, t in tensors.items():
         if t.device != device:
             raise ValueError(f"{name} must live on the bucket's device {device}, got {t.device}")
+
+
+def amp_scalars(device: torch.device, grad_scale: Tensor | None,
+                found_inf: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """GradScaler's ``grad_scale`` / ``found_inf`` as the kernels read them: one
+    element on the bucket's device, float32 (as GradScaler makes them; a cast
+    is a device op, never a host read)."""
+    out = []
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None:
+            check_device_scalars(device, **{name: t})
+            if t.numel() != 1:
+                raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+            t = t.reshape(())
+            if t.dtype != torch.float32:
+                t = t.to(torch.float32)
+        out.append(t)
+    return out[0], out[1]

@@ -24,15 +24,15 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch
-from ._helpers import _block_of, _ld, _ring_ptr, _slot, _st, _tensor_ptr
+from ._helpers import _block_of, _inv_scale, _ld, _ring_ptr, _skip_block, _slot, _st, _tensor_ptr
 from .reduce import reduce_partials
 
 
 @triton.jit
 def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                   coefs, lr, count, wd, partials, nblocks,
+                   coefs, lr, count, wd, grad_scale, partials, nblocks,
                    K: tl.constexpr, KP: tl.constexpr, GRAM: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, SCALED: tl.constexpr,
                    PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
                    RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
     RH: tl.constexpr = FAST and RING_ALIGNED
@@ -44,6 +44,8 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
     x = x_raw.to(CD)
     acc_x = a * x
     g = _ld(_tensor_ptr(ptrs + ntensors, t, start, GDT, FAST), rem, BLOCK, FAST).to(CD)
+    if SCALED:
+        g = g * _inv_scale(grad_scale, CD)
     if MAXIMIZE:
         g = -g
     if HAS_WD:
@@ -85,20 +87,24 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
 
 @triton.jit(do_not_specialize=["ntensors", "x_stride", "g_stride", "nblocks"])
 def _combine_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
-                    x_hist, g_hist, x_stride, g_stride, coefs, lr, count, wd, partials, nblocks,
+                    x_hist, g_hist, x_stride, g_stride, coefs, lr, count, wd, grad_scale, found_inf,
+                    partials, nblocks,
                     K: tl.constexpr, KP: tl.constexpr, GRAM: tl.constexpr,
-                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, SCALED: tl.constexpr,
+                    SKIPPABLE: tl.constexpr,
                     PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
                     RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
+    if SKIPPABLE:
+        rem, fast = _skip_block(found_inf, rem, fast)
     if fast:
         _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                       coefs, lr, count, wd, partials, nblocks, K, KP, GRAM, MAXIMIZE, HAS_WD,
-                       PDT, GDT, CD, RING_ALIGNED, BLOCK, True)
+                       coefs, lr, count, wd, grad_scale, partials, nblocks, K, KP, GRAM, MAXIMIZE, HAS_WD,
+                       SCALED, PDT, GDT, CD, RING_ALIGNED, BLOCK, True)
     else:
         _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                       coefs, lr, count, wd, partials, nblocks, K, KP, GRAM, MAXIMIZE, HAS_WD,
-                       PDT, GDT, CD, RING_ALIGNED, BLOCK, False)
+                       coefs, lr, count, wd, grad_scale, partials, nblocks, K, KP, GRAM, MAXIMIZE, HAS_WD,
+                       SCALED, PDT, GDT, CD, RING_ALIGNED, BLOCK, False)
 
 
 def _ring_arg(ring: Tensor, fallback: Tensor) -> Tensor:
@@ -119,6 +125,9 @@ def combine(
     maximize: bool,
     gram: Tensor | None,
     cache: dict,
+    *,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Launch the fused step for one bucket (see :meth:`Backend.combine`)."""
     k = coefs.numel()
@@ -129,6 +138,7 @@ def combine(
                          f"got {x_hist.shape[0]} and {g_hist.shape[0]}")
     device = x_hist.device
     _launch.check_device_scalars(device, coefs=coefs, lr=lr, count=count)
+    grad_scale, found_inf = _launch.amp_scalars(device, grad_scale, found_inf)
     dtype = params[0].dtype if params else x_hist.dtype
     cfg = _launch.settings(dtype)
     rows = [params, grads]
@@ -150,10 +160,13 @@ def combine(
     _launch.launch(
         _combine_kernel, tabs.nblocks,
         tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start, tabs.ntensors,
-        xr, gr, x_hist.stride(0), g_hist.stride(0), coefs, lr, count, wd, partials, tabs.nblocks,
+        xr, gr, x_hist.stride(0), g_hist.stride(0), coefs, lr, count, wd,
+        lr if grad_scale is None else grad_scale, lr if found_inf is None else found_inf,
+        partials, tabs.nblocks,
         num_warps=cfg.num_warps,
         K=k, KP=triton.next_power_of_2(k), GRAM=gram is not None, MAXIMIZE=bool(maximize),
-        HAS_WD=has_wd, PDT=_launch.tl_dtype(dtype),
+        HAS_WD=has_wd, SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None,
+        PDT=_launch.tl_dtype(dtype),
         GDT=_launch.tl_dtype(grads[0].dtype if grads else dtype),
         CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(x_hist, g_hist), BLOCK=cfg.block,
     )

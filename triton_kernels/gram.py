@@ -18,14 +18,14 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch
-from ._helpers import _block_of, _ld, _ring_ptr, _slot, _st, _tensor_ptr
+from ._helpers import _block_of, _inv_scale, _ld, _ring_ptr, _skip_block, _slot, _st, _tensor_ptr
 from .reduce import reduce_partials
 
 
 @triton.jit
-def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, partials, nblocks,
-                    K: tl.constexpr, SLOTS: tl.constexpr, STORE: tl.constexpr,
-                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, grad_scale, partials,
+                    nblocks, K: tl.constexpr, SLOTS: tl.constexpr, STORE: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, SCALED: tl.constexpr,
                     GDT: tl.constexpr, PDT: tl.constexpr, CD: tl.constexpr,
                     RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
     RH: tl.constexpr = FAST and RING_ALIGNED
@@ -36,6 +36,8 @@ def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count,
     # a row's load never waits behind the previous dot's barrier.
     if K > 1:
         gj = _ld(_ring_ptr(g_hist, _slot(c, 1, SLOTS), g_stride, col, RH), rem, BLOCK, FAST)
+    if SCALED:
+        g = g * _inv_scale(grad_scale, CD)
     if MAXIMIZE:
         g = -g
     if HAS_WD:
@@ -55,18 +57,23 @@ def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count,
 
 @triton.jit(do_not_specialize=["ntensors", "g_stride", "nblocks"])
 def _gram_row_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
-                     g_hist, g_stride, count, wd, partials, nblocks,
+                     g_hist, g_stride, count, wd, grad_scale, found_inf, partials, nblocks,
                      K: tl.constexpr, SLOTS: tl.constexpr, STORE: tl.constexpr,
-                     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, SCALED: tl.constexpr,
+                     SKIPPABLE: tl.constexpr,
                      GDT: tl.constexpr, PDT: tl.constexpr, CD: tl.constexpr,
                      RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
+    if SKIPPABLE:
+        rem, fast = _skip_block(found_inf, rem, fast)
     if fast:
-        _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, partials,
-                        nblocks, K, SLOTS, STORE, MAXIMIZE, HAS_WD, GDT, PDT, CD, RING_ALIGNED, BLOCK, True)
+        _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, grad_scale, partials,
+                        nblocks, K, SLOTS, STORE, MAXIMIZE, HAS_WD, SCALED, GDT, PDT, CD, RING_ALIGNED, BLOCK,
+                        True)
     else:
-        _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, partials,
-                        nblocks, K, SLOTS, STORE, MAXIMIZE, HAS_WD, GDT, PDT, CD, RING_ALIGNED, BLOCK, False)
+        _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, grad_scale, partials,
+                        nblocks, K, SLOTS, STORE, MAXIMIZE, HAS_WD, SCALED, GDT, PDT, CD, RING_ALIGNED, BLOCK,
+                        False)
 
 
 def gram_row(
@@ -80,6 +87,9 @@ def gram_row(
     out: Tensor,
     cache: dict,
     store: bool = True,
+    *,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Launch the Gram pass for one bucket (see :meth:`Backend.gram_row`)."""
     slots = g_hist.shape[0]
@@ -88,6 +98,7 @@ def gram_row(
     k = slots if store else slots + 1
     device = g_hist.device
     _launch.check_device_scalars(device, count=count)
+    grad_scale, found_inf = _launch.amp_scalars(device, grad_scale, found_inf)
     dtype = g_hist.dtype
     cfg = _launch.settings(dtype)
     has_wd = weight_decay != 0
@@ -106,9 +117,12 @@ def gram_row(
     _launch.launch(
         _gram_row_kernel, tabs.nblocks,
         tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start, tabs.ntensors,
-        g_hist, g_hist.stride(0), count, wd, partials, tabs.nblocks,
+        g_hist, g_hist.stride(0), count, wd,
+        count if grad_scale is None else grad_scale, count if found_inf is None else found_inf,
+        partials, tabs.nblocks,
         num_warps=cfg.num_warps,
         K=k, SLOTS=slots, STORE=bool(store), MAXIMIZE=bool(maximize), HAS_WD=has_wd,
+        SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None,
         GDT=_launch.tl_dtype(grads[0].dtype),
         PDT=_launch.tl_dtype(params[0].dtype if has_wd else grads[0].dtype),
         CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(g_hist), BLOCK=cfg.block,

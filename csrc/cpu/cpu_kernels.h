@@ -48,6 +48,7 @@ struct CombineArgs {
   double lr;
   double weight_decay;
   bool maximize;
+  double grad_mul;      // 1 / grad_scale (GradScaler), else 1
   char* const* x_rows;  // [j], j = 1..k-1: x ring row of age j
   char* const* g_rows;  // [j], j = 1..k-1: g ring row of age j
   char* x_write;        // row that receives the old param (nullptr when k == 1)
@@ -62,6 +63,7 @@ struct GramArgs {
   int ndots;  // k
   double weight_decay;
   bool maximize;
+  double grad_mul;      // 1 / grad_scale (GradScaler), else 1
   char* const* g_rows;  // [j], j = 1..k-1
   char* g_write;        // row that receives the effective gradient, or nullptr (read-only)
   double* partials;     // partials[chunk * k + j]

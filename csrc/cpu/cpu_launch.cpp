@@ -100,6 +100,15 @@ void reduce_partials(const std::vector<double>& partials, int64_t nchunks, int n
   out.copy_(at::from_blob(sums.data(), {ndots}, at::TensorOptions().dtype(at::kDouble)));
 }
 
+// GradScaler's inputs are CPU tensors here: reading them is a plain load.
+bool skipped(const std::optional<at::Tensor>& found_inf) {
+  return found_inf && *found_inf->const_data_ptr<float>() != 0.0f;
+}
+
+double grad_mul(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale ? 1.0 / static_cast<double>(*grad_scale->const_data_ptr<float>()) : 1.0;
+}
+
 std::vector<double> to_vector(const at::Tensor& t) {
   const double* p = t.data_ptr<double>();
   return std::vector<double>(p, p + t.numel());
@@ -128,6 +137,7 @@ std::string select_cpu_kernels(const std::string& name) {
 }
 
 void combine_cpu(const CombineCall& call) {
+  if (skipped(call.found_inf)) return;
   const int k = call.k;
   const int64_t c = *call.count.const_data_ptr<int64_t>();
   const int64_t slots = k - 1;
@@ -151,6 +161,7 @@ void combine_cpu(const CombineCall& call) {
   args.lr = *call.lr.const_data_ptr<double>();
   args.weight_decay = call.weight_decay;
   args.maximize = call.maximize;
+  args.grad_mul = grad_mul(call.grad_scale);
   args.x_rows = x_rows.data();
   args.g_rows = g_rows.data();
   args.x_write = k > 1 ? row_ptr(call.x_hist, ring_slot(c, 0, slots)) : nullptr;
@@ -163,6 +174,7 @@ void combine_cpu(const CombineCall& call) {
 }
 
 void gram_row_cpu(const GramCall& call) {
+  if (skipped(call.found_inf)) return;
   const int slots = static_cast<int>(call.g_hist.size(0));
   const int k = call.store ? slots : slots + 1;  // dots of ages 0..k-1; the ring holds ages 1..k-1
   const int64_t c = *call.count.const_data_ptr<int64_t>();
@@ -180,6 +192,7 @@ void gram_row_cpu(const GramCall& call) {
   args.ndots = k;
   args.weight_decay = call.weight_decay;
   args.maximize = call.maximize;
+  args.grad_mul = grad_mul(call.grad_scale);
   args.g_rows = g_rows.data();
   args.g_write = call.store ? row_ptr(call.g_hist, ring_slot(c, 0, slots)) : nullptr;
   args.partials = partials.data();

@@ -438,7 +438,9 @@ void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
   u.gh = gh;
   u.coef = coef;
   u.lr = static_cast<C>(a.lr);
-  u.sign = a.maximize ? C(-1) : C(1);
+  // The sign and GradScaler's unscaling in one factor (-1 times a power of
+  // two: grad * sign is exactly -(grad / scale)).
+  u.sign = static_cast<C>((a.maximize ? -1.0 : 1.0) * a.grad_mul);
   u.wd = static_cast<C>(a.weight_decay);
   u.has_wd = a.weight_decay != 0.0;
   for (int64_t c = c0; c < c1; ++c) {
@@ -475,7 +477,7 @@ template <typename S>
 void gram_row_impl(const GramArgs& a, int64_t c0, int64_t c1) {
   using C = typename IO<S>::C;
   const int k = a.ndots;
-  const C sign = a.maximize ? C(-1) : C(1);
+  const C sign = static_cast<C>((a.maximize ? -1.0 : 1.0) * a.grad_mul);
   const C wd = static_cast<C>(a.weight_decay);
   const bool has_wd = a.weight_decay != 0.0;
   const S* others[kMaxSlots];

@@ -14,6 +14,21 @@ namespace {
 
 constexpr int kMaxStaticK = 4;
 
+// GradScaler's fused contract: a step with found_inf set writes nothing (the
+// flag is uniform across the block, so the whole block returns; partials are
+// left unwritten and the caller discards the Gram of a skipped step).
+__device__ __forceinline__ bool skip_step(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.0f;
+}
+
+// The sign of the effective gradient times 1 / grad_scale: one factor, exact
+// for GradScaler's power-of-two scales.
+template <typename C>
+__device__ __forceinline__ C grad_sign(bool maximize, const float* grad_scale) {
+  const double s = maximize ? -1.0 : 1.0;
+  return static_cast<C>(grad_scale != nullptr ? s / static_cast<double>(*grad_scale) : s);
+}
+
 // x = sum_j a_j x(age j) - lr * sum_j a_j g(age j) over one chunk per block,
 // k = K fixed at compile time. DOTS: also the block partials of
 // <g0, g(age j)>, j < K, from the values loaded for the update (no second pass).
@@ -22,13 +37,14 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), K>()) combine_
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
   constexpr int R = K > 1 ? K - 1 : 1;  // ring rows read (both rings hold ages 1..K-1)
+  if (skip_step(p.found_inf)) return;
   const Work w = block_work(p.table);
   const int64_t count = *p.count;
   C coef[K];
 #pragma unroll
   for (int j = 0; j < K; ++j) coef[j] = static_cast<C>(p.coefs[j]);
   const C lr = static_cast<C>(*p.lr);
-  const C sign = p.maximize ? C(-1) : C(1);
+  const C sign = grad_sign<C>(p.maximize, p.grad_scale);
   const C wd = static_cast<C>(p.weight_decay);
   const bool has_wd = p.weight_decay != 0.0;
 
@@ -98,6 +114,7 @@ template <typename T, bool DOTS>
 __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_any_kernel(const CombineLaunch p) {
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
+  if (skip_step(p.found_inf)) return;
   extern __shared__ __align__(16) unsigned char smem[];
   const int k = p.k;
   int64_t* off = reinterpret_cast<int64_t*>(smem);
@@ -112,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_
 
   const Work w = block_work(p.table);
   const C lr = static_cast<C>(*p.lr);
-  const C sign = p.maximize ? C(-1) : C(1);
+  const C sign = grad_sign<C>(p.maximize, p.grad_scale);
   const C wd = static_cast<C>(p.weight_decay);
   const bool has_wd = p.weight_decay != 0.0;
   const int64_t woff = k > 1 ? ring_slot(count, 0, slots) * p.row_elems : 0;
@@ -195,9 +212,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) grad
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
   constexpr int G = NDOTS > 0 ? NDOTS : kDotGroup;  // dots per walk
+  if (skip_step(p.found_inf)) return;
   const Work w = block_work(p.table);
   const int64_t count = *p.count;
-  const C sign = p.maximize ? C(-1) : C(1);
+  const C sign = grad_sign<C>(p.maximize, p.grad_scale);
   const C wd = static_cast<C>(p.weight_decay);
   const bool has_wd = p.weight_decay != 0.0;
   const int64_t woff = p.store ? ring_slot(count, 0, p.slots) * p.row_elems : 0;  // read-only: slots may be 0

@@ -76,6 +76,9 @@ cuda::Table device_table(TableCache& cache, const std::vector<Seg>& segs, DType 
   return {cache.table.data_ptr<int64_t>(), cache.nblocks};
 }
 
+// GradScaler's optional float32 device scalars as kernel pointers.
+const float* opt_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
 at::Tensor partial_buffer(int64_t nblocks, int ndots, const at::Device& device) {
   const int64_t n = std::max<int64_t>(1, cuda::dot_groups(ndots) * nblocks * cuda::kDotGroup);
   return at::empty({n}, at::TensorOptions().dtype(at::kDouble).device(device));
@@ -108,6 +111,8 @@ void combine_cuda(const CombineCall& call, TableCache& cache) {
       d.count = call.count.data_ptr<int64_t>();
       d.weight_decay = call.weight_decay;
       d.maximize = call.maximize;
+      d.grad_scale = opt_ptr(call.grad_scale);
+      d.found_inf = opt_ptr(call.found_inf);
       d.partials = partials.data_ptr<double>();
       check(cuda::launch_grad_dots(d, stream), "the Gram dot kernel");
     }
@@ -124,6 +129,8 @@ void combine_cuda(const CombineCall& call, TableCache& cache) {
   p.count = call.count.data_ptr<int64_t>();
   p.weight_decay = call.weight_decay;
   p.maximize = call.maximize;
+  p.grad_scale = opt_ptr(call.grad_scale);
+  p.found_inf = opt_ptr(call.found_inf);
   p.partials = fused ? partials.data_ptr<double>() : nullptr;
   check(cuda::launch_combine(p, stream), "the combine kernel");
   if (call.gram) {
@@ -152,6 +159,8 @@ void gram_row_cuda(const GramCall& call, TableCache& cache) {
   d.count = call.count.data_ptr<int64_t>();
   d.weight_decay = call.weight_decay;
   d.maximize = call.maximize;
+  d.grad_scale = opt_ptr(call.grad_scale);
+  d.found_inf = opt_ptr(call.found_inf);
   d.partials = partials.data_ptr<double>();
   check(cuda::launch_grad_dots(d, stream), "the gram_row kernel");
   check(cuda::launch_reduce(partials.data_ptr<double>(), table.nblocks, k, call.out.data_ptr<double>(),

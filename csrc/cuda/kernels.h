@@ -74,6 +74,8 @@ struct CombineLaunch {
   const int64_t* count;  // 1, device
   double weight_decay;
   bool maximize;
+  const float* grad_scale;  // GradScaler: 1, device, or nullptr (the gradient is divided by it)
+  const float* found_inf;   // GradScaler: 1, device, or nullptr (nonzero: every block returns at once)
   double* partials;  // fused gram (k <= kDotGroup): nblocks * kDotGroup, else nullptr
 };
 
@@ -93,6 +95,8 @@ struct GradDotsLaunch {
   const int64_t* count;
   double weight_decay;
   bool maximize;
+  const float* grad_scale;  // as in CombineLaunch
+  const float* found_inf;
   double* partials;  // groups * nblocks * kDotGroup
 };
 

@@ -27,6 +27,16 @@ The effective gradient is ``g = sign * grad + weight_decay * param`` with
 ``sign = -1`` when ``maximize`` else ``+1`` (weight decay is coupled: it
 enters the history, ALGORITHMS.md section 1).
 
+GradScaler's fused contract (ALGORITHMS.md section 7): ``combine`` and
+``gram_row`` take the keyword-only ``grad_scale`` and ``found_inf``, one-element
+float32 tensors on the bucket's device (or None). The gradient is
+``grad * (1 / grad_scale)`` before the sign and the weight decay (the
+reciprocal formed in float64 and rounded to the compute dtype, as
+``GradScaler.unscale_`` does: exact for its power-of-two scales). A nonzero
+``found_inf`` makes the op write nothing at all (params, rings); it is read on
+the device, never on the host. ``gram`` / ``out`` are then undefined: the
+caller discards them.
+
 ``cache`` is a dict owned by the bucket and private to the backend (pointer
 tables, column indices). A backend must tolerate the tensors' storages changing
 between calls (``zero_grad(set_to_none=True)``, ``load_state_dict``) and must
@@ -60,6 +70,9 @@ class Backend(Protocol):
         maximize: bool,
         gram: Tensor | None,
         cache: dict,
+        *,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> None:
         """The interpolation step ``x = sum_j a_j x(age j) - lr * sum_j a_j g(age j)``.
 
@@ -92,6 +105,9 @@ class Backend(Protocol):
         out: Tensor,
         cache: dict,
         store: bool = True,
+        *,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> None:
         """Write into ``out`` (float64, shape ``(k,)``) this bucket's partial
         ``<g(age 0), g(age j)>`` for ``j = 0..k-1`` (``out[0] = ||g||^2``), where

@@ -24,7 +24,7 @@ from .base import SUPPORTED_DTYPES
 from .torch_backend import BACKEND as _REFERENCE
 
 # The interface version of csrc/bindings.cpp this module speaks.
-_API_VERSION = 3
+_API_VERSION = 4
 
 try:
     from interpolatron import _C
@@ -153,23 +153,26 @@ class NativeBackend:
     def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor],
                 offsets: Sequence[int], x_hist: Tensor, g_hist: Tensor, coefs: Tensor, lr: Tensor,
                 count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
-                cache: dict) -> None:
+                cache: dict, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
         done = _C.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, float(weight_decay),
-                          bool(maximize), gram, _tables(cache, "combine", x_hist.device))
+                          bool(maximize), gram, _tables(cache, "combine", x_hist.device),
+                          grad_scale=grad_scale, found_inf=found_inf)
         if not done:
             _fallback("combine")
             _REFERENCE.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
-                               maximize, gram, cache)
+                               maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf)
 
     def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
                  g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
-                 cache: dict, store: bool = True) -> None:
+                 cache: dict, store: bool = True, *, grad_scale: Tensor | None = None,
+                 found_inf: Tensor | None = None) -> None:
         done = _C.gram_row(params, grads, offsets, g_hist, count, float(weight_decay), bool(maximize), out,
-                           _tables(cache, "gram_row", g_hist.device), bool(store))
+                           _tables(cache, "gram_row", g_hist.device), bool(store),
+                           grad_scale=grad_scale, found_inf=found_inf)
         if not done:
             _fallback("gram_row")
             _REFERENCE.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache,
-                                store)
+                                store, grad_scale=grad_scale, found_inf=found_inf)
 
     def rna_record(self, sources: Sequence[Tensor], offsets: Sequence[int], window: Tensor,
                    count: Tensor, out: Tensor | None, cache: dict) -> None:

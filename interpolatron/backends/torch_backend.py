@@ -86,8 +86,11 @@ def _read(ring: Tensor, cols: Tensor | None, dtype: torch.dtype) -> Tensor:
     return rows.to(dtype)
 
 
-def _write_slot(ring: Tensor, cols: Tensor | None, slot: Tensor, values: Tensor) -> None:
+def _write_slot(ring: Tensor, cols: Tensor | None, slot: Tensor, values: Tensor,
+                skip: Tensor | None = None) -> None:
     values = values.to(ring.dtype)
+    if skip is not None:  # GradScaler's skipped step: the slot keeps its entry (decided on the device)
+        values = torch.where(skip, _read(ring.index_select(0, slot.view(1)), cols, ring.dtype)[0], values)
     if cols is None:
         ring.index_copy_(0, slot.view(1), values.view(1, -1))
     else:
@@ -137,10 +140,23 @@ def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device,
     return out
 
 
+def _inv_scale(grad_scale: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``1 / grad_scale`` formed in float64, in the compute dtype (as GradScaler.unscale_)."""
+    if grad_scale is None:
+        return None
+    return grad_scale.reshape(()).to(torch.float64).reciprocal().to(dtype)
+
+
+def _skip(found_inf: Tensor | None) -> Tensor | None:
+    return None if found_inf is None else found_inf.reshape(()) != 0
+
+
 def _effective_grad(params, grads, weight_decay, maximize, dtype, device, cache=None, x=None,
-                    splits=None) -> Tensor:
-    """``sign * grad + weight_decay * param``, flat (in a scratch buffer if ``cache``)."""
+                    splits=None, inv_scale=None) -> Tensor:
+    """``sign * grad / scale + weight_decay * param``, flat (in a scratch buffer if ``cache``)."""
     g = _flat(grads, dtype, device, cache, "g", splits)
+    if inv_scale is not None:
+        g.mul_(inv_scale)
     if maximize:
         g.neg_()
     if weight_decay != 0:
@@ -200,7 +216,7 @@ class TorchBackend:
     name = "torch"
 
     def combine(self, params, grads, offsets, x_hist, g_hist, coefs, lr, count,
-                weight_decay, maximize, gram, cache) -> None:
+                weight_decay, maximize, gram, cache, *, grad_scale=None, found_inf=None) -> None:
         k = coefs.numel()
         dtype = params[0].dtype if params else x_hist.dtype
         cd = compute_dtype(dtype)
@@ -214,7 +230,9 @@ class TorchBackend:
         if k > 1:  # + sum over the stored iterates, weighted per slot
             new.addmv_(_read(x_hist, cx, cd).t(), _slot_weights(coefs, count, k - 1, 1, cd))
         step = _buffer(cache, "step", x.numel(), cd, device)
-        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache, x, sp)
+        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache, x, sp,
+                            _inv_scale(grad_scale, cd))
+        skip = _skip(found_inf)
         gh = _read(g_hist, cx, cd) if k > 1 else None
         torch.mul(g, a0, out=step)
         if k > 1:
@@ -226,14 +244,16 @@ class TorchBackend:
                 row.append(_slot_dots(g, gh, cache).index_select(0, by_age))
             gram.copy_(torch.cat(row))
         new.sub_(step.mul_(lr_c))
+        if skip is not None:
+            torch.where(skip, x, new, out=new)
         if k > 1:  # the oldest slots take the old iterate and gradient, read above
             slot = torch.remainder(count, k - 1)
-            _write_slot(x_hist, cx, slot, x)
-            _write_slot(g_hist, cx, slot, g)
+            _write_slot(x_hist, cx, slot, x, skip)
+            _write_slot(g_hist, cx, slot, g, skip)
         _scatter_back(params, new if dtype == cd else new.to(dtype), sp)
 
     def gram_row(self, params, grads, offsets, g_hist, count, weight_decay, maximize,
-                 out, cache, store=True) -> None:
+                 out, cache, store=True, *, grad_scale=None, found_inf=None) -> None:
         slots = g_hist.shape[0]
         if store and slots < 1:
             raise ValueError("gram_row with store=True needs a g ring with at least one slot")
@@ -242,14 +262,15 @@ class TorchBackend:
         cd = compute_dtype(g_hist.dtype)
         cols = _columns(grads, offsets, g_hist, cache)
         g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache,
-                            splits=_splits(grads, offsets, g_hist, cache))
+                            splits=_splits(grads, offsets, g_hist, cache),
+                            inv_scale=_inv_scale(grad_scale, cd))
         row = [_dot64(g, g, cache).view(1)]
         if k > 1:
             by_age = _age_slots(count, torch.arange(1, k, device=device), slots)
             row.append(_slot_dots(g, _read(g_hist, cols, cd), cache).index_select(0, by_age))
         out.copy_(torch.cat(row))
         if store:
-            _write_slot(g_hist, cols, torch.remainder(count, slots), g)
+            _write_slot(g_hist, cols, torch.remainder(count, slots), g, _skip(found_inf))
 
     def rna_record(self, sources, offsets, window, count, out, cache) -> None:
         slots = window.shape[0]

@@ -61,16 +61,18 @@ class TritonBackend:
     def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor],
                 offsets: Sequence[int], x_hist: Tensor, g_hist: Tensor, coefs: Tensor, lr: Tensor,
                 count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
-                cache: dict) -> None:
+                cache: dict, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
         with _on(x_hist.device):
             _combine.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count,
-                             weight_decay, maximize, gram, cache)
+                             weight_decay, maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf)
 
     def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
                  g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
-                 cache: dict, store: bool = True) -> None:
+                 cache: dict, store: bool = True, *, grad_scale: Tensor | None = None,
+                 found_inf: Tensor | None = None) -> None:
         with _on(g_hist.device):
-            _gram.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache, store)
+            _gram.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache, store,
+                           grad_scale=grad_scale, found_inf=found_inf)
 
     def rna_record(self, sources: Sequence[Tensor], offsets: Sequence[int], window: Tensor,
                    count: Tensor, out: Tensor | None, cache: dict) -> None:

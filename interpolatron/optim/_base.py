@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from ..backends import BACKEND_NAMES, canonical_name, resolve
 from ..layout import padded_offsets
+from ._amp import NO_AMP, AmpStep, StaleWarmStart
 from ._checkpoint import plan_load
 from ._checks import check_grad, check_lr, check_maximize, check_param, check_real
 
@@ -52,10 +53,11 @@ class Bucket:
         self.gram = torch.zeros(coef_len, dtype=torch.float64, device=device)
         self.cache: dict = {}
 
-    def rotate(self, p: Tensor) -> None:
+    def rotate(self, p: Tensor, skip: Tensor | None = None) -> None:
         """Move ``p``'s ring entries one slot on (slot ``s`` takes slot ``s - 1``'s
         entry, slot 0 the last's), column chunk by column chunk: the only
-        temporary is one chunk, whatever the parameter's size."""
+        temporary is one chunk, whatever the parameter's size. ``skip`` (a
+        device bool, GradScaler's skipped step): the entries stay where they are."""
         off, n = self.offset_of[id(p)], p.numel()
         for ring in (self.x_hist, self.g_hist):
             slots = ring.shape[0]
@@ -63,6 +65,9 @@ class Bucket:
                 continue
             for start in range(off, off + n, ROTATE_CHUNK):
                 cols = ring[:, start:min(start + ROTATE_CHUNK, off + n)]
+                if skip is not None:
+                    cols.copy_(torch.where(skip, cols, cols.roll(1, 0)))
+                    continue
                 last = cols[slots - 1].clone()
                 for s in range(slots - 1, 0, -1):
                     cols[s].copy_(cols[s - 1])
@@ -102,6 +107,8 @@ class BucketedOptimizer(Optimizer):
     """
 
     _algorithm = "base"
+    # GradScaler's fused contract: step() takes grad_scale / found_inf (see _amp.py).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str):
         backend = canonical_name(backend)
@@ -112,6 +119,8 @@ class BucketedOptimizer(Optimizer):
         # The settings a saved param group must carry (not what torch adds later).
         self._hyperparameter_keys = tuple(defaults)
         self._lr_checked: dict[int, Tensor] = {}  # group index -> the tensor lr last validated
+        self._stale_warm: list[StaleWarmStart] = []
+        self._amp = NO_AMP
         super().__init__(params, defaults)
 
     # -- subclass hooks -------------------------------------------------
@@ -199,9 +208,45 @@ class BucketedOptimizer(Optimizer):
     def _group_index(self) -> dict[int, tuple[int, int]]:
         return {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
 
-    def _prepare(self) -> list[Work]:
+    def _amp_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> AmpStep:
+        """GradScaler's inputs of this step: the keyword arguments, else the
+        attributes ``GradScaler.step`` sets on the optimizer. Checked (shapes,
+        not values) before anything is written."""
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            return NO_AMP
+        return AmpStep(grad_scale, found_inf)
+
+    def _refresh_stale_warm_starts(self, amp: AmpStep) -> None:
+        """Refill the g rings warm-started in steps that were (maybe) skipped
+        from this step's gradient, where the device flag says so."""
+        if not self._stale_warm:
+            return
+        where = {id(p): g for g in self.param_groups for p in g["params"]}
+        kept = []
+        for entry in self._stale_warm:
+            p = entry.param
+            if entry.cleared():
+                continue
+            kept.append(entry)
+            st = self.state.get(p, {})
+            if p.grad is None or "g_hist" not in st or st["g_hist"].shape[0] == 0:
+                continue
+            gv = st["g_hist"]
+            fresh = torch.empty_like(gv[0])
+            self._effective_grad_into(fresh, p, where[id(p)], amp)
+            gv.copy_(torch.where(entry.stale, fresh.unsqueeze(0).expand_as(gv), gv))
+            entry.update(amp.skip(p.device))
+        self._stale_warm = kept
+
+    def _prepare(self, amp: AmpStep = NO_AMP) -> list[Work]:
         """Grow buckets, advance the rings of members without a gradient, and
         list the work of this step (after :meth:`_check_step`)."""
+        self._amp = amp
+        self._refresh_stale_warm_starts(amp)
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -219,7 +264,7 @@ class BucketedOptimizer(Optimizer):
                 have = {id(p) for p in active}
                 for p in bucket.members:
                     if id(p) not in have:  # no gradient: keep its history aligned with the ring
-                        bucket.rotate(p)
+                        bucket.rotate(p, amp.skip(key[1]))
             work.append(Work(bucket, group, active, [p.grad for p in active]))
         return work
 
@@ -258,24 +303,34 @@ class BucketedOptimizer(Optimizer):
                 xv.copy_(st["x_hist"])
                 gv.copy_(st["g_hist"])
             else:  # warm start: every missing slot holds x^(0), g^(0)
-                self._warm_start(p, group, xv, gv)
+                self._warm_start(p, group, xv, gv, self._amp)
+                if self._amp.may_skip and gv.shape[0]:
+                    self._stale_warm.append(StaleWarmStart(p, self._amp.skip(device)))
             st["step"], st["x_hist"], st["g_hist"] = count, xv, gv
         self._buckets[key] = bucket
         return bucket
 
     @staticmethod
-    def _warm_start(p: Tensor, group: dict, xv: Tensor, gv: Tensor) -> None:
+    def _effective_grad_into(out: Tensor, p: Tensor, group: dict, amp: AmpStep) -> None:
+        """``out = sign * grad / grad_scale + weight_decay * p`` (as the kernels form it)."""
+        out.copy_(p.grad)
+        inv = amp.inv_scale(p.device, torch.float32 if out.dtype != torch.float64 else torch.float64)
+        if inv is not None:
+            out.mul_(inv)
+        if group["maximize"]:
+            out.neg_()
+        if group["weight_decay"] != 0:
+            out.add_(p.detach(), alpha=group["weight_decay"])
+
+    @classmethod
+    def _warm_start(cls, p: Tensor, group: dict, xv: Tensor, gv: Tensor, amp: AmpStep = NO_AMP) -> None:
         """Fill every slot with ``x^(0)`` and the effective ``g^(0)``, computed
         in place in the first slot (no parameter-sized temporary)."""
         if xv.shape[0]:
             xv.copy_(p.detach().unsqueeze(0).expand_as(xv))
         if gv.shape[0]:
             first = gv[0]
-            first.copy_(p.grad)
-            if group["maximize"]:
-                first.neg_()
-            if group["weight_decay"] != 0:
-                first.add_(p.detach(), alpha=group["weight_decay"])
+            cls._effective_grad_into(first, p, group, amp)
             if gv.shape[0] > 1:
                 gv[1:].copy_(first.unsqueeze(0).expand_as(gv[1:]))
 
@@ -298,10 +353,15 @@ class BucketedOptimizer(Optimizer):
             bucket.lr_seen = lr
 
     @staticmethod
-    def _advance(work: list[Work]) -> None:
+    def _advance(work: list[Work], amp: AmpStep = NO_AMP) -> None:
         counts = [w.bucket.count for w in work]
-        if counts:
+        if not counts:
+            return
+        if not amp.may_skip:
             torch._foreach_add_(counts, 1)
+            return
+        for c in counts:  # a skipped step leaves the count (decided on the device)
+            c.add_(amp.taken(c.device))
 
     # -- checkpoints ----------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -331,6 +391,7 @@ class BucketedOptimizer(Optimizer):
         # Nothing above wrote to the optimizer; now swap the new state in.
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
         self._buckets = {}  # rebuilt at the next step from the per-parameter state
+        self._stale_warm = []
         self._lr_checked = {gi: g["lr"] for gi, g in enumerate(groups) if isinstance(g["lr"], Tensor)}
         self._after_load()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -280,12 +280,17 @@ class Anderson(BucketedOptimizer):
         st["anderson_active"] = mask
         return prev is None or not torch.equal(prev, mask)
 
-    def _count_fallback(self, st: dict, fell_back: Tensor) -> None:
+    def _count_fallback(self, st: dict, fell_back: Tensor, taken: Tensor | None = None) -> None:
         fb = fell_back.to(torch.int64)
+        if taken is not None:  # GradScaler's skipped step: counts nothing, keeps the streak
+            fb = fb * taken
         st["anderson_fallbacks"].add_(fb)
         if self._streak is None or self._streak.device != fb.device:
             self._streak = torch.zeros((), dtype=torch.int64, device=fb.device)
-        self._streak.mul_(fb).add_(fb)  # +1 on a fallback, back to 0 otherwise
+        if taken is None:
+            self._streak.mul_(fb).add_(fb)  # +1 on a fallback, back to 0 otherwise
+        else:
+            self._streak.copy_(torch.where(taken.bool(), self._streak * fb + fb, self._streak))
         self._steps_until_check -= 1
         if self._steps_until_check > 0 or self._fallback_warned:
             return
@@ -305,12 +310,18 @@ class Anderson(BucketedOptimizer):
                 RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
+    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None):
         """One Anderson step: the read-only Gram pass, the on-device solve, the update
-        pass (which stores the gradient and the old iterate)."""
+        pass (which stores the gradient and the old iterate).
+
+        ``grad_scale`` / ``found_inf``: GradScaler's fused contract (see
+        :meth:`Interpolatron.step`); a skipped step also keeps the Gram matrix,
+        the coefficients and the step and fallback counts."""
         loss = self._closure_loss(closure)
+        amp = self._amp_step(grad_scale, found_inf)
         self._check_step()  # every check before the first write: a refused step changes nothing
-        work = self._prepare()
+        work = self._prepare(amp)
         if not work:
             return loss
         anchor = self._anchor()
@@ -319,7 +330,8 @@ class Anderson(BucketedOptimizer):
         for w in work:
             b, group = w.bucket, w.group
             b.backend.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count,
-                               group["weight_decay"], group["maximize"], b.gram, b.cache, store=False)
+                               group["weight_decay"], group["maximize"], b.gram, b.cache, store=False,
+                               **amp.kernel_args(b.count.device))
         k = self.history
         # The Gram is over the parameters that have a gradient now, each at its
         # own (aligned) ages. The kept matrix is only valid for the same set as
@@ -336,15 +348,21 @@ class Anderson(BucketedOptimizer):
         gram = shift_in_row(kept, row)
         valid = torch.arange(k, device=home) <= st["anderson_steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
+        skip = amp.skip(home)
+        if skip is not None:  # GradScaler's skipped step keeps the optimizer-wide state
+            gram = torch.where(skip, st["anderson_gram"], gram)
+            coefs = torch.where(skip, st["anderson_coefficients"], coefs)
         st["anderson_gram"].copy_(gram)
         st["anderson_coefficients"].copy_(coefs)
-        st["anderson_steps"].add_(1)
-        self._count_fallback(st, fell_back)
+        taken = amp.taken(home)
+        st["anderson_steps"].add_(1 if taken is None else taken)
+        self._count_fallback(st, fell_back, taken)
         for w in work:
             b, group = w.bucket, w.group
             self._sync_lr(b, group)
             b.coefs.copy_(coefs)  # same device: a device copy; another device: a peer copy
             b.backend.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr, b.count,
-                              group["weight_decay"], group["maximize"], None, b.cache)
-        self._advance(work)
+                              group["weight_decay"], group["maximize"], None, b.cache,
+                              **amp.kernel_args(b.count.device))
+        self._advance(work, amp)
         return loss

@@ -81,11 +81,18 @@ class Interpolatron(BucketedOptimizer):
         return len(group["alphas"])
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One interpolation step. ``closure`` re-evaluates the loss (optional)."""
+    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None):
+        """One interpolation step. ``closure`` re-evaluates the loss (optional).
+
+        ``grad_scale`` / ``found_inf``: GradScaler's fused contract (it passes
+        them itself, as optimizer attributes): the gradients are divided by
+        ``grad_scale``, and a nonzero ``found_inf`` skips the step on the device
+        (nothing is written, the step count stays)."""
         loss = self._closure_loss(closure)
+        amp = self._amp_step(grad_scale, found_inf)
         self._check_step()  # every check before the first write: a refused step changes nothing
-        work = self._prepare()
+        work = self._prepare(amp)
         for w in work:
             b, group = w.bucket, w.group
             self._sync_lr(b, group)
@@ -98,10 +105,11 @@ class Interpolatron(BucketedOptimizer):
                 b.coefs_seen = group["alphas"]
             b.backend.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr,
                               b.count, group["weight_decay"], group["maximize"],
-                              b.gram if self._diagnostics_on else None, b.cache)
+                              b.gram if self._diagnostics_on else None, b.cache,
+                              **amp.kernel_args(b.count.device))
         if self._diagnostics_on and work:
             self._record_diagnostics(work)
-        self._advance(work)
+        self._advance(work, amp)
         return loss
 
     def _record_diagnostics(self, work) -> None:
