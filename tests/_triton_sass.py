@@ -34,17 +34,35 @@ def _cases(dtype: torch.dtype) -> dict:
     record_per_thread = _launch.settings(dtype, "rna_record").block * dtype.itemsize // (16 * 256)
     tables = {n: "*i64" for n in _TABLES}
     common = dict(CD=tl.float32, RING_ALIGNED=True, BLOCK=block)
+    amp = {"grad_scale": "*fp32", "found_inf": "*fp32"}
+    no_amp = dict(SCALED=False, SKIPPABLE=False)
+    with_amp = dict(SCALED=True, SKIPPABLE=True)
     return {
         f"combine-{ty}-k2": (_combine_kernel, {
             **tables, "ntensors": "i32", "x_hist": f"*{ty}", "g_hist": f"*{ty}", "x_stride": "i32",
             "g_stride": "i32", "coefs": "*fp64", "lr": "*fp64", "count": "*i64", "wd": "*fp64",
-            "partials": "*fp64", "nblocks": "i32"},
-            dict(K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt, GDT=tdt, **common),
+            **amp, "partials": "*fp64", "nblocks": "i32"},
+            dict(K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt, GDT=tdt, **common, **no_amp),
+            4 * per_thread, 3 * per_thread),
+        # GradScaler's variant: the scale and the skip flag read on the device.
+        f"combine-{ty}-k2-amp": (_combine_kernel, {
+            **tables, "ntensors": "i32", "x_hist": f"*{ty}", "g_hist": f"*{ty}", "x_stride": "i32",
+            "g_stride": "i32", "coefs": "*fp64", "lr": "*fp64", "count": "*i64", "wd": "*fp64",
+            **amp, "partials": "*fp64", "nblocks": "i32"},
+            dict(K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt, GDT=tdt, **common,
+                 **with_amp),
             4 * per_thread, 3 * per_thread),
         f"gram_row-{ty}-k2": (_gram_row_kernel, {
             **tables, "ntensors": "i32", "g_hist": f"*{ty}", "g_stride": "i32", "count": "*i64",
-            "wd": "*fp64", "partials": "*fp64", "nblocks": "i32"},
-            dict(K=2, SLOTS=2, STORE=True, MAXIMIZE=False, HAS_WD=True, GDT=tdt, PDT=tdt, **common),
+            "wd": "*fp64", **amp, "partials": "*fp64", "nblocks": "i32"},
+            dict(K=2, SLOTS=2, STORE=True, MAXIMIZE=False, HAS_WD=True, GDT=tdt, PDT=tdt, **common,
+                 **no_amp),
+            3 * per_thread, 1 * per_thread),
+        f"gram_row-{ty}-k2-amp": (_gram_row_kernel, {
+            **tables, "ntensors": "i32", "g_hist": f"*{ty}", "g_stride": "i32", "count": "*i64",
+            "wd": "*fp64", **amp, "partials": "*fp64", "nblocks": "i32"},
+            dict(K=2, SLOTS=2, STORE=True, MAXIMIZE=False, HAS_WD=True, GDT=tdt, PDT=tdt, **common,
+                 **with_amp),
             3 * per_thread, 1 * per_thread),
         f"rna_record-{ty}-s3": (_rna_record_kernel, {
             **tables, "window": f"*{ty}", "w_stride": "i32", "count": "*i64", "partials": "*fp64",

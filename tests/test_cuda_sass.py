@@ -181,6 +181,7 @@ def triton_sass(tmp_path_factory):
 
 
 TRITON_CASES = ["combine-fp32-k2", "combine-bf16-k2", "gram_row-fp32-k2", "gram_row-bf16-k2",
+                "combine-fp32-k2-amp", "combine-bf16-k2-amp", "gram_row-fp32-k2-amp", "gram_row-bf16-k2-amp",
                 "rna_record-fp32-s3", "rna_record-bf16-s3", "rna_extrapolate-fp32-s3",
                 "rna_extrapolate-bf16-s3"]
 
