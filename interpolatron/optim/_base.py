@@ -27,6 +27,8 @@ __all__ = ["Bucket", "BucketedOptimizer", "Work", "check_grad", "check_param"]
 
 BucketKey = tuple[int, torch.device, torch.dtype]
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
 # Columns per chunk when a skipped parameter's ring entries move one slot on.
 ROTATE_CHUNK = 1 << 16
 
@@ -110,7 +112,11 @@ class BucketedOptimizer(Optimizer):
     # GradScaler's fused contract: step() takes grad_scale / found_inf (see _amp.py).
     _step_supports_amp_scaling = True
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str):
+    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str,
+                 master_weights: bool = False):
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
+        self.master_weights = master_weights
         backend = canonical_name(backend)
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
@@ -203,6 +209,44 @@ class BucketedOptimizer(Optimizer):
                     check_grad(p)
         self._validate_groups(self.param_groups)
         self._check_k_unchanged()
+
+    # -- 16-bit parameters: float32 master weights --------------------------
+    def _state_dtype(self, p: Tensor) -> torch.dtype:
+        """The dtype of ``p``'s rings (float32 for a 16-bit parameter with a master copy)."""
+        return torch.float32 if self.master_weights and p.dtype in LOW_PRECISION else p.dtype
+
+    def _enter_master(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        """For the step, a 16-bit parameter with a master copy *is* its float32
+        master (``p.data`` swapped) with a float32 copy of its gradient, so every
+        backend runs the float32 math on float32 rings unchanged. Returns what
+        :meth:`_exit_master` puts back."""
+        swapped: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        if not self.master_weights:
+            return swapped
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in LOW_PRECISION:
+                    continue
+                master = self.state[p].get("master") if p in self.state else None
+                if master is None:
+                    if p.grad is None:
+                        continue
+                    master = self.state[p]["master"] = p.detach().to(torch.float32, copy=True)
+                low, grad = p.data, p.grad
+                p.data = master
+                if grad is not None:
+                    p.grad = grad.to(torch.float32)
+                swapped.append((p, low, grad))
+        return swapped
+
+    @staticmethod
+    def _exit_master(swapped: list[tuple[Tensor, Tensor, Tensor | None]]) -> None:
+        """Put the 16-bit parameters back, each the rounded (nearest-even) master."""
+        for p, low, grad in swapped:
+            master = p.data
+            p.data = low
+            p.grad = grad
+            low.copy_(master)
 
     # -- buckets --------------------------------------------------------
     def _group_index(self) -> dict[int, tuple[int, int]]:

@@ -122,7 +122,10 @@ def plan_load(opt: BucketedOptimizer, state_dict: Any) -> tuple[list[dict], dict
         if not isinstance(entry, Mapping):
             raise CheckpointError(f"state of {name} must be a dict, got {type(entry).__name__}")
         extra = set(opt._extra_state_keys(index))
-        unknown = [k for k in entry if k not in HISTORY_KEYS and k not in extra]
+        ring_dtype = opt._state_dtype(p)  # float32 for a 16-bit parameter with a master copy
+        has_master = ring_dtype != p.dtype
+        unknown = [k for k in entry if k not in HISTORY_KEYS and k not in extra
+                   and not (has_master and k == "master")]
         if unknown:
             raise CheckpointError(f"state of {name} has unknown key {unknown[0]!r} "
                                   f"(a checkpoint of another optimizer?)")
@@ -133,18 +136,21 @@ def plan_load(opt: BucketedOptimizer, state_dict: Any) -> tuple[list[dict], dict
             raise CheckpointError(f"state of {name} lacks {missing!r} (it has {present})")
         if present:
             x_slots, g_slots = opt._ring_slots(group)
-            new["x_hist"] = load_tensor(entry["x_hist"], f"state of {name}, key 'x_hist'", dtype=p.dtype,
+            new["x_hist"] = load_tensor(entry["x_hist"], f"state of {name}, key 'x_hist'", dtype=ring_dtype,
                                         device=p.device, shape=(x_slots, *p.shape))
-            new["g_hist"] = load_tensor(entry["g_hist"], f"state of {name}, key 'g_hist'", dtype=p.dtype,
+            new["g_hist"] = load_tensor(entry["g_hist"], f"state of {name}, key 'g_hist'", dtype=ring_dtype,
                                         device=p.device, shape=(g_slots, *p.shape))
             new["step"] = load_count(entry["step"], f"state of {name}, key 'step'", p.device)
             # One count per bucket (group, device, dtype): its members' rings are aligned.
-            key, count = (gi, p.device, p.dtype), int(new["step"])
+            key, count = (gi, p.device, ring_dtype), int(new["step"])
             other = bucket_steps.setdefault(key, (index, count))
             if other[1] != count:
                 raise CheckpointError(
                     f"state of {name}, key 'step' is {count}, but parameter {other[0]} of the same param "
                     f"group, device and dtype has step {other[1]}: their histories cannot be aligned")
+        if "master" in entry and has_master:
+            new["master"] = load_tensor(entry["master"], f"state of {name}, key 'master'",
+                                        dtype=torch.float32, device=p.device, shape=tuple(p.shape))
         for k in extra & set(entry):
             new[k] = entry[k]  # validated and copied by the subclass below
         state[p] = new

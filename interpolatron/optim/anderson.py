@@ -90,13 +90,16 @@ class Anderson(BucketedOptimizer):
         weight_decay: coupled L2 coefficient.
         singular_tol: normalised pivot below which the system counts as singular.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
+        master_weights: float32 master copies of 16-bit parameters and float32
+            rings (see :class:`~interpolatron.optim.Interpolatron`).
     """
 
     _algorithm = "Anderson"
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2, history: int = 2, reg: float = 0.0,
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
-                 singular_tol: float = DEFAULT_SINGULAR_TOL, backend: str = "auto"):
+                 singular_tol: float = DEFAULT_SINGULAR_TOL, backend: str = "auto",
+                 master_weights: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, history=history, reg=reg,
                         constraint=constraint, singular_tol=singular_tol)
         check_anderson_settings(dict(defaults))
@@ -104,7 +107,7 @@ class Anderson(BucketedOptimizer):
         self._streak: Tensor | None = None  # consecutive fallbacks (device), for the warning
         self._steps_until_check = FALLBACK_CHECK_EVERY
         self._fallback_warned = False
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, master_weights)
 
     # -- settings -------------------------------------------------------
     def _setting(self, key: str):
@@ -339,9 +342,18 @@ class Anderson(BucketedOptimizer):
         loss = self._closure_loss(closure)
         amp = self._amp_step(grad_scale, found_inf)
         self._check_step()  # every check before the first write: a refused step changes nothing
+        swapped = self._enter_master()
+        try:
+            self._update(amp)
+        finally:
+            self._exit_master(swapped)
+        return loss
+
+    def _update(self, amp) -> None:
+        """The step after the checks (16-bit parameters with masters are float32 here)."""
         work = self._prepare(amp)
         if not work:
-            return loss
+            return
         anchor = self._anchor()
         home = anchor.device
         st = self._global(anchor)
@@ -383,4 +395,3 @@ class Anderson(BucketedOptimizer):
                               group["weight_decay"], group["maximize"], None, b.cache,
                               **amp.kernel_args(b.count.device))
         self._advance(work, amp)
-        return loss

@@ -56,18 +56,24 @@ class Interpolatron(BucketedOptimizer):
         diagnostics: also produce the Gram row of the gradient window in the
             update pass (free on the fused backends): see :attr:`diagnostics`.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
+        master_weights: keep a float32 master copy of every bfloat16/float16
+            parameter (state key ``"master"``) and float32 rings; the step runs
+            in float32 on the master and the 16-bit parameter is the master
+            rounded to nearest. Updates below half a 16-bit ulp then accumulate
+            instead of rounding away.
     """
 
     _algorithm = "Interpolatron"
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2,
                  alphas: Sequence[float] = (0.05, 0.95), weight_decay: float = 0.0, *,
-                 maximize: bool = False, diagnostics: bool = False, backend: str = "auto"):
+                 maximize: bool = False, diagnostics: bool = False, backend: str = "auto",
+                 master_weights: bool = False):
         check_alphas(alphas)
         defaults = dict(lr=lr, alphas=tuple(alphas), weight_decay=weight_decay, maximize=maximize)
         self._diagnostics_on = diagnostics
         self._diag: dict[str, Tensor] = {}
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, master_weights)
 
     def _validate_group(self, group: dict, read_lr: bool = True) -> None:
         super()._validate_group(group, read_lr)
@@ -92,6 +98,15 @@ class Interpolatron(BucketedOptimizer):
         loss = self._closure_loss(closure)
         amp = self._amp_step(grad_scale, found_inf)
         self._check_step()  # every check before the first write: a refused step changes nothing
+        swapped = self._enter_master()
+        try:
+            self._update(amp)
+        finally:
+            self._exit_master(swapped)
+        return loss
+
+    def _update(self, amp) -> None:
+        """The step after the checks (16-bit parameters with masters are float32 here)."""
         work = self._prepare(amp)
         for w in work:
             b, group = w.bucket, w.group
@@ -110,7 +125,6 @@ class Interpolatron(BucketedOptimizer):
         if self._diagnostics_on and work:
             self._record_diagnostics(work)
         self._advance(work, amp)
-        return loss
 
     def _record_diagnostics(self, work) -> None:
         # Groups with different k give rows of different lengths: only the
