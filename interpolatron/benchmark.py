@@ -221,11 +221,27 @@ _TORCH_OPTIMIZERS: dict[str, tuple[type, dict, int]] = {
     "adam": (torch.optim.Adam, {}, 7),
 }
 _OURS = ("interpolatron-2", "interpolatron-3", "anderson-2", "anderson-3",
-         f"rna-record-w{RNA_WINDOW}", f"rna-extrapolate-w{RNA_WINDOW}")
+         f"rna-record-w{RNA_WINDOW}", f"rna-extrapolate-w{RNA_WINDOW}",
+         "interpolatron-2-master", "anderson-2-master")
 OPTIMIZER_NAMES = tuple(_TORCH_OPTIMIZERS) + _OURS
 
 
+def bytes_per_element(optimizer: str, elem: int) -> int:
+    """Bytes one step moves per parameter element of ``elem`` bytes. A
+    ``-master`` case (``master_weights=True``) on 16-bit parameters runs the
+    float32 step on the float32 master and rings (its accesses at 4 bytes, the
+    float32 gradient copy included), plus the gradient's upcast (read ``elem``,
+    write 4) and the rounded write-back of the parameter (read 4, write
+    ``elem``): for k = 2 Interpolatron 7 x 4 + 6 + 6 = 40 bytes against plain
+    bfloat16's 7 x 2 = 14. On 32/64-bit parameters it is the plain step."""
+    acc = _accesses(optimizer)
+    if optimizer.endswith("-master") and elem < 4:
+        return acc * 4 + (elem + 4) + (4 + elem)
+    return acc * elem
+
+
 def _accesses(optimizer: str) -> int:
+    optimizer = optimizer.removesuffix("-master")
     if optimizer in _TORCH_OPTIMIZERS:
         return _TORCH_OPTIMIZERS[optimizer][2]
     kind, _, k = optimizer.rpartition("-")
@@ -316,15 +332,16 @@ def prepare_case(case: Case, params: list[nn.Parameter]) -> Prepared:
         opt = cls(params, lr=LR, **{case.impl: True}, **kwargs)
         opt.step()  # creates the state buffers
         return Prepared(opt.step, [opt])
-    kind, _, k = case.optimizer.rpartition("-")
+    master = case.optimizer.endswith("-master")
+    kind, _, k = case.optimizer.removesuffix("-master").rpartition("-")
     if kind == "interpolatron":
         alphas = {2: (0.05, 0.95), 3: (0.1, 0.3, 0.6)}[int(k)]
-        opt = Interpolatron(params, lr=LR, alphas=alphas, backend=case.impl)
+        opt = Interpolatron(params, lr=LR, alphas=alphas, backend=case.impl, master_weights=master)
     elif kind == "anderson":
         # Fixed gradients make the Gram matrix singular, so every step takes
         # the SGD fallback; the passes over memory are the same as for a
         # regular step (the solve is k x k and runs on the device either way).
-        opt = Anderson(params, lr=LR, history=int(k), backend=case.impl)
+        opt = Anderson(params, lr=LR, history=int(k), backend=case.impl, master_weights=master)
     else:
         holder = _Holder(params)
         window = int(k.lstrip("w"))
@@ -496,7 +513,7 @@ def run_case(case: Case, pset: ParamSet, params: list[nn.Parameter], device: tor
     holder.clear()  # free the optimizer before the next case allocates its own
     median = statistics.median(times)
     elem = torch.empty((), dtype=dtype).element_size()
-    nbytes = case.accesses * pset.numel * elem
+    nbytes = bytes_per_element(case.optimizer, elem) * pset.numel
     achieved = nbytes / median
     return {
         "set": pset.label, "set_name": pset.name, "scale": pset.scale, "n_tensors": pset.n_tensors,
@@ -659,9 +676,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         elem = r["bytes"] // (r["numel"] * r["accesses_per_elem"])
+        plain = r["bytes"] == r["numel"] * r["accesses_per_elem"] * elem
+        # A master-weights step mixes widths: its bytes per element as such.
+        per_elem = f"{r['accesses_per_elem']}x{elem}" if plain else str(r["bytes"] // r["numel"])
         lines.append(
             f"| {r['set']} | {r['dtype']} | {r['optimizer']} | {r['impl']} | {r['numel']:,} "
-            f"| {r['time_s'] * 1e3:.3f} | {r['time_min_s'] * 1e3:.3f} | {r['accesses_per_elem']}x{elem} "
+            f"| {r['time_s'] * 1e3:.3f} | {r['time_min_s'] * 1e3:.3f} | {per_elem} "
             f"| {r['bytes_per_s'] / 1e9:.2f} | {100 * r['fraction_of_copy']:.1f} % "
             f"| {r['floor_s'] * 1e3:.3f} | {_mb(r['peak_extra_bytes'])} | {_mb(r['state_bytes'])} |")
     return "\n".join(lines)

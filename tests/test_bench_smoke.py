@@ -45,8 +45,15 @@ def test_bytes_per_element_follow_algorithms_md():
     expect = {"sgd": 3, "momentum": 5, "nesterov": 5, "adam": 7, "interpolatron-2": 7,
               "interpolatron-3": 9, "anderson-2": 9, "anderson-3": 12,
               f"rna-record-w{bm.RNA_WINDOW}": bm.RNA_WINDOW + 2,
-              f"rna-extrapolate-w{bm.RNA_WINDOW}": bm.RNA_WINDOW + 1}
+              f"rna-extrapolate-w{bm.RNA_WINDOW}": bm.RNA_WINDOW + 1,
+              "interpolatron-2-master": 7, "anderson-2-master": 9}
     assert {name: bm._accesses(name) for name in bm.OPTIMIZER_NAMES} == expect
+    # master weights on 16-bit parameters: the float32 step, the gradient's
+    # upcast and the rounded write-back (bytes per element)
+    assert bm.bytes_per_element("interpolatron-2", 2) == 14
+    assert bm.bytes_per_element("interpolatron-2-master", 2) == 7 * 4 + 6 + 6 == 40
+    assert bm.bytes_per_element("anderson-2-master", 2) == 9 * 4 + 12 == 48
+    assert bm.bytes_per_element("interpolatron-2-master", 4) == 28
 
 
 def test_every_case_runs(result):

@@ -119,6 +119,15 @@ class StaleWarmStart:
             self.event = torch.cuda.Event()
             self.event.record()
 
+    def __getstate__(self) -> dict:
+        # deepcopy / pickle: the flag itself; the host mirror (and its CUDA event) is remade.
+        return {"param": self.param, "stale": self.stale}
+
+    def __setstate__(self, state: dict) -> None:
+        self.param, self.stale = state["param"], state["stale"]
+        self.host, self.event = None, None
+        self._mirror()
+
     def cleared(self) -> bool:
         """Whether the flag is known (without waiting) to be clear."""
         if self.event is not None and not self.event.query():

@@ -310,6 +310,7 @@ class BucketedOptimizer(Optimizer):
                     if id(p) not in have:  # no gradient: keep its history aligned with the ring
                         bucket.rotate(p, amp.skip(key[1]))
             work.append(Work(bucket, group, active, [p.grad for p in active]))
+        self._amp = NO_AMP  # only the warm starts of _rebuild read it
         return work
 
     def _rebuild(self, key: BucketKey, group: dict, active: list[Tensor], old: Bucket | None) -> Bucket:
