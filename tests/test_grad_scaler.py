@@ -39,31 +39,31 @@ def _need(backend: str) -> None:
         pytest.skip(why)
 
 
-def _model(dtype=torch.float32) -> torch.nn.Module:
+def _model(dtype=torch.float32, device="cpu") -> torch.nn.Module:
     g = torch.Generator().manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return m.to(dtype)
+    return m.to(device=device, dtype=dtype)
 
 
-def _data():
+def _data(device="cpu"):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(64, 8, generator=g), torch.randn(64, 3, generator=g)
+    return torch.randn(64, 8, generator=g).to(device), torch.randn(64, 3, generator=g).to(device)
 
 
-def _scaler() -> torch.amp.GradScaler:
+def _scaler(device="cpu") -> torch.amp.GradScaler:
     # A short growth interval: the scale both backs off (inf steps) and grows.
-    return torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    return torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=2)
 
 
-def _scaled_run(make_opt, steps: int = 10, inf_steps=INF_STEPS, clip: float | None = None):
+def _scaled_run(make_opt, steps: int = 10, inf_steps=INF_STEPS, clip: float | None = None, device="cpu"):
     """Train under a GradScaler, an inf injected into one gradient at ``inf_steps``."""
-    m = _model()
+    m = _model(device=device)
     opt = make_opt(m.parameters())
-    scaler = _scaler()
-    x, y = _data()
+    scaler = _scaler(device)
+    x, y = _data(device)
     scales = []
     for t in range(steps):
         opt.zero_grad()
@@ -80,19 +80,20 @@ def _scaled_run(make_opt, steps: int = 10, inf_steps=INF_STEPS, clip: float | No
     return m, opt, scales
 
 
-def _unscaled_run(make_opt, scales, steps: int = 10, inf_steps=INF_STEPS, clip: float | None = None):
+def _unscaled_run(make_opt, scales, steps: int = 10, inf_steps=INF_STEPS, clip: float | None = None,
+                  device="cpu"):
     """The same training fed pre-unscaled gradients (``grad * (1 / scale)``, as
     GradScaler.unscale_ forms them), the inf steps not taken at all."""
-    m = _model()
+    m = _model(device=device)
     opt = make_opt(m.parameters())
-    x, y = _data()
+    x, y = _data(device)
     for t in range(steps):
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(m(x), y)
         (loss * scales[t]).backward()
         if t in inf_steps:
             continue
-        inv = torch.tensor(scales[t], dtype=torch.float64).reciprocal().float()
+        inv = torch.tensor(scales[t], dtype=torch.float64).reciprocal().float().to(device)
         for p in m.parameters():
             p.grad.mul_(inv)
         if clip is not None:
@@ -260,3 +261,29 @@ def test_scaled_step_reads_nothing_on_the_host(backend, algo):
             opt.step(grad_scale=scaler._get_scale_async(), found_inf=torch.zeros(()))
     names = {e.name for e in prof.events()}
     assert "aten::item" not in names and "aten::_local_scalar_dense" not in names
+
+
+def _gpu_backends() -> list[str]:
+    if not torch.cuda.is_available():
+        return ["torch"]  # collected, then skipped by the gpu marker
+    return [name for name, why in availability("cuda", torch.float32).items() if why is None]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
+def test_cuda_scaled_equals_pre_unscaled(backend, algo):
+    """The CUDA kernels' scale and skip flag (each block returns on the flag)."""
+    if algo == "interpolatron":
+        def make(ps):
+            return Interpolatron(ps, lr=0.05, alphas=(0.3, 0.7), weight_decay=0.01, backend=backend)
+    else:
+        def make(ps):
+            return Anderson(ps, lr=0.05, history=2, reg=1e-3, weight_decay=0.01, backend=backend)
+    got, opt, scales = _scaled_run(make, device="cuda")
+    want, ref_opt = _unscaled_run(make, scales, device="cuda")
+    for a, b in zip(want.parameters(), got.parameters()):
+        assert torch.equal(a, b)
+    s_got, s_want = _state_tensors(opt), _state_tensors(ref_opt)
+    for key in s_want:
+        assert torch.equal(s_got[key], s_want[key]), key
