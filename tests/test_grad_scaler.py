@@ -287,3 +287,29 @@ def test_cuda_scaled_equals_pre_unscaled(backend, algo):
     s_got, s_want = _state_tensors(opt), _state_tensors(ref_opt)
     for key in s_want:
         assert torch.equal(s_got[key], s_want[key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skipped_step_with_parameters_without_gradient(backend):
+    """Members without a gradient have their rings rotated on a taken step; a
+    skipped step leaves them where they are (decided on the device)."""
+    _need(backend)
+    m = _model()
+    opt = Anderson(m.parameters(), lr=0.05, history=3, backend=backend)
+    x, y = _data()
+    scale = torch.tensor(2.0 ** 5)
+    for t in range(4):
+        opt.zero_grad()
+        (torch.nn.functional.mse_loss(m(x), y) * scale).backward()
+        if t >= 2:
+            m[2].bias.grad = None  # from here on one member has no gradient
+        if t == 3:
+            params = [p.detach().clone() for p in m.parameters()]
+            state = _state_tensors(opt)
+            m[0].bias.grad[0] = float("inf")
+        opt.step(grad_scale=scale, found_inf=torch.tensor(float(t == 3)))
+    for a, b in zip(params, m.parameters()):
+        assert torch.equal(a, b)
+    after = _state_tensors(opt)
+    for key in state:
+        assert torch.equal(after[key], state[key]), key
