@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import layout
 from .base import compute_dtype
 
 
@@ -66,12 +67,15 @@ def _buffer(cache: dict, name: str, n: int, dtype: torch.dtype, device: torch.de
 
 
 def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device,
-          cache: dict | None = None, name: str = "") -> Tensor:
+          cache: dict | None = None, name: str = "", like: Sequence[Tensor] | None = None) -> Tensor:
+    """The tensors back to back, each in the storage order of its ``like``
+    counterpart (itself by default): the ring's column order."""
     n = sum(t.numel() for t in tensors)
     out = (_buffer(cache, name, n, dtype, device) if cache is not None
            else torch.empty(n, dtype=dtype, device=device))
     if tensors:
-        pieces = [t.reshape(-1) for t in tensors]
+        refs = tensors if like is None else like
+        pieces = [layout.flat(t, layout.dim_order(r)) for t, r in zip(tensors, refs)]
         if tensors[0].dtype == dtype:
             torch.cat(pieces, out=out)
         else:
@@ -81,7 +85,7 @@ def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device,
 
 def _effective_grad(params, grads, weight_decay, maximize, dtype, device, cache=None, x=None) -> Tensor:
     """``sign * grad + weight_decay * param``, flat (in a scratch buffer if ``cache``)."""
-    g = _flat(grads, dtype, device, cache, "g")
+    g = _flat(grads, dtype, device, cache, "g", like=params if params else None)
     if maximize:
         g.neg_()
     if weight_decay != 0:
@@ -117,7 +121,8 @@ def _scatter_back(targets: Sequence[Tensor], flat: Tensor) -> None:
     if not targets:
         return
     pieces = flat.split([t.numel() for t in targets])
-    torch._foreach_copy_(list(targets), [v.view_as(t) for v, t in zip(pieces, targets)])
+    torch._foreach_copy_(list(targets), [layout.unflat(v, t, layout.dim_order(t))
+                                         for v, t in zip(pieces, targets)])
 
 
 def _age_slots(count: Tensor, ages: Tensor, slots: int) -> Tensor:

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..backends import BACKEND_NAMES, SUPPORTED_DTYPES, resolve
+from .. import ops
+from ..backends import BACKEND_NAMES, SUPPORTED_DTYPES, layout, resolve
 
 BucketKey = tuple[int, torch.device, torch.dtype]
 
@@ -31,6 +32,7 @@ class Bucket:
         self.key = key
         self.backend = backend
         self.members = members
+        self.device = device
         numels = [p.numel() for p in members]
         self.offsets = [sum(numels[:i]) for i in range(len(numels))]
         self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
@@ -38,27 +40,37 @@ class Bucket:
         self.x_hist = torch.zeros(x_slots, self.numel, dtype=dtype, device=device)
         self.g_hist = torch.zeros(g_slots, self.numel, dtype=dtype, device=device)
         self.count = count
-        self.lr = torch.zeros((), dtype=torch.float64, device=device)
-        self.lr_seen: float | None = None
         self.coefs = torch.zeros(coef_len, dtype=torch.float64, device=device)
         self.coefs_seen: tuple | None = None
         self.gram = torch.zeros(coef_len, dtype=torch.float64, device=device)
-        self.cache: dict = {}
+        # The backend's private cache (pointer tables, work buffers), by handle:
+        # a dict cannot cross a custom op's boundary.
+        self.cache = ops.new_cache(self)
 
     def views(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """The ring slots of ``p`` as ``(S, *p.shape)``, each slot strided like ``p``
+        (a dense non-contiguous parameter keeps its columns in storage order)."""
         off, n = self.offset_of[id(p)], p.numel()
-        return (self.x_hist[:, off:off + n].view(self.x_hist.shape[0], *p.shape),
-                self.g_hist[:, off:off + n].view(self.g_hist.shape[0], *p.shape))
+        order = layout.dim_order(p)
+        return (layout.ring_view(self.x_hist[:, off:off + n], p, order),
+                layout.ring_view(self.g_hist[:, off:off + n], p, order))
 
 
 class Work:
-    """One bucket's share of a step: the members that have a gradient now."""
+    """One bucket's share of a step: the members that have a gradient now
+    (``params``) and those that have none (``idle``: their rings are rolled to
+    stay aligned). It is kept between steps while the set does not change, so
+    that a compiled step guards on one object."""
 
-    __slots__ = ("bucket", "group", "params", "grads", "offsets")
+    __slots__ = ("bucket", "group", "params", "offsets", "idle")
 
-    def __init__(self, bucket: Bucket, group: dict, params: list[Tensor], grads: list[Tensor]):
-        self.bucket, self.group, self.params, self.grads = bucket, group, params, grads
+    def __init__(self, bucket: Bucket, group: dict, params: list[Tensor], idle: list[Tensor]):
+        self.bucket, self.group, self.params, self.idle = bucket, group, params, idle
         self.offsets = [bucket.offset_of[id(p)] for p in params]
+
+    @property
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params]
 
 
 def effective_grad(p: Tensor, group: dict) -> Tensor:
@@ -102,6 +114,8 @@ class BucketedOptimizer(Optimizer):
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
         self._buckets: dict[BucketKey, Bucket] = {}
+        self._plan: list[Work] = []
+        self._plan_key: tuple | None = None
         super().__init__(params, defaults)
 
     # -- subclass hooks -------------------------------------------------
@@ -124,6 +138,7 @@ class BucketedOptimizer(Optimizer):
                 resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
             if not (isinstance(group["lr"], Tensor) or group["lr"] >= 0):
                 raise ValueError(f"invalid learning rate: {group['lr']}")
+            self._tensor_lr(group)
             if group["weight_decay"] < 0:
                 raise ValueError(f"invalid weight_decay: {group['weight_decay']}")
             self._validate_group(group)
@@ -135,9 +150,37 @@ class BucketedOptimizer(Optimizer):
     def _group_index(self) -> dict[int, tuple[int, int]]:
         return {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
 
-    def _prepare(self) -> list[Work]:
-        """Validate every gradient, then (only then) grow buckets, advance the
-        rings of members without a gradient, and list the work of this step."""
+    @staticmethod
+    def _tensor_lr(group: dict) -> None:
+        """Keep the group's learning rate in a 0-dim float64 tensor on its
+        parameters' device: the kernels read it from memory, schedulers update
+        it in place (``fill_``), and a compiled step reads it as an input instead
+        of specialising on (and recompiling for) every float value."""
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float64, device=device)
+
+    @staticmethod
+    def _lr(w: Work) -> Tensor:
+        """The group's lr on the bucket's device (a device copy if elsewhere; no state write)."""
+        lr = w.group["lr"]
+        if not isinstance(lr, Tensor):  # a float assigned inside a compiled region
+            return torch.full((), lr, dtype=torch.float64, device=w.bucket.device)
+        return lr if lr.device == w.bucket.device else lr.to(w.bucket.device)
+
+    def _init_group(self) -> None:
+        """Host-side setup of a step: validate every gradient, then (only then)
+        grow buckets and list the work (``self._plan``). Nothing here depends on
+        the values of device tensors.
+
+        Under ``torch.compile`` Dynamo runs a method of this name eagerly while
+        tracing (as it does for torch.optim's ``_init_group``) and guards on
+        which parameters have gradients, so the compiled graph holds only the
+        per-step device work. A step in which a member has no gradient is not
+        supported there: it raises."""
+        for group in self.param_groups:
+            self._tensor_lr(group)
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -145,7 +188,7 @@ class BucketedOptimizer(Optimizer):
                     check_grad(p)
                     wanted[(gi, p.device, p.dtype)].append(p)
         self._membership_changed = False
-        work = []
+        plan_key = []
         for key, active in wanted.items():
             group = self.param_groups[key[0]]
             bucket = self._buckets.get(key)
@@ -153,13 +196,30 @@ class BucketedOptimizer(Optimizer):
                 bucket = self._rebuild(key, group, active, bucket)
             if len(active) != len(bucket.members):
                 self._membership_changed = True
+                if torch.compiler.is_compiling():
+                    raise NotImplementedError(
+                        "interpolatron under torch.compile: every parameter that has a history must "
+                        "have a gradient at every step (this one has none for some); step this "
+                        "optimizer eagerly for such steps")
+            plan_key.append((id(bucket), tuple(id(p) for p in active)))
+        plan_key = tuple(plan_key)
+        if plan_key != self._plan_key:  # the same objects while nothing changes (compile guards)
+            plan = []
+            for key, active in wanted.items():
+                bucket = self._buckets[key]
                 have = {id(p) for p in active}
-                for p in bucket.members:
-                    if id(p) not in have:  # no gradient: keep its history aligned with the ring
-                        for view in bucket.views(p):
-                            view.copy_(view.roll(1, 0))
-            work.append(Work(bucket, group, active, [p.grad for p in active]))
-        return work
+                plan.append(Work(bucket, self.param_groups[key[0]], active,
+                                 [p for p in bucket.members if id(p) not in have]))
+            self._plan, self._plan_key = plan, plan_key
+
+    def _prepare(self) -> list[Work]:
+        """The work of this step after :meth:`_init_group`; advances the rings of
+        members without a gradient (device work, so it is traced)."""
+        for w in self._plan:
+            for p in w.idle:  # no gradient: keep its history aligned with the ring
+                for view in w.bucket.views(p):
+                    view.copy_(view.roll(1, 0))
+        return self._plan
 
     def _rebuild(self, key: BucketKey, group: dict, active: list[Tensor], old: Bucket | None) -> Bucket:
         order = self._group_index()
@@ -211,15 +271,6 @@ class BucketedOptimizer(Optimizer):
             return closure()
 
     @staticmethod
-    def _sync_lr(bucket: Bucket, group: dict) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            bucket.lr.copy_(lr)  # a device copy: a captured graph replays the current value
-        elif lr != bucket.lr_seen:
-            bucket.lr.fill_(lr)
-            bucket.lr_seen = lr
-
-    @staticmethod
     def _advance(work: list[Work]) -> None:
         counts = [w.bucket.count for w in work]
         if counts:
@@ -269,7 +320,29 @@ class BucketedOptimizer(Optimizer):
         for key, value in list(self.state.items()):
             if not isinstance(key, Tensor) and isinstance(value, dict):
                 self.state[key] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in value.items()}
-        self._buckets = {}  # rebuilt at the next step from the per-parameter state
+        self._forget_buckets()  # rebuilt at the next step from the per-parameter state
+
+    def _forget_buckets(self) -> None:
+        self._buckets = {}
+        self._plan, self._plan_key = [], None
+
+    # -- copies (copy.deepcopy, pickle) ---------------------------------
+    # torch's Optimizer.__getstate__ keeps defaults, state and param_groups
+    # only: keep this optimizer's own settings too, but not the buckets (their
+    # rings are rebuilt from the per-parameter state, whose views the copy
+    # holds, at the next step) nor the step hooks.
+    _TRANSIENT = ("_buckets", "_plan", "_plan_key")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key, value in self.__dict__.items():
+            if key not in state and key not in self._TRANSIENT and not key.startswith("_optimizer_"):
+                state[key] = value
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._forget_buckets()
 
     def _check_state_shapes(self, state_dict: dict, config: dict) -> None:
         params = [p for g in self.param_groups for p in g["params"]]

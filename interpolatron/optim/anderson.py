@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..gram import reduce_gram, ring_gram, shift_in_row
 from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
 from ._base import BucketedOptimizer
@@ -117,35 +118,46 @@ class Anderson(BucketedOptimizer):
             raise RuntimeError("no step has been taken yet")
         return st["coefficients"]
 
+    def _init_group(self) -> None:
+        """Host setup (see the base class), and the Gram kept between steps made
+        valid for this step's parameters. The Gram is over the parameters that
+        have a gradient now, each at its own (aligned) ages; the kept matrix is
+        only valid for the same set as the last step's: otherwise its older ages
+        are recomputed from the rings, here, before any op of the step (under
+        torch.compile this runs once, when the change makes Dynamo retrace)."""
+        super()._init_group()
+        work = self._plan
+        if not work:
+            return
+        st = self._global(work[0].bucket.count.device)
+        active = self._active_signature(work)
+        k = self.history
+        if (self._membership_changed or st.get("active") != active) and k > 1:
+            # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
+            older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_columns(w)) for w in work],
+                              k - 1, st["gram"].device)
+            st["gram"].zero_()
+            st["gram"][: k - 1, : k - 1] = older
+        st["active"] = active
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One Anderson step: the read-only Gram pass, the on-device solve, the update
         pass (which stores the gradient and the old iterate)."""
         loss = self._closure_loss(closure)
+        self._init_group()
         work = self._prepare()
         if not work:
             return loss
         home = work[0].bucket.count.device
-        st = self._global(home)
+        st = self.state["anderson"]
         for w in work:
             b, group = w.bucket, w.group
-            b.backend.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count,
-                               group["weight_decay"], group["maximize"], b.gram, b.cache, store=False)
+            ops.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count, group["weight_decay"],
+                         group["maximize"], b.gram, b.backend.name, b.cache)
         k = self.history
-        # The Gram is over the parameters that have a gradient now, each at its
-        # own (aligned) ages. The kept matrix is only valid for the same set as
-        # the last step's: otherwise its older ages are recomputed from the rings.
         row = reduce_gram([w.bucket.gram for w in work], home)
-        active = self._active_signature(work)
-        kept = st["gram"]
-        if (self._membership_changed or st.get("active") != active) and k > 1:
-            # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
-            older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_columns(w)) for w in work],
-                              k - 1, home)
-            kept = torch.zeros_like(kept)
-            kept[: k - 1, : k - 1] = older
-        gram = shift_in_row(kept, row)
-        st["active"] = active
+        gram = shift_in_row(st["gram"], row)
         valid = torch.arange(k, device=home) <= st["steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
         st["gram"].copy_(gram)
@@ -154,9 +166,8 @@ class Anderson(BucketedOptimizer):
         st["steps"].add_(1)
         for w in work:
             b, group = w.bucket, w.group
-            self._sync_lr(b, group)
-            b.coefs.copy_(coefs)  # same device: a device copy; another device: a peer copy
-            b.backend.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr, b.count,
-                              group["weight_decay"], group["maximize"], None, b.cache)
+            mine = coefs if coefs.device == b.device else coefs.to(b.device)  # a peer copy, no state write
+            ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, mine, self._lr(w), b.count,
+                        group["weight_decay"], group["maximize"], None, b.backend.name, b.cache)
         self._advance(work)
         return loss

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..gram import reduce_gram
 from ._base import BucketedOptimizer
 
@@ -77,25 +78,34 @@ class Interpolatron(BucketedOptimizer):
     def _coef_len(self, group: dict) -> int:
         return len(group["alphas"])
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One interpolation step. ``closure`` re-evaluates the loss (optional)."""
-        loss = self._closure_loss(closure)
+    def _init_group(self) -> None:
         for group in self.param_groups:
             self._validate_group(group)
-        work = self._prepare()
-        for w in work:
+        super()._init_group()
+        for w in self._plan:
             b, group = w.bucket, w.group
             if len(group["alphas"]) != b.coefs.numel():
                 raise ValueError("the number of alphas (k) cannot change once the history exists; "
                                  "build a new optimizer instead")
-            self._sync_lr(b, group)
-            if group["alphas"] != b.coefs_seen:
+            if group["alphas"] != b.coefs_seen:  # host setup: eager, also under torch.compile
                 b.coefs.copy_(torch.tensor(group["alphas"], dtype=torch.float64))
                 b.coefs_seen = group["alphas"]
-            b.backend.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr,
-                              b.count, group["weight_decay"], group["maximize"],
-                              b.gram if self._diagnostics_on else None, b.cache)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One interpolation step. ``closure`` re-evaluates the loss (optional)."""
+        loss = self._closure_loss(closure)
+        self._init_group()
+        work = self._prepare()
+        for w in work:
+            b, group = w.bucket, w.group
+            # Reading alphas here makes a compiled step guard on them (a change
+            # retraces, and _init_group refreshes b.coefs).
+            coefs = (b.coefs if group["alphas"] == b.coefs_seen
+                     else torch.tensor(group["alphas"], dtype=torch.float64, device=b.device))
+            ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
+                        group["weight_decay"], group["maximize"], b.gram if self._diagnostics_on else None,
+                        b.backend.name, b.cache)
         if self._diagnostics_on and work:
             self._record_diagnostics(work)
         self._advance(work)
