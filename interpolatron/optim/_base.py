@@ -103,6 +103,17 @@ def check_grad(p: Tensor) -> None:
         raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
 
 
+def scheduler_ready(step):
+    """Mark ``step`` as already tracked for torch's LR schedulers.
+
+    A scheduler otherwise replaces ``optimizer.step`` by a wrapper (defined in
+    torch/optim/lr_scheduler.py, a file Dynamo refuses to trace) that only sets
+    ``optimizer._opt_called``; the step sets that itself (in ``_init_group``),
+    so a compiled training step that calls ``opt.step()`` stays one graph."""
+    step._wrapped_by_lr_sched = True
+    return step
+
+
 class BucketedOptimizer(Optimizer):
     """Base of the ring-history optimizers. Subclasses set the ring sizes and
     the step; this class owns buckets, validation and checkpoints."""
@@ -116,6 +127,7 @@ class BucketedOptimizer(Optimizer):
         self._buckets: dict[BucketKey, Bucket] = {}
         self._plan: list[Work] = []
         self._plan_key: tuple | None = None
+        self._has_grad: list[list[bool]] = []
         super().__init__(params, defaults)
 
     # -- subclass hooks -------------------------------------------------
@@ -142,6 +154,7 @@ class BucketedOptimizer(Optimizer):
             if group["weight_decay"] < 0:
                 raise ValueError(f"invalid weight_decay: {group['weight_decay']}")
             self._validate_group(group)
+            self._plan_key = None
         except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
@@ -179,6 +192,7 @@ class BucketedOptimizer(Optimizer):
         which parameters have gradients, so the compiled graph holds only the
         per-step device work. A step in which a member has no gradient is not
         supported there: it raises."""
+        self._opt_called = True  # what an LR scheduler's step wrapper would record
         for group in self.param_groups:
             self._tensor_lr(group)
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
@@ -211,6 +225,30 @@ class BucketedOptimizer(Optimizer):
                 plan.append(Work(bucket, self.param_groups[key[0]], active,
                                  [p for p in bucket.members if id(p) not in have]))
             self._plan, self._plan_key = plan, plan_key
+        self._has_grad = [[p.grad is not None for p in g["params"]] for g in self.param_groups]
+
+    def _setup(self) -> None:
+        """:meth:`_init_group`, except in a compiled step that changes nothing.
+
+        Under ``torch.compile`` the check below is traced (so the graph guards
+        on which parameters have a gradient) and the host setup is skipped when
+        it would do nothing: a whole training step (forward, backward, step)
+        then compiles into one graph once the optimizer has taken a step (its
+        first step must see real gradients: it builds the state)."""
+        if torch.compiler.is_compiling() and self._ready():
+            return
+        self._init_group()
+
+    def _ready(self) -> bool:
+        if self._plan_key is None or len(self._has_grad) != len(self.param_groups):
+            return False
+        for group, expect in zip(self.param_groups, self._has_grad):
+            if not isinstance(group["lr"], Tensor) or len(expect) != len(group["params"]):
+                return False
+            for p, e in zip(group["params"], expect):
+                if (p.grad is not None) != e:
+                    return False
+        return True
 
     def _prepare(self) -> list[Work]:
         """The work of this step after :meth:`_init_group`; advances the rings of
@@ -324,14 +362,14 @@ class BucketedOptimizer(Optimizer):
 
     def _forget_buckets(self) -> None:
         self._buckets = {}
-        self._plan, self._plan_key = [], None
+        self._plan, self._plan_key, self._has_grad = [], None, []
 
     # -- copies (copy.deepcopy, pickle) ---------------------------------
     # torch's Optimizer.__getstate__ keeps defaults, state and param_groups
     # only: keep this optimizer's own settings too, but not the buckets (their
     # rings are rebuilt from the per-parameter state, whose views the copy
     # holds, at the next step) nor the step hooks.
-    _TRANSIENT = ("_buckets", "_plan", "_plan_key")
+    _TRANSIENT = ("_buckets", "_plan", "_plan_key", "_has_grad")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

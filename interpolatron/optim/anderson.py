@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import ops
 from ..gram import reduce_gram, ring_gram, shift_in_row
 from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
-from ._base import BucketedOptimizer
+from ._base import BucketedOptimizer, scheduler_ready
 
 
 class Anderson(BucketedOptimizer):
@@ -140,12 +140,13 @@ class Anderson(BucketedOptimizer):
             st["gram"][: k - 1, : k - 1] = older
         st["active"] = active
 
+    @scheduler_ready
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One Anderson step: the read-only Gram pass, the on-device solve, the update
         pass (which stores the gradient and the old iterate)."""
         loss = self._closure_loss(closure)
-        self._init_group()
+        self._setup()
         work = self._prepare()
         if not work:
             return loss

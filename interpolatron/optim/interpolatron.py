@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import ops
 from ..gram import reduce_gram
-from ._base import BucketedOptimizer
+from ._base import BucketedOptimizer, scheduler_ready
 
 
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
@@ -91,11 +91,12 @@ class Interpolatron(BucketedOptimizer):
                 b.coefs.copy_(torch.tensor(group["alphas"], dtype=torch.float64))
                 b.coefs_seen = group["alphas"]
 
+    @scheduler_ready
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One interpolation step. ``closure`` re-evaluates the loss (optional)."""
         loss = self._closure_loss(closure)
-        self._init_group()
+        self._setup()
         work = self._prepare()
         for w in work:
             b, group = w.bucket, w.group
