@@ -128,6 +128,7 @@ class BucketedOptimizer(Optimizer):
         self._plan: list[Work] = []
         self._plan_key: tuple | None = None
         self._has_grad: list[list[bool]] = []
+        self._settled = False
         super().__init__(params, defaults)
 
     # -- subclass hooks -------------------------------------------------
@@ -193,6 +194,7 @@ class BucketedOptimizer(Optimizer):
         per-step device work. A step in which a member has no gradient is not
         supported there: it raises."""
         self._opt_called = True  # what an LR scheduler's step wrapper would record
+        self._settled = not torch.compiler.is_compiling()
         for group in self.param_groups:
             self._tensor_lr(group)
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
@@ -235,11 +237,20 @@ class BucketedOptimizer(Optimizer):
         it would do nothing: a whole training step (forward, backward, step)
         then compiles into one graph once the optimizer has taken a step (its
         first step must see real gradients: it builds the state)."""
-        if torch.compiler.is_compiling() and self._ready():
+        if torch.compiler.is_compiling():
+            if self._ready():
+                return
+            self._init_group()
+            # A traced attribute write: applied once the compiled step has run.
+            # Until then _ready() stays False, so that a restarted analysis
+            # (Dynamo retraces after some passes) takes the same path.
+            self._settled = True
             return
         self._init_group()
 
     def _ready(self) -> bool:
+        if not self._settled:
+            return False
         if self._plan_key is None or len(self._has_grad) != len(self.param_groups):
             return False
         for group, expect in zip(self.param_groups, self._has_grad):
@@ -363,13 +374,14 @@ class BucketedOptimizer(Optimizer):
     def _forget_buckets(self) -> None:
         self._buckets = {}
         self._plan, self._plan_key, self._has_grad = [], None, []
+        self._settled = False
 
     # -- copies (copy.deepcopy, pickle) ---------------------------------
     # torch's Optimizer.__getstate__ keeps defaults, state and param_groups
     # only: keep this optimizer's own settings too, but not the buckets (their
     # rings are rebuilt from the per-parameter state, whose views the copy
     # holds, at the next step) nor the step hooks.
-    _TRANSIENT = ("_buckets", "_plan", "_plan_key", "_has_grad")
+    _TRANSIENT = ("_buckets", "_plan", "_plan_key", "_has_grad", "_settled")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
