@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .backends import resolve
 from .gram import reduce_gram, shift_in_row
 from .solvers import rna_coefficients
@@ -25,7 +26,14 @@ class _Bucket:
         self.device, self.dtype = device, dtype
         self.offsets: list[int] = []
         self.count = torch.zeros((), dtype=torch.int64, device=device)
-        self.cache: dict = {}
+        self.cache = ops.new_cache(self)  # the backend's private cache, by handle
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "cache"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.cache = ops.new_cache(self)  # a copy starts with empty caches
 
     def allocate(self, tensors: list[Tensor]) -> None:
         numels = [t.numel() for t in tensors]
@@ -145,6 +153,17 @@ class RNA:
             torch._foreach_add_([a for a, _ in grads], [g for _, g in grads])
         self._steps_since += 1
 
+    # -- copies (copy.deepcopy, pickle) ----------------------------------
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_hook"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._hook = None
+        if self.residual == "gradients" and self.optimizer is not None:
+            # The optimizer's step hooks do not survive a copy: follow the copy's optimizer.
+            self._hook = self.optimizer.register_step_pre_hook(self._accumulate)
+
     def close(self) -> None:
         """Stop following the optimizer (gradient residuals)."""
         if getattr(self, "_hook", None) is not None:
@@ -162,7 +181,7 @@ class RNA:
                 if b.window is None:
                     b.allocate(tensors)
                 out = torch.empty(self.window, dtype=torch.float64, device=b.device)
-                b.backend.rna_record(tensors, b.offsets, b.window, b.count, out, b.cache)
+                ops.rna_record(tensors, b.offsets, b.window, b.count, out, b.backend.name, b.cache)
                 row_parts.append(out)
         else:
             if self._steps_since == 0:
@@ -172,14 +191,15 @@ class RNA:
                 tensors = self._tensors(b)
                 if b.window is None:
                     b.allocate(tensors)
-                b.backend.rna_record(tensors, b.offsets, b.window, b.count, None, b.cache)
+                ops.rna_record(tensors, b.offsets, b.window, b.count, None, b.backend.name, b.cache)
             scale = 1.0 / self._steps_since
             for b in self._grad_buckets:
                 means = [self._acc[n].mul_(scale) for n in b.names]
                 if b.window is None:
                     b.allocate(means)
                 out = torch.empty(self.window, dtype=torch.float64, device=b.device)
-                b.backend.gram_row(means, means, b.offsets, b.window, b.count, 0.0, False, out, b.cache)
+                ops.gram_row_store(means, means, b.offsets, b.window, b.count, 0.0, False, out, b.backend.name,
+                                   b.cache)
                 row_parts.append(out)
             for a in self._acc.values():
                 a.zero_()
@@ -231,7 +251,16 @@ class RNA:
                     raise ValueError(f"cannot write the extrapolation of {n} ({tuple(src.shape)}, "
                                      f"{src.dtype}, {src.device}) into a tensor of shape "
                                      f"{tuple(t.shape)}, {t.dtype}, {t.device}")
-            b.backend.rna_extrapolate(b.window, b.offsets, b.count, coefs.to(b.device), targets, b.cache)
+            # The window holds each tensor in its storage order: a target laid
+            # out otherwise is written through a stage laid out like the source.
+            staged = [(i, t) for i, (n, t) in enumerate(zip(b.names, targets))
+                      if t.numel() and t.stride() != self._named[n].stride()]
+            for i, _ in staged:
+                targets[i] = torch.empty_like(self._named[b.names[i]])
+            ops.rna_extrapolate(b.window, b.offsets, b.count, coefs.to(b.device), targets, b.backend.name,
+                                b.cache)
+            for i, t in staged:
+                t.copy_(targets[i])
         for n in self._ints:
             outs[n].copy_(self._latest_ints[n])
 
