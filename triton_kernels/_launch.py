@@ -41,6 +41,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from interpolatron.backends.layout import is_dense
+
 BLOCK_ENV = "INTERPOLATRON_TRITON_BLOCK"
 """Environment override of the elements per program (a power of two). Tests set
 a small value so that the CPU interpreter runs many programs per tensor."""
@@ -190,9 +192,9 @@ def _streams_like(t: Tensor, ref: Tensor) -> bool:
     """Whether ``t`` can be streamed as ``data_ptr() + i`` in the ring's column
     order, which is the storage order of ``ref`` (the row-0 tensor, e.g. the
     parameter) when ``ref`` is dense, else row-major."""
-    if not ref.is_non_overlapping_and_dense():
+    if not is_dense(ref):
         return t.is_contiguous()
-    return t.is_non_overlapping_and_dense() and (t.numel() <= 1 or t.stride() == ref.stride())
+    return is_dense(t) and (t.numel() <= 1 or t.stride() == ref.stride())
 
 
 def _build(key: tuple, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
@@ -218,7 +220,7 @@ def _build(key: tuple, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
             ref = rows[0][len(ptr_row)]
             if n and not _streams_like(t, ref):
                 stage = (torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=device)
-                         if ref.is_non_overlapping_and_dense() else
+                         if is_dense(ref) else
                          torch.empty(t.shape, dtype=t.dtype, device=device))
                 staged.append((t, stage, "r" in mode, "w" in mode))
                 t = stage

@@ -17,13 +17,25 @@ from __future__ import annotations
 from torch import Tensor
 
 
+def _order(t: Tensor) -> tuple[int, ...]:
+    # Size-1 dimensions may carry any stride; they do not change the order.
+    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d) if t.shape[d] != 1 else 0, d)))
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory without gaps or overlap
+    (contiguous in some order of its dimensions)."""
+    return t.is_contiguous() or t.permute(_order(t)).is_contiguous()
+
+
 def dim_order(t: Tensor) -> tuple[int, ...] | None:
     """The storage order of a dense tensor, ``None`` when it is row-major or not dense."""
-    if t.dim() < 2 or t.is_contiguous() or not t.is_non_overlapping_and_dense():
+    if t.dim() < 2 or t.is_contiguous():
         return None
-    # Size-1 dimensions may carry any stride; they do not change the order.
-    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d) if t.shape[d] != 1 else 0, d)))
-    return None if order == tuple(range(t.dim())) else order
+    order = _order(t)
+    if order == tuple(range(t.dim())) or not t.permute(order).is_contiguous():
+        return None
+    return order
 
 
 def _inverse(order: tuple[int, ...]) -> list[int]:
