@@ -475,7 +475,8 @@ def run_case(case: Case, pset: ParamSet, params: list[nn.Parameter], device: tor
     return {
         "set": pset.label, "set_name": pset.name, "scale": pset.scale, "n_tensors": pset.n_tensors,
         "numel": pset.numel, "dtype": str(dtype).removeprefix("torch."), "device": device.type,
-        "optimizer": case.optimizer, "impl": case.impl + ("+compile" if compiled else ""), "family": case.family,
+        "optimizer": case.optimizer, "impl": case.impl + ("+compile" if compiled else ""),
+        "family": case.family,
         "time_s": median, "time_min_s": min(times), "time_max_s": max(times), "reps": len(times),
         "timer": method, "accesses_per_elem": case.accesses, "bytes": nbytes,
         "bytes_per_s": achieved, "copy_bytes_per_s": copy_bps, "fraction_of_copy": achieved / copy_bps,
@@ -589,7 +590,8 @@ def run_benchmark(sets: Sequence[ParamSet], dtypes: Sequence[torch.dtype], devic
                                compiled)
                 pending.append(row)
                 if log:
-                    log(f"{pset.label:<16} {row['dtype']:<9} {case.label + (' compiled' if compiled else ''):<32} "
+                    label = case.label + (" compiled" if compiled else "")
+                    log(f"{pset.label:<16} {row['dtype']:<9} {label:<32} "
                         f"{row['time_s'] * 1e3:10.3f} ms  {row['bytes_per_s'] / 1e9:7.2f} GB/s")
                 if big:  # optimizers can sit in reference cycles: free their buffers before the next
                     gc.collect()

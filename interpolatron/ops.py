@@ -64,7 +64,7 @@ def _backend(name: str):
 @torch.library.custom_op("interpolatron::combine", mutates_args=("params", "x_hist", "g_hist", "gram"))
 def combine(params: list[Tensor], grads: list[Tensor], offsets: list[int], x_hist: Tensor, g_hist: Tensor,
             coefs: Tensor, lr: Tensor, count: Tensor, weight_decay: float, maximize: bool,
-            gram: Optional[Tensor], backend: str, cache: int) -> None:
+            gram: Optional[Tensor], backend: str, cache: int) -> None:  # noqa: UP045 (the schema)
     """:meth:`Backend.combine` of ``backend``."""
     _backend(backend).combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
                               maximize, gram, cache_of(cache))
@@ -89,7 +89,7 @@ def gram_row_store(params: list[Tensor], grads: list[Tensor], offsets: list[int]
 
 @torch.library.custom_op("interpolatron::rna_record", mutates_args=("window", "out"))
 def rna_record(sources: list[Tensor], offsets: list[int], window: Tensor, count: Tensor,
-               out: Optional[Tensor], backend: str, cache: int) -> None:
+               out: Optional[Tensor], backend: str, cache: int) -> None:  # noqa: UP045 (the schema)
     """:meth:`Backend.rna_record` of ``backend``."""
     _backend(backend).rna_record(sources, offsets, window, count, out, cache_of(cache))
 

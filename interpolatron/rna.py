@@ -198,8 +198,8 @@ class RNA:
                 if b.window is None:
                     b.allocate(means)
                 out = torch.empty(self.window, dtype=torch.float64, device=b.device)
-                ops.gram_row_store(means, means, b.offsets, b.window, b.count, 0.0, False, out, b.backend.name,
-                                   b.cache)
+                ops.gram_row_store(means, means, b.offsets, b.window, b.count, 0.0, False, out,
+                                   b.backend.name, b.cache)
                 row_parts.append(out)
             for a in self._acc.values():
                 a.zero_()

@@ -23,8 +23,9 @@ def _args(op: str, dtype: torch.dtype, backend: str, k: int = 3):
     ring = lambda slots: torch.randn(slots, n).to(dtype)  # noqa: E731
     coefs = torch.tensor([0.5, 0.3, 0.2][:k], dtype=torch.float64)
     if op == "combine":
-        return (params, grads, offsets, ring(k - 1), ring(k - 1), coefs, torch.tensor(0.1, dtype=torch.float64),
-                count, 0.01, False, torch.zeros(k, dtype=torch.float64), backend, 0)
+        lr = torch.tensor(0.1, dtype=torch.float64)
+        return (params, grads, offsets, ring(k - 1), ring(k - 1), coefs, lr, count, 0.01, False,
+                torch.zeros(k, dtype=torch.float64), backend, 0)
     if op == "gram_row":
         return (params, grads, offsets, ring(k - 1), count, 0.01, True, torch.zeros(k, dtype=torch.float64),
                 backend, 0)
@@ -51,15 +52,20 @@ def test_ops_match_the_backend_calls(op):
     from interpolatron.backends.torch_backend import BACKEND
 
     args = _args(op, torch.float32, "torch")
-    clone = lambda a: ([t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)  # noqa: E731
-                       else a.clone() if isinstance(a, torch.Tensor) else a)
+    def clone(a):
+        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            return [t.clone() for t in a]
+        return a.clone() if isinstance(a, torch.Tensor) else a
+
     mine = [clone(a) for a in args]
     ref = [clone(a) for a in args]
     ops.OPS[op](*mine)
     method = "gram_row" if op.startswith("gram_row") else op
     extra = {"store": op == "gram_row_store"} if method == "gram_row" else {}
     getattr(BACKEND, method)(*ref[:-2], {}, **extra)
-    flat = lambda xs: [t for a in xs for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]  # noqa: E731
+    def flat(xs):
+        return [t for a in xs for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+
     for a, b in zip(flat(mine), flat(ref)):
         assert torch.equal(a, b)
 
