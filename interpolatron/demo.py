@@ -102,15 +102,18 @@ def _sync(device: torch.device) -> None:
 
 
 def train_one(name: str, make_opt: Callable, train, test, device: torch.device, epochs: int,
-              batch: int, seed: int, progress=None) -> RunResult:
+              batch: int, seed: int, progress=None, compiled: bool = False) -> RunResult:
     torch.manual_seed(seed)
     model = small_resnet().to(device)
     opt = make_opt(model.parameters())
+    # compiled: the optimizer step under torch.compile(fullgraph=True), set up
+    # by its first (eager-traced) call; the forward/backward stay eager.
+    step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
     rna = RNA(model, window=min(5, epochs), reg=1e-6) if name.endswith("+RNA") else None
     if rna is not None:
         rna.record()
     x, y = train
-    losses, step_time, steps = [], 0.0, 0
+    losses, step_time, steps, calls = [], 0.0, 0, 0
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -122,10 +125,12 @@ def train_one(name: str, make_opt: Callable, train, test, device: torch.device, 
             loss.backward()
             _sync(device)
             t0 = time.perf_counter()
-            opt.step()
+            step()
             _sync(device)
-            step_time += time.perf_counter() - t0
-            steps += 1
+            calls += 1
+            if not compiled or calls > 2:  # the first two compiled calls compile (setup, steady state)
+                step_time += time.perf_counter() - t0
+                steps += 1
         if rna is not None:
             rna.record()
             with rna.swapped():
@@ -146,10 +151,10 @@ def train_one(name: str, make_opt: Callable, train, test, device: torch.device, 
 
 
 def format_table(results: list[RunResult]) -> str:
-    head = f"{'optimizer':<16} {'train loss':>10} {'test acc':>8} {'wall s':>7} {'step ms':>8}  backend"
+    head = f"{'optimizer':<25} {'train loss':>10} {'test acc':>8} {'wall s':>7} {'step ms':>8}  backend"
     rows = [head, "-" * len(head)]
     for r in results:
-        rows.append(f"{r.name:<16} {r.final_loss:>10.4f} {100 * r.accuracy:>7.1f}% {r.wall_s:>7.2f} "
+        rows.append(f"{r.name:<25} {r.final_loss:>10.4f} {100 * r.accuracy:>7.1f}% {r.wall_s:>7.2f} "
                     f"{r.step_ms:>8.3f}  {r.backend}")
     return "\n".join(rows)
 
@@ -175,21 +180,32 @@ def plot(results: list[RunResult], path: Path) -> None:
 
 
 def run(device: str = "auto", epochs: int = 15, out: str = "interpolatron-demo", batch: int = 64,
-        seed: int = 0, only: list[str] | None = None, quiet: bool = False) -> list[RunResult]:
+        seed: int = 0, only: list[str] | None = None, quiet: bool = False,
+        compile_steps: bool = False) -> list[RunResult]:
+    """Train every recipe (``compile_steps``: each of ours also with its step compiled,
+    as a row named ``<name> compiled`` next to the eager one)."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                        else ("cpu" if device == "auto" else device))
     train, test = load_digits_tensors(dev, seed)
     recipes = {k: v for k, v in _recipes().items() if only is None or k in only}
+    runs = [(k, v, False) for k, v in recipes.items()]
+    if compile_steps:
+        runs = [r for k, v in recipes.items()
+                for r in ([(k, v, False), (k, v, True)] if k.startswith(("Interpolatron", "Anderson"))
+                          else [(k, v, False)])]
     try:
         from tqdm.auto import tqdm
-        bar = tqdm(total=epochs * len(recipes), desc="training", unit="epoch", disable=quiet)
+        bar = tqdm(total=epochs * len(runs), desc="training", unit="epoch", disable=quiet)
     except ImportError:
         bar = None
     results = []
-    for name, make in recipes.items():
+    for name, make, compiled in runs:
         if bar is not None:
             bar.set_postfix_str(name)
-        results.append(train_one(name, make, train, test, dev, epochs, batch, seed, bar))
+        result = train_one(name, make, train, test, dev, epochs, batch, seed, bar, compiled)
+        if compiled:
+            result.name += " compiled"
+        results.append(result)
     if bar is not None:
         bar.close()
     out_dir = Path(out)
