@@ -5,7 +5,7 @@
 // Each op returns True when it ran, False when it cannot run this call as is
 // (an active tensor is not dense, or a gradient is strided unlike its parameter): the
 // Python backend then runs the reference implementation for that call, which
-// keeps the ring layout (row-major order of each tensor) identical between
+// keeps the ring layout (storage order of each dense tensor) identical between
 // backends. Everything else that is wrong raises.
 #include <torch/extension.h>
 

@@ -47,7 +47,10 @@ class Interpolatron(BucketedOptimizer):
         params: parameters or param groups; ``alphas``, ``lr`` and
             ``weight_decay`` may differ per group.
         lr: learning rate (a float, or a 0-dim tensor on the parameters'
-            device for CUDA-graph capture: update it in place).
+            device for CUDA-graph capture: update it in place). A float is
+            kept as a 0-dim float64 tensor in the param group, which
+            schedulers update in place (``torch.compile`` reads it as an
+            input: no recompile when it changes).
         alphas: the mixing coefficients :math:`a_1..a_k` (paper defaults:
             ``(0.05, 0.95)``, ``(0.1, 0.9)``, 3-step ``(0.1, 0.3, 0.6)``).
         weight_decay: :math:`\lambda` (L2 term of the objective, coupled).
