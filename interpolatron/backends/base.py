@@ -32,9 +32,10 @@ enters the history, ALGORITHMS.md section 1).
 
 ``cache`` is a dict owned by the bucket and private to the backend (pointer
 tables, column indices); the optimizers reach the backends through the custom
-ops of :mod:`interpolatron.ops`, which look it up by the bucket's handle. A backend must tolerate the tensors' storages changing
-between calls (``zero_grad(set_to_none=True)``, ``load_state_dict``) and must
-rebuild what it cached when they do.
+ops of :mod:`interpolatron.ops`, which look it up by the bucket's handle. A
+backend must tolerate the tensors' storages changing between calls
+(``zero_grad(set_to_none=True)``, ``load_state_dict``) and must rebuild what
+it cached when they do.
 """
 
 from __future__ import annotations

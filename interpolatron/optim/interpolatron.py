@@ -14,6 +14,8 @@ from ._base import BucketedOptimizer, scheduler_ready
 
 
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
+    if isinstance(alphas, (str, bytes)):
+        raise ValueError(f"alphas must be a sequence of numbers, got {alphas!r}")
     try:
         alphas = tuple(float(a) for a in alphas)
     except (TypeError, ValueError) as exc:
@@ -71,7 +73,8 @@ class Interpolatron(BucketedOptimizer):
         self._diag: dict[str, Tensor] = {}
         super().__init__(params, defaults, backend)
 
-    def _validate_group(self, group: dict) -> None:
+    def _validate_group(self, group: dict, read_lr: bool = True) -> None:
+        super()._validate_group(group, read_lr)
         group["alphas"] = check_alphas(group["alphas"])
 
     def _ring_slots(self, group: dict) -> tuple[int, int]:
@@ -82,14 +85,9 @@ class Interpolatron(BucketedOptimizer):
         return len(group["alphas"])
 
     def _init_group(self) -> None:
-        for group in self.param_groups:
-            self._validate_group(group)
-        super()._init_group()
+        super()._init_group()  # every check first: a refused step changes nothing
         for w in self._plan:
             b, group = w.bucket, w.group
-            if len(group["alphas"]) != b.coefs.numel():
-                raise ValueError("the number of alphas (k) cannot change once the history exists; "
-                                 "build a new optimizer instead")
             if group["alphas"] != b.coefs_seen:  # host setup: eager, also under torch.compile
                 b.coefs.copy_(torch.tensor(group["alphas"], dtype=torch.float64))
                 b.coefs_seen = group["alphas"]
