@@ -31,7 +31,7 @@ MAKERS = {
                                                                 weight_decay=1e-3, backend=be),
     "anderson": lambda ps, be: interpolatron.Anderson(ps, lr=0.05, history=3, weight_decay=1e-3, backend=be),
 }
-BACKENDS = ["torch"] + (["cuda"] if interpolatron.availability("cpu")["cuda"] is None else [])
+BACKENDS = [b for b, why in interpolatron.availability("cpu").items() if why is None]
 
 
 @pytest.fixture(autouse=True)
