@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from . import ops
 from .backends import resolve
 from .gram import reduce_gram, shift_in_row
+from .layout import padded_offsets
 from .solvers import rna_coefficients
 
 
@@ -36,9 +37,9 @@ class _Bucket:
         self.cache = ops.new_cache(self)  # a copy starts with empty caches
 
     def allocate(self, tensors: list[Tensor]) -> None:
-        numels = [t.numel() for t in tensors]
-        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
-        self.window = torch.zeros(self.slots, sum(numels), dtype=self.dtype, device=self.device)
+        # Each tensor's columns start on a 128-byte boundary (aligned vector accesses).
+        self.offsets, width = padded_offsets([t.numel() for t in tensors], self.dtype.itemsize)
+        self.window = torch.zeros(self.slots, width, dtype=self.dtype, device=self.device)
 
 
 class RNA:
@@ -77,7 +78,7 @@ class RNA:
         objective: a callable on the model returning a loss; if given,
             :math:`\lambda` is chosen from :math:`\{0\} \cup
             \text{logspace}(-15, 1, k)` (and ``reg`` itself) by evaluating the extrapolations.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
     """
 
     def __init__(self, model: nn.Module | Iterable[Tensor], window: int = 10, reg: float = 1e-8,

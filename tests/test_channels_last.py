@@ -37,12 +37,12 @@ def _run(model, opt, steps=5):
 @pytest.fixture
 def no_fallback(monkeypatch):
     """The C++ backend would run such a call on the torch backend (and warn)."""
-    from interpolatron.backends import cuda_backend
+    from interpolatron.backends import native_backend
 
     def refuse(op):
         raise AssertionError(f"{op} fell back to the torch backend")
 
-    monkeypatch.setattr(cuda_backend, "_fallback", refuse)
+    monkeypatch.setattr(native_backend, "_fallback", refuse)
 
 
 @pytest.mark.usefixtures("no_fallback")

@@ -10,7 +10,7 @@ import torch
 
 import interpolatron
 
-BACKENDS = [b for b in ("torch", "cuda") if interpolatron.availability("cpu")[b] is None]
+BACKENDS = [b for b in ("torch", "native") if interpolatron.availability("cpu")[b] is None]
 MAKERS = {
     "interpolatron": lambda ps, be: interpolatron.Interpolatron(ps, lr=0.05, alphas=(0.1, 0.3, 0.6),
                                                                 weight_decay=1e-3, backend=be),

@@ -59,7 +59,7 @@ class Interpolatron(BucketedOptimizer):
         maximize: ascend instead of descend.
         diagnostics: also produce the Gram row of the gradient window in the
             update pass (free on the fused backends): see :attr:`diagnostics`.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
     """
 
     _algorithm = "Interpolatron"
@@ -89,7 +89,11 @@ class Interpolatron(BucketedOptimizer):
         for w in self._plan:
             b, group = w.bucket, w.group
             if group["alphas"] != b.coefs_seen:  # host setup: eager, also under torch.compile
-                b.coefs.copy_(torch.tensor(group["alphas"], dtype=torch.float64))
+                # Pinned + non_blocking: no synchronous pageable host-to-device copy.
+                alphas = torch.tensor(group["alphas"], dtype=torch.float64)
+                if b.coefs.is_cuda:
+                    alphas = alphas.pin_memory()
+                b.coefs.copy_(alphas, non_blocking=True)
                 b.coefs_seen = group["alphas"]
 
     @scheduler_ready
