@@ -94,6 +94,8 @@ class Anderson(BucketedOptimizer):
     """
 
     _algorithm = "Anderson"
+    # A pending device-to-host copy of the streak (a CUDA event): not copied.
+    _TRANSIENT = BucketedOptimizer._TRANSIENT + ("_streak_copy",)
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2, history: int = 2, reg: float = 0.0,
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
