@@ -18,6 +18,7 @@ rates with their seed spreads) and ``lr_sweep.png`` under
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 
@@ -27,20 +28,21 @@ from convlib import device_of, out_dir, plt, run_info, save_fig, save_json
 
 from interpolatron import demo
 
-# Factors of 2. Momentum's rates are SGD's divided by 1 / (1 - 0.9) = 10 (the
-# same effective step); Interpolatron's are SGD's times about 2 (its effective
+# Factors of 2. Momentum's rates are SGD's divided by 5, i.e. effective steps
+# lr / (1 - 0.9) of twice SGD's (a first sweep at SGD's / 10 chose its top
+# rate); Interpolatron's are SGD's times about 2 (its effective
 # step is lr / sum_i i*a_i: lr / 1.95 for (0.05, 0.95), lr / 2.5 for
 # (0.1, 0.3, 0.6)).
 _SGD = [0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
 GRIDS: dict[str, list[float]] = {
     "SGD": _SGD,
-    "momentum": [v / 10 for v in _SGD],
-    "Nesterov": [v / 10 for v in _SGD],
+    "momentum": [v / 5 for v in _SGD],
+    "Nesterov": [v / 5 for v in _SGD],
     "Adam": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
     "Interpolatron-2": [2 * v for v in _SGD],
     "Interpolatron-3": [2 * v for v in _SGD],
     "Anderson-2": _SGD,
-    "momentum+RNA": [v / 10 for v in _SGD],
+    "momentum+RNA": [v / 5 for v in _SGD],
 }
 
 
@@ -66,6 +68,13 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "at_grid_edge": best in (lrs[0], lrs[-1])}
 
 
+def save(path, device, started, args, commands, results, complete: bool) -> None:
+    info = run_info(device, started)
+    info["commands"] = commands + [info["command"]]  # merged files: every command that wrote them
+    ordered = {k: results[k] for k in GRIDS if k in results}
+    save_json(path, {"info": info, "args": vars(args), "complete": complete, "results": ordered})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=15, help="the demo's default")
@@ -76,6 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default: bench/results/convergence")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the optimizers of an existing result file that this run does not redo")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -85,6 +96,13 @@ def main(argv=None) -> int:
     train, test = demo.load_digits_tensors(device, 0)  # the demo's split (seed 0)
     names = args.only or list(GRIDS)
     results: dict[str, dict] = {}
+    path = out / f"lr_sweep{suffix}.json"
+    if args.merge and path.exists():
+        old = json.loads(path.read_text())
+        results = {k: v for k, v in old["results"].items() if k not in names}
+        commands = old["info"].get("commands", [old["info"]["command"]])
+    else:
+        commands = []
     for name in names:
         runs: dict[str, list[dict]] = {}
         t0 = time.time()
@@ -101,16 +119,15 @@ def main(argv=None) -> int:
         print(f"{name:<16} best lr {results[name]['best_lr']:<8g} final train loss "
               f"{b['final_loss_mean']:.4f} +- {b['final_loss_std']:.4f} "
               f"[{b['final_loss_min']:.4f}, {b['final_loss_max']:.4f}]  test acc "
-              f"{100 * b['test_acc_mean']:.1f} % [{100 * b['test_acc_min']:.1f}, {100 * b['test_acc_max']:.1f}]"
+              f"{100 * b['test_acc_mean']:.1f} % "
+              f"[{100 * b['test_acc_min']:.1f}, {100 * b['test_acc_max']:.1f}]"
               f"  {results[name]['seconds']:.0f} s{edge}", flush=True)
         # partial results survive an interrupted sweep
-        save_json(out / f"lr_sweep{suffix}.json", {"info": run_info(device, started), "args": vars(args),
-                                                    "complete": False, "results": results})
-    save_json(out / f"lr_sweep{suffix}.json", {"info": run_info(device, started), "args": vars(args),
-                                                "complete": True, "results": results})
+        save(path, device, started, args, commands, results, complete=False)
+    save(path, device, started, args, commands, results, complete=set(GRIDS) <= set(results))
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    for name, res in results.items():
+    for name, res in ((k, results[k]) for k in GRIDS if k in results):
         lrs = np.array(res["grid"])
         rel = lrs / res["best_lr"]
         mean = np.array([res["per_lr"][f"{v:g}"]["final_loss_mean"] for v in lrs])
