@@ -72,9 +72,10 @@ class LogReg(nn.Module):
 
 def _problem(seed: int, n: int = 200, d: int = 10):
     gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, dtype=torch.float64, generator=gen) * torch.linspace(0.2, 3.0, d, dtype=torch.float64)
-    y = (X @ torch.randn(d, dtype=torch.float64, generator=gen) + 0.5 * torch.randn(n, dtype=torch.float64,
-                                                                                   generator=gen) > 0).double()
+    scales = torch.linspace(0.2, 3.0, d, dtype=torch.float64)
+    X = torch.randn(n, d, dtype=torch.float64, generator=gen) * scales
+    noise = 0.5 * torch.randn(n, dtype=torch.float64, generator=gen)
+    y = (X @ torch.randn(d, dtype=torch.float64, generator=gen) + noise > 0).double()
     return X, y, gen
 
 
@@ -151,7 +152,8 @@ def test_line_search_moves_past_the_extrapolation_on_slow_gradient_descent():
     snaps = [_flat(model)]
     for _ in range(3):
         opt.zero_grad()
-        (nn.functional.binary_cross_entropy_with_logits(model(X), y) + 0.5 * tau * model.w @ model.w).backward()
+        loss = nn.functional.binary_cross_entropy_with_logits(model(X), y) + 0.5 * tau * model.w @ model.w
+        loss.backward()
         opt.step()
         rna.record()
         snaps.append(_flat(model))
@@ -207,7 +209,8 @@ def test_non_finite_objective_values_are_never_chosen():
 
 
 def _bn_net() -> nn.Module:
-    return nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5, momentum=1.0), nn.ReLU(), nn.Linear(5, 2)).double()
+    bn = nn.BatchNorm1d(5, momentum=1.0)
+    return nn.Sequential(nn.Linear(3, 5), bn, nn.ReLU(), nn.Linear(5, 2)).double()
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -285,7 +288,8 @@ def test_clamp_uses_only_the_snapshots_the_weights_combine():
 
 
 def test_default_positive_buffers_and_bad_names():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.InstanceNorm2d(2, track_running_stats=True),
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2),
+                          nn.InstanceNorm2d(2, track_running_stats=True),
                           nn.BatchNorm2d(2, track_running_stats=False))
     rna = interpolatron.RNA(model, window=2, backend="torch")
     assert rna._clamped == {"1.running_var", "2.running_var"}
