@@ -112,12 +112,13 @@ def logreg_problem(kappa: float, seed: int = 0):
     return prob, optimum(prob)
 
 
-def logreg_run(prob: LogReg, reg: float, steps: int, halves: bool = False) -> tuple[list[float], np.ndarray,
+def logreg_run(prob: LogReg, reg: float, steps: int, halves: bool = False,
+               mult: float = 1.0) -> tuple[list[float], np.ndarray,
                                                                                      Anderson, CoefTracker]:
-    """Full-batch float32 Anderson-2 (lr 1/L, the L2 term as coupled weight decay)."""
+    """Full-batch float32 Anderson-2 (lr mult/L, the L2 term as coupled weight decay)."""
     X, yy = prob.X.float(), prob.y.float()
     w = torch.zeros(X.shape[1], dtype=torch.float32, requires_grad=True)
-    opt = Anderson([w], lr=1.0 / prob.L, history=2, reg=reg, weight_decay=prob.tau)
+    opt = Anderson([w], lr=mult / prob.L, history=2, reg=reg, weight_decay=prob.tau)
     track = CoefTracker(opt)
     fs = []
     h = len(X) // 2
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
               if sweep.exists() else None) or demo.TUNED_LR["Anderson-2"]
     results: dict = {"cnn_lr": lr, "sensitivity_cnn": {}, "sensitivity_logreg": {}, "cnn": {}, "logreg": {}}
     prob, fstar = logreg_problem(args.kappa)
-    results["logreg_setup"] = {"kappa": args.kappa, "n": 1000, "d": 500, "lr": 1.0 / prob.L, "fstar": fstar,
+    results["logreg_setup"] = {"kappa": args.kappa, "n": 1000, "d": 500, "L": prob.L, "fstar": fstar,
                                "steps": args.logreg_steps}
     if not args.skip_cnn:
         results["sensitivity_cnn"]["SGD"] = s = cnn_sensitivity(lr, None, args.steps)
@@ -170,23 +171,25 @@ def main(argv=None) -> int:
                   f"{s['max_abs_coef']:.3g}, param diff {s['param_max_diff']:.3g}, "
                   f"fallbacks {s['fallbacks']}",
                   flush=True)
-        fs0, w0, opt0, t0 = logreg_run(prob, reg, args.logreg_steps)
-        fs1, w1, _, t1 = logreg_run(prob, reg, args.steps, halves=True)
-        coef_diff = float(np.abs(np.array(t0.coefs[:args.steps]) - np.array(t1.coefs)).max())
-        # the two runs at step `steps`: rerun the one-mean run that far
-        _, w0s, _, _ = logreg_run(prob, reg, args.steps)
+        results["logreg"][key] = {}
+        for mult in (1.0, 2.0, 4.0):
+            fs, _, o, t = logreg_run(prob, reg, args.logreg_steps, mult=mult)
+            sub = [max(f - fstar, 1e-16) if math.isfinite(f) else math.inf for f in fs]
+            results["logreg"][key][f"{mult:g}/L"] = {
+                "final_subopt": sub[-1], "best_subopt": min(sub), "max_abs_coef": t.max_abs,
+                "fallbacks": fallbacks(o), "finite": all(math.isfinite(f) for f in fs),
+                "subopt_every_10": sub[::10]}
+            print(f"reg {key:<6} logreg lr {mult:g}/L: f - f* {sub[-1]:.3g} after {args.logreg_steps} steps "
+                  f"(best {min(sub):.3g}), max |a| {t.max_abs:.3g}, fallbacks {fallbacks(o)}", flush=True)
+        _, w0s, _, t0 = logreg_run(prob, reg, args.steps)
+        _, w1, _, t1 = logreg_run(prob, reg, args.steps, halves=True)
+        coef_diff = float(np.abs(np.array(t0.coefs) - np.array(t1.coefs)).max())
         results["sensitivity_logreg"][key] = {"coef_max_diff": coef_diff,
                                               "max_abs_coef": max(t0.max_abs, t1.max_abs),
                                               "param_max_diff": float(np.abs(w0s - w1).max())}
-        sub = [max(f - fstar, 1e-16) for f in fs0]
-        results["logreg"][key] = {"final_subopt": sub[-1], "best_subopt": min(sub),
-                                  "max_abs_coef": t0.max_abs, "fallbacks": fallbacks(opt0),
-                                  "finite": all(math.isfinite(f) for f in fs0),
-                                  "subopt_every_10": sub[::10]}
-        print(f"reg {key:<6} logreg: f - f* {sub[-1]:.3g} after {args.logreg_steps} steps "
-              f"(best {min(sub):.3g}), "
-              f"max |a| {t0.max_abs:.3g}, fallbacks {fallbacks(opt0)}; sensitivity coef diff {coef_diff:.3g}",
-              flush=True)
+        s = results["sensitivity_logreg"][key]
+        print(f"reg {key:<6} logreg sensitivity: coef diff {coef_diff:.3g}, max |a| {s['max_abs_coef']:.3g}, "
+              f"param diff {s['param_max_diff']:.3g}", flush=True)
         if not args.skip_cnn:
             train, test = demo.load_digits_tensors(torch.device("cpu"), 0)
             runs = []
