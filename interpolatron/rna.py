@@ -149,6 +149,7 @@ class RNA:
         self._clamped = self._positive_buffers(model, positive_buffers, floats)
         if residual == "gradients":
             self._acc = {n: torch.zeros_like(floats[n]) for n in self._params}
+            self._names_by_id = {id(self._named[n]): n for n in self._params}
             self._steps_since = 0
             self._hook = optimizer.register_step_pre_hook(self._accumulate)
 
@@ -198,7 +199,7 @@ class RNA:
     def _accumulate(self, optimizer, args, kwargs) -> None:
         """Adds the gradient of the base optimizer's objective (coupled weight
         decay included, see the class docstring) before its step."""
-        names = {id(self._named[n]): n for n in self._params}
+        names = self._names_by_id
         decoupled_cls = isinstance(optimizer, torch.optim.AdamW)
         for group in optimizer.param_groups:
             pairs = [(self._acc[names[id(p)]], p) for p in group["params"]
