@@ -66,8 +66,8 @@ class RNA:
     Batch-norm statistics: floating buffers are extrapolated with the same
     weights, but the weights can be negative, and a variance extrapolated
     past its snapshots can go negative (NaN losses). Every buffer in
-    ``positive_buffers`` (default: the ``running_var`` of every batch,
-    instance and group norm module) is therefore clamped elementwise to the
+    ``positive_buffers`` (default: the ``running_var`` of every batch and
+    instance norm module) is therefore clamped elementwise to the
     range ``[min, max]`` its snapshots combined by the extrapolation span.
     The recommended path for batch norm is to recompute the statistics of the
     extrapolated weights from data: ``extrapolate(into=shadow,
@@ -176,7 +176,7 @@ class RNA:
             return chosen
         if not isinstance(model, nn.Module):
             return set()
-        norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+        norms = (nn.modules.batchnorm._NormBase,)
         return {f"{prefix}.running_var" if prefix else "running_var"
                 for prefix, mod in model.named_modules()
                 if isinstance(mod, norms) and isinstance(getattr(mod, "running_var", None), Tensor)
