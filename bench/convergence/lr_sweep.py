@@ -41,7 +41,7 @@ GRIDS: dict[str, list[float]] = {
     "Adam": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
     "Interpolatron-2": [2 * v for v in _SGD],
     "Interpolatron-3": [2 * v for v in _SGD],
-    "Anderson-2": _SGD,
+    "Anderson-2": [4 * v for v in _SGD],  # a first sweep at SGD's chose its top rate
     "momentum+RNA": [v / 5 for v in _SGD],
 }
 
@@ -68,6 +68,26 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "at_grid_edge": best in (lrs[0], lrs[-1])}
 
 
+def report(path) -> str:
+    """The markdown table of RESULTS.md section 2.4, from a result file."""
+    data = json.loads(path.read_text())
+    rows = ["| optimizer | grid | tuned lr | final train loss, mean +- std [min, max] | test acc % mean "
+            "[min, max] | at the paper's rate (demo scale) |", "|---|---|---|---|---|---|"]
+    for name, res in data["results"].items():
+        b = res["best"]
+        paper = demo.PAPER_LR[name]
+        at_paper = res["per_lr"].get(f"{paper:g}")
+        paper_cell = (f"lr {paper:g}: {at_paper['final_loss_mean']:.4f} +- {at_paper['final_loss_std']:.4f}"
+                      if at_paper else f"lr {paper:g}: not on the grid")
+        grid = f"{res['grid'][0]:g} .. {res['grid'][-1]:g}"
+        edge = " (grid edge)" if res["at_grid_edge"] else ""
+        rows.append(f"| {name} | {grid} | {res['best_lr']:g}{edge} | {b['final_loss_mean']:.4f} +- "
+                    f"{b['final_loss_std']:.4f} [{b['final_loss_min']:.4f}, {b['final_loss_max']:.4f}] | "
+                    f"{100 * b['test_acc_mean']:.1f} [{100 * b['test_acc_min']:.1f}, "
+                    f"{100 * b['test_acc_max']:.1f}] | {paper_cell} |")
+    return "\n".join(rows)
+
+
 def save(path, device, started, args, commands, results, complete: bool) -> None:
     info = run_info(device, started)
     info["commands"] = commands + [info["command"]]  # merged files: every command that wrote them
@@ -85,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default: bench/results/convergence")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--report", action="store_true",
+                        help="print the markdown table of an existing result file and exit")
     parser.add_argument("--merge", action="store_true",
                         help="keep the optimizers of an existing result file that this run does not redo")
     args = parser.parse_args(argv)
@@ -93,6 +115,9 @@ def main(argv=None) -> int:
     device = device_of(args.device)
     out = out_dir(args.out)
     suffix = f"_{args.tag}" if args.tag else ""
+    if args.report:
+        print(report(out / f"lr_sweep{suffix}.json"))
+        return 0
     train, test = demo.load_digits_tensors(device, 0)  # the demo's split (seed 0)
     names = args.only or list(GRIDS)
     results: dict[str, dict] = {}
