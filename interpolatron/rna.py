@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .backends import resolve
 from .gram import reduce_gram, shift_in_row
+from .layout import padded_offsets
 from .solvers import rna_coefficients
 
 
@@ -28,9 +29,9 @@ class _Bucket:
         self.cache: dict = {}
 
     def allocate(self, tensors: list[Tensor]) -> None:
-        numels = [t.numel() for t in tensors]
-        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
-        self.window = torch.zeros(self.slots, sum(numels), dtype=self.dtype, device=self.device)
+        # Each tensor's columns start on a 128-byte boundary (aligned vector accesses).
+        self.offsets, width = padded_offsets([t.numel() for t in tensors], self.dtype.itemsize)
+        self.window = torch.zeros(self.slots, width, dtype=self.dtype, device=self.device)
 
 
 class RNA:
@@ -100,7 +101,7 @@ class RNA:
             \text{logspace}(-15, 1, k)` (and ``reg`` itself) by evaluating the
             extrapolations, followed by the line search above (offline
             extrapolations only; online records use ``reg``).
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
         positive_buffers: names of floating buffers clamped to their
             snapshots' range; ``None``: every norm layer's ``running_var``.
     """

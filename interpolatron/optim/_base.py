@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..backends import BACKEND_NAMES, resolve
+from ..backends import BACKEND_NAMES, canonical_name, resolve
+from ..layout import padded_offsets
 from ._checkpoint import plan_load
 from ._checks import check_grad, check_lr, check_maximize, check_param, check_real
 
@@ -38,10 +39,9 @@ class Bucket:
         self.key = key
         self.backend = backend
         self.members = members
-        numels = [p.numel() for p in members]
-        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
+        # Each member's columns start on a 128-byte boundary (aligned vector accesses).
+        self.offsets, self.numel = padded_offsets([p.numel() for p in members], dtype.itemsize)
         self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
-        self.numel = sum(numels)
         self.x_hist = torch.zeros(x_slots, self.numel, dtype=dtype, device=device)
         self.g_hist = torch.zeros(g_slots, self.numel, dtype=dtype, device=device)
         self.count = count
@@ -104,6 +104,7 @@ class BucketedOptimizer(Optimizer):
     _algorithm = "base"
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str):
+        backend = canonical_name(backend)
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
