@@ -3,9 +3,9 @@
 // launchers by device.
 //
 // Each op returns True when it ran, False when it cannot run this call as is
-// (an active tensor is not contiguous, e.g. a channels_last parameter): the
+// (an active tensor is not dense, or a gradient is strided unlike its parameter): the
 // Python backend then runs the reference implementation for that call, which
-// keeps the ring layout (row-major order of each tensor) identical between
+// keeps the ring layout (storage order of each dense tensor) identical between
 // backends. Everything else that is wrong raises.
 #include <torch/extension.h>
 
@@ -71,7 +71,8 @@ void check_out(const at::Tensor& out, const char* name, const at::Device& device
                     out.sizes());
 }
 
-// The active tensors as segments; nullopt when one is not contiguous.
+// The active tensors as segments; nullopt when one is not dense (or a gradient
+// is laid out unlike its parameter).
 std::optional<std::vector<Seg>> make_segs(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>* b,
                                           const std::vector<int64_t>& offsets, const at::Tensor& ring,
                                           const char* what) {
@@ -91,7 +92,9 @@ std::optional<std::vector<Seg>> make_segs(const std::vector<at::Tensor>& a, cons
     const int64_t n = t.numel();
     TORCH_CHECK_VALUE(offsets[i] >= 0 && offsets[i] + n <= n_cols, what, "[", i, "] (", n,
                       " elements) at offset ", offsets[i], " does not fit the ring's ", n_cols, " columns");
-    contiguous &= t.is_contiguous();
+    // Dense (channels_last too) is enough: elementwise in storage order, the
+    // ring's column order (interpolatron/backends/layout.py).
+    contiguous &= t.is_non_overlapping_and_dense();
     const void* bp = nullptr;
     if (b) {
       const at::Tensor& g = (*b)[i];
@@ -99,7 +102,7 @@ std::optional<std::vector<Seg>> make_segs(const std::vector<at::Tensor>& a, cons
       TORCH_CHECK_TYPE(g.scalar_type() == dtype, "grads[", i, "] has dtype ", g.scalar_type(), " but the ring has ",
                        dtype);
       TORCH_CHECK_VALUE(g.numel() == n, "grads[", i, "] has ", g.numel(), " elements, its parameter ", n);
-      contiguous &= g.is_contiguous();
+      contiguous &= g.is_non_overlapping_and_dense() && (n <= 1 || g.strides() == t.strides());
       bp = n ? g.data_ptr() : nullptr;
     }
     segs.push_back({n ? t.data_ptr() : nullptr, bp, n, offsets[i]});

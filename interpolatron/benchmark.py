@@ -322,7 +322,7 @@ class Prepared:
     change: Callable[[], Any] | None = None  # a step where one parameter has no gradient
 
 
-def prepare_case(case: Case, params: list[nn.Parameter]) -> Prepared:
+def prepare_case(case: Case, params: list[nn.Parameter], compiled: bool = False) -> Prepared:
     """Build the optimizer for ``case`` on ``params`` and take the warm-up steps
     that fill its history (after them every step does the steady-state work)."""
     from . import RNA, Anderson, Interpolatron
@@ -359,6 +359,7 @@ def prepare_case(case: Case, params: list[nn.Parameter]) -> Prepared:
     def change():
         # The set of parameters with gradients changes (Anderson rebuilds its
         # Gram from the rings; a skipped parameter's ring moves one slot on).
+        # Eager: a compiled step refuses a step without a gradient for a member.
         last, grad = params[-1], params[-1].grad
         last.grad = None
         try:
@@ -366,7 +367,11 @@ def prepare_case(case: Case, params: list[nn.Parameter]) -> Prepared:
         finally:
             last.grad = grad
 
-    return Prepared(opt.step, [opt], change if len(params) > 1 else None)
+    step = opt.step
+    if compiled:
+        step = torch.compile(opt.step, fullgraph=True)
+        step()  # compiles (untimed)
+    return Prepared(step, [opt], change if len(params) > 1 else None)
 
 
 # ---------------------------------------------------------------------------
@@ -486,13 +491,14 @@ def measure_memory(fn: Callable[[], Any], device: torch.device | str) -> tuple[i
 
 def run_case(case: Case, pset: ParamSet, params: list[nn.Parameter], device: torch.device,
              warmup: int, reps: int, copy_bps: float, measure_peak: bool = True,
-             cuda_ms: tuple[float, float] = (25.0, 200.0)) -> dict[str, Any]:
-    """Time one case on ``params`` and return its row."""
+             cuda_ms: tuple[float, float] = (25.0, 200.0), compiled: bool = False) -> dict[str, Any]:
+    """Time one case on ``params`` and return its row (``compiled``: the step
+    under ``torch.compile(fullgraph=True)``, labelled ``impl+compile``)."""
     dtype = params[0].dtype
     holder: dict[str, Prepared] = {}
 
     def build():
-        holder["p"] = prepare_case(case, params)
+        holder["p"] = prepare_case(case, params, compiled)
 
     # The state bytes: what building the optimizer and its warm-up leave allocated.
     build_peak, state_bytes, _ = measure_memory(build, device)
@@ -518,7 +524,8 @@ def run_case(case: Case, pset: ParamSet, params: list[nn.Parameter], device: tor
     return {
         "set": pset.label, "set_name": pset.name, "scale": pset.scale, "n_tensors": pset.n_tensors,
         "numel": pset.numel, "dtype": str(dtype).removeprefix("torch."), "device": device.type,
-        "optimizer": case.optimizer, "impl": case.impl, "family": case.family,
+        "optimizer": case.optimizer, "impl": case.impl + ("+compile" if compiled else ""),
+        "family": case.family,
         "time_s": median, "time_min_s": min(times), "time_max_s": max(times), "reps": len(times),
         "timer": method, "accesses_per_elem": case.accesses, "bytes": nbytes,
         "bytes_per_s": achieved, "copy_bytes_per_s": copy_bps, "fraction_of_copy": achieved / copy_bps,
@@ -601,7 +608,7 @@ def run_benchmark(sets: Sequence[ParamSet], dtypes: Sequence[torch.dtype], devic
                   *, optimizers: Sequence[str] | None = None, backends: Sequence[str] | None = None,
                   warmup: int = 3, reps: int = 10, copy_mib: int = 256, measure_peak: bool = True,
                   cuda_ms: tuple[float, float] = (25.0, 200.0), command: str | None = None,
-                  log: Callable[[str], None] | None = print) -> BenchResult:
+                  log: Callable[[str], None] | None = print, compile_steps: bool = False) -> BenchResult:
     """Run every available case on every (set, dtype) and return the rows.
 
     The copy bandwidth is measured before and after the cases; the higher of
@@ -623,11 +630,17 @@ def run_benchmark(sets: Sequence[ParamSet], dtypes: Sequence[torch.dtype], devic
             params = make_params(pset, device, dtype)
             # gc.collect() costs ~0.1 s with torch's modules loaded: only worth it for large sets.
             big = pset.numel * params[0].element_size() > (64 << 20)
-            for case in cases:
-                row = run_case(case, pset, params, device, warmup, reps, bw_before, measure_peak, cuda_ms)
+            runs = [(c, False) for c in cases]
+            if compile_steps:  # our optimizers' steps compiled, next to eager
+                runs = [r for c in cases for r in ([(c, False), (c, True)] if c.family != "torch.optim"
+                                                   and not c.optimizer.startswith("rna") else [(c, False)])]
+            for case, compiled in runs:
+                row = run_case(case, pset, params, device, warmup, reps, bw_before, measure_peak, cuda_ms,
+                               compiled)
                 pending.append(row)
                 if log:
-                    log(f"{pset.label:<16} {row['dtype']:<9} {case.label:<32} "
+                    label = case.label + (" compiled" if compiled else "")
+                    log(f"{pset.label:<16} {row['dtype']:<9} {label:<32} "
                         f"{row['time_s'] * 1e3:10.3f} ms  {row['bytes_per_s'] / 1e9:7.2f} GB/s")
                 if big:  # optimizers can sit in reference cycles: free their buffers before the next
                     gc.collect()
@@ -828,6 +841,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "interpolatron bench") -
                         help="scale 0.1, 3 repetitions, 1 warm-up, 64 MiB copy buffer")
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory step")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each interpolatron/anderson step under torch.compile(fullgraph=True)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (CPU; default: torch's choice). On a shared "
                              "machine 1 thread avoids multi-thread stalls; the copy bandwidth is measured "
@@ -847,7 +862,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "interpolatron bench") -
     cuda_ms = (10.0, 50.0) if args.quick else (25.0, 200.0)
     result = run_benchmark(sets, [DTYPES[d] for d in args.dtype], device, optimizers=args.optimizers,
                            backends=args.backends, warmup=warmup, reps=reps, copy_mib=copy_mib,
-                           measure_peak=not args.no_peak, cuda_ms=cuda_ms,
+                           measure_peak=not args.no_peak, cuda_ms=cuda_ms, compile_steps=args.compile,
                            command=f"{prog} " + shlex.join(list(argv) if argv is not None else sys.argv[1:]))
     print()
     print(markdown_table(result.rows))

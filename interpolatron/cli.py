@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--only", nargs="+", help="a subset of the optimizers, by name")
+    demo.add_argument("--rates", choices=("tuned", "paper"), default="tuned",
+                      help="learning rates: tuned for this demo by bench/convergence/lr_sweep.py (default), "
+                           "or the papers'")
+    demo.add_argument("--compile", action="store_true",
+                      help="also train each interpolatron optimizer with its step under torch.compile "
+                           "(a row '<name> compiled' next to the eager one)")
     sub.add_parser("info", help="backends available here, and why not")
     sub.add_parser("bench", help="time one optimizer step of every optimizer and backend "
                                  "(see `interpolatron bench -h`)")
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run
 
-        run(args.device, args.epochs, args.out, args.batch, args.seed, args.only)
+        run(args.device, args.epochs, args.out, args.batch, args.seed, args.only, rates=args.rates,
+            compile_steps=args.compile)
     else:
         info()
     return 0

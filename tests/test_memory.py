@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import interpolatron
-from interpolatron import gram
+from interpolatron import gram, ops
 from interpolatron.backends import torch_backend
 from interpolatron.benchmark import measure_memory
 from interpolatron.optim import _base
@@ -130,7 +130,7 @@ def test_torch_backend_column_cache_is_bounded_and_changes_no_result(monkeypatch
             for p, on in zip(params, mask):
                 p.grad = (p.detach() * 0.5 + 0.1) if on else None
             opt.step()
-            sizes.append(max(len(b.cache.get("columns", ())) for b in opt._buckets.values()))
+            sizes.append(max(len(ops.cache_of(b.cache).get("columns", ())) for b in opt._buckets.values()))
         return [p.detach().clone() for p in params], sizes
 
     bounded, sizes = run()

@@ -337,15 +337,35 @@ def test_threads_restored():
 # --------------------------------------------------------------------------- inputs
 
 
-def test_non_contiguous_falls_back_to_the_reference():
-    """A channels_last-like (non-contiguous) parameter runs that call on the torch
-    backend, so the ring layout stays the reference's row-major order."""
+def test_dense_non_contiguous_stays_fused_in_storage_order(monkeypatch):
+    """A dense but non-contiguous (transposed, channels_last) parameter runs on the
+    fused kernels, elementwise in storage order (the ring order of every backend)."""
+    monkeypatch.setattr(native_backend, "_fallback", lambda op: pytest.fail(f"{op} fell back"))
     p = torch.randn(7, 5).t()
     g = torch.randn(7, 5).t()
     coefs, lr, count = scalars(2, 1)
     x_hist, g_hist = torch.randn(1, 35), torch.randn(1, 35)
     mine = [p.clone().t().contiguous().t()]  # same strides as p
     assert not mine[0].is_contiguous()
+    xh, gh = x_hist.clone(), g_hist.clone()
+    EXT.combine(mine, [g], [0], xh, gh, coefs, lr, count, 0.0, False, None, {})
+    ref = [p.clone()]
+    xr, gr = x_hist.clone(), g_hist.clone()
+    ORACLE.combine(ref, [g], [0], xr, gr, coefs, lr, count, 0.0, False, None, {})
+    torch.testing.assert_close(mine[0], ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xh, xr, rtol=0, atol=0)
+    torch.testing.assert_close(gh, gr, rtol=0, atol=0)
+    assert torch.equal(xh[0], p.t().reshape(-1))  # storage order of p
+
+
+def test_non_dense_falls_back_to_the_reference():
+    """A tensor with gaps (a strided slice) runs that call on the torch backend."""
+    base = torch.randn(7, 10)
+    p = base[:, ::2]
+    g = torch.randn(7, 5)
+    coefs, lr, count = scalars(2, 1)
+    x_hist, g_hist = torch.randn(1, 35), torch.randn(1, 35)
+    mine = [base.clone()[:, ::2]]
     xh, gh = x_hist.clone(), g_hist.clone()
     with pytest.warns(RuntimeWarning, match="non-contiguous") if not native_backend._warned_fallback else \
             contextlib.nullcontext():

@@ -22,11 +22,13 @@ offsets and block size, so it is rebuilt (one host-to-device copy) only when a
 storage changes, e.g. after ``zero_grad(set_to_none=True)``; one entry per op
 keeps the dict from growing.
 
-Non-contiguous tensors (channels_last, transposed views) cannot be addressed
-as ``base + i``; they are staged through a cached contiguous buffer (one copy
-in before the launch and/or one copy back after it). That keeps the ring's
-column order equal to ``reshape(-1)`` (the torch backend's order) at the cost
-of the extra copies, for those tensors only.
+Dense tensors (contiguous, channels_last, transposed) are addressed as
+``base + i``: the ring holds each tensor's columns in its storage order
+(interpolatron/backends/layout.py), and a tensor paired with it (a gradient)
+streams directly when it is strided the same way. Anything else (a tensor with
+gaps, a gradient laid out unlike its parameter) is staged through a cached
+buffer laid out like the row-0 tensor (one copy in before the launch and/or
+one copy back after it), for those tensors only.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from typing import Any, Sequence
 import torch
 import triton.language as tl
 from torch import Tensor
+
+from interpolatron.backends.layout import is_dense
 
 BLOCK_ENV = "INTERPOLATRON_TRITON_BLOCK"
 """Environment override of the elements per program (a power of two). Tests set
@@ -200,6 +204,15 @@ def tables(cache: dict, op: str, rows: Sequence[Sequence[Tensor]], modes: Sequen
     return entry
 
 
+def _streams_like(t: Tensor, ref: Tensor) -> bool:
+    """Whether ``t`` can be streamed as ``data_ptr() + i`` in the ring's column
+    order, which is the storage order of ``ref`` (the row-0 tensor, e.g. the
+    parameter) when ``ref`` is dense, else row-major."""
+    if not is_dense(ref):
+        return t.is_contiguous()
+    return is_dense(t) and (t.numel() <= 1 or t.stride() == ref.stride())
+
+
 def _build(key: tuple, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
            offsets: Sequence[int], device: torch.device, block: int, ring_dtype: torch.dtype) -> Tables:
     ntensors = len(rows[0]) if rows else 0
@@ -220,8 +233,11 @@ def _build(key: tuple, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
                 raise ValueError(f"tensor of {t.numel()} elements paired with one of {n}")
             if t.device != device:
                 raise ValueError(f"tensor on {t.device} in a bucket on {device}")
-            if n and not t.is_contiguous():
-                stage = torch.empty(t.shape, dtype=t.dtype, device=device)
+            ref = rows[0][len(ptr_row)]
+            if n and not _streams_like(t, ref):
+                stage = (torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=device)
+                         if is_dense(ref) else
+                         torch.empty(t.shape, dtype=t.dtype, device=device))
                 staged.append((t, stage, "r" in mode, "w" in mode))
                 t = stage
             ptr_row.append(t.data_ptr())

@@ -5,7 +5,10 @@ a dtype. Its optimizer history is stored flat: a ring buffer of shape
 ``(S, N)`` where ``N`` is the bucket's total element count and parameter ``i``
 owns the columns ``[offsets[i], offsets[i] + params[i].numel())``. The ops
 receive the *active* parameters only (those with a gradient this step) with
-their offsets, so the offsets need not be contiguous.
+their offsets, so the offsets need not be contiguous. A tensor's columns hold
+its elements in storage order when it is dense (channels_last included), else
+in row-major order (``backends/layout.py``); a gradient is read in its
+parameter's order.
 
 Ring convention (shared by every op and every backend)
 ------------------------------------------------------
@@ -38,9 +41,11 @@ the device, never on the host. ``gram`` / ``out`` are then undefined: the
 caller discards them.
 
 ``cache`` is a dict owned by the bucket and private to the backend (pointer
-tables, column indices). A backend must tolerate the tensors' storages changing
-between calls (``zero_grad(set_to_none=True)``, ``load_state_dict``) and must
-rebuild what it cached when they do.
+tables, column indices); the optimizers reach the backends through the custom
+ops of :mod:`interpolatron.ops`, which look it up by the bucket's handle. A
+backend must tolerate the tensors' storages changing between calls
+(``zero_grad(set_to_none=True)``, ``load_state_dict``) and must rebuild what
+it cached when they do.
 """
 
 from __future__ import annotations

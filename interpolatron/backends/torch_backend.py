@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..layout import align_elems, round_up
+from . import layout
 from .base import compute_dtype
 
 # How many column sets a bucket's cache keeps (least recently used dropped):
@@ -122,13 +123,17 @@ def _zeros(cache: dict | None, n: int, dtype: torch.dtype, device: torch.device)
 
 
 def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device,
-          cache: dict | None = None, name: str = "", splits: tuple | None = None) -> Tensor:
-    """The tensors back to back, or laid out as the ring with zero gaps (``splits``)."""
+          cache: dict | None = None, name: str = "", splits: tuple | None = None,
+          like: Sequence[Tensor] | None = None) -> Tensor:
+    """The tensors back to back, or laid out as the ring with zero gaps (``splits``),
+    each in the storage order of its ``like`` counterpart (itself by default):
+    the ring's column order."""
     n = sum(splits) if splits else sum(t.numel() for t in tensors)
     out = (_buffer(cache, name, n, dtype, device) if cache is not None
            else torch.empty(n, dtype=dtype, device=device))
     if tensors:
-        pieces = [t.reshape(-1) for t in tensors]
+        refs = tensors if like is None else like
+        pieces = [layout.flat(t, layout.dim_order(r)) for t, r in zip(tensors, refs)]
         if splits:
             zeros = _zeros(cache, max(splits[0::2]), tensors[0].dtype, device)
             gaps = [zeros[:g] for g in splits[0::2]]
@@ -154,7 +159,7 @@ def _skip(found_inf: Tensor | None) -> Tensor | None:
 def _effective_grad(params, grads, weight_decay, maximize, dtype, device, cache=None, x=None,
                     splits=None, inv_scale=None) -> Tensor:
     """``sign * grad / scale + weight_decay * param``, flat (in a scratch buffer if ``cache``)."""
-    g = _flat(grads, dtype, device, cache, "g", splits)
+    g = _flat(grads, dtype, device, cache, "g", splits, like=params if params else None)
     if inv_scale is not None:
         g.mul_(inv_scale)
     if maximize:
@@ -192,7 +197,8 @@ def _scatter_back(targets: Sequence[Tensor], flat: Tensor, splits: tuple | None 
     if not targets:
         return
     pieces = flat.split(list(splits))[1::2] if splits else flat.split([t.numel() for t in targets])
-    torch._foreach_copy_(list(targets), [v.view_as(t) for v, t in zip(pieces, targets)])
+    torch._foreach_copy_(list(targets), [layout.unflat(v, t, layout.dim_order(t))
+                                         for v, t in zip(pieces, targets)])
 
 
 def _age_slots(count: Tensor, ages: Tensor, slots: int) -> Tensor:

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..backends import BACKEND_NAMES, canonical_name, resolve
+from .. import ops
+from ..backends import BACKEND_NAMES, canonical_name, layout, resolve
 from ..layout import padded_offsets
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
 from ._checkpoint import plan_load
@@ -42,18 +43,19 @@ class Bucket:
         self.key = key
         self.backend = backend
         self.members = members
+        self.device = device
         # Each member's columns start on a 128-byte boundary (aligned vector accesses).
         self.offsets, self.numel = padded_offsets([p.numel() for p in members], dtype.itemsize)
         self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
         self.x_hist = torch.zeros(x_slots, self.numel, dtype=dtype, device=device)
         self.g_hist = torch.zeros(g_slots, self.numel, dtype=dtype, device=device)
         self.count = count
-        self.lr = torch.zeros((), dtype=torch.float64, device=device)
-        self.lr_seen: float | None = None
         self.coefs = torch.zeros(coef_len, dtype=torch.float64, device=device)
         self.coefs_seen: tuple | None = None
         self.gram = torch.zeros(coef_len, dtype=torch.float64, device=device)
-        self.cache: dict = {}
+        # The backend's private cache (pointer tables, work buffers), by handle:
+        # a dict cannot cross a custom op's boundary.
+        self.cache = ops.new_cache(self)
 
     def rotate(self, p: Tensor, skip: Tensor | None = None) -> None:
         """Move ``p``'s ring entries one slot on (slot ``s`` takes slot ``s - 1``'s
@@ -76,19 +78,40 @@ class Bucket:
                 cols[0].copy_(last)
 
     def views(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """The ring slots of ``p`` as ``(S, *p.shape)``, each slot strided like ``p``
+        (a dense non-contiguous parameter keeps its columns in storage order)."""
         off, n = self.offset_of[id(p)], p.numel()
-        return (self.x_hist[:, off:off + n].view(self.x_hist.shape[0], *p.shape),
-                self.g_hist[:, off:off + n].view(self.g_hist.shape[0], *p.shape))
+        order = layout.dim_order(p)
+        return (layout.ring_view(self.x_hist[:, off:off + n], p, order),
+                layout.ring_view(self.g_hist[:, off:off + n], p, order))
 
 
 class Work:
-    """One bucket's share of a step: the members that have a gradient now."""
+    """One bucket's share of a step: the members that have a gradient now
+    (``params``) and those that have none (``idle``: their rings are rotated to
+    stay aligned). It is kept between steps while the set does not change, so
+    that a compiled step guards on one object."""
 
-    __slots__ = ("bucket", "group", "params", "grads", "offsets")
+    __slots__ = ("bucket", "group", "params", "offsets", "idle")
 
-    def __init__(self, bucket: Bucket, group: dict, params: list[Tensor], grads: list[Tensor]):
-        self.bucket, self.group, self.params, self.grads = bucket, group, params, grads
+    def __init__(self, bucket: Bucket, group: dict, params: list[Tensor], idle: list[Tensor]):
+        self.bucket, self.group, self.params, self.idle = bucket, group, params, idle
         self.offsets = [bucket.offset_of[id(p)] for p in params]
+
+    @property
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params]
+
+
+def scheduler_ready(step):
+    """Mark ``step`` as already tracked for torch's LR schedulers.
+
+    A scheduler otherwise replaces ``optimizer.step`` by a wrapper (defined in
+    torch/optim/lr_scheduler.py, a file Dynamo refuses to trace) that only sets
+    ``optimizer._opt_called``; the step sets that itself (in ``_init_group``),
+    so a compiled training step that calls ``opt.step()`` stays one graph."""
+    step._wrapped_by_lr_sched = True
+    return step
 
 
 class BucketedOptimizer(Optimizer):
@@ -127,6 +150,10 @@ class BucketedOptimizer(Optimizer):
         self._lr_checked: dict[int, Tensor] = {}  # group index -> the tensor lr last validated
         self._stale_warm: list[StaleWarmStart] = []
         self._amp = NO_AMP
+        self._plan: list[Work] = []
+        self._plan_key: tuple | None = None
+        self._has_grad: list[list[bool]] = []
+        self._settled = False
         super().__init__(params, defaults)
 
     # -- subclass hooks -------------------------------------------------
@@ -191,6 +218,8 @@ class BucketedOptimizer(Optimizer):
         except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
+        self._tensor_lr(group)
+        self._plan_key = None
         if isinstance(group["lr"], Tensor):
             self._lr_checked[len(self.param_groups) - 1] = group["lr"]
 
@@ -281,6 +310,19 @@ class BucketedOptimizer(Optimizer):
             return NO_AMP
         return AmpStep(grad_scale, found_inf)
 
+    def _begin_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> AmpStep:
+        """A step's GradScaler inputs (kept for the warm starts of :meth:`_init_group`);
+        with master weights the checks run first, before a parameter becomes its master."""
+        amp = self._amp_step(grad_scale, found_inf)
+        if self.master_weights and not torch.compiler.is_compiling():
+            self._check_step()
+        self._amp = amp
+        return amp
+
+    def _end_step(self, swapped: list) -> None:
+        self._amp = NO_AMP
+        self._exit_master(swapped)
+
     def _refresh_stale_warm_starts(self, amp: AmpStep) -> None:
         """Refill the g rings warm-started in steps that were (maybe) skipped
         from this step's gradient, where the device flag says so."""
@@ -302,19 +344,64 @@ class BucketedOptimizer(Optimizer):
             gv.copy_(torch.where(entry.stale, fresh.unsqueeze(0).expand_as(gv), gv))
             entry.update(amp.skip(p.device))
         self._stale_warm = kept
+        if kept:
+            # A ring may have changed: what was derived from the rings (Anderson's
+            # kept Gram matrix) is recomputed, as after a change of members.
+            self._membership_changed = True
 
-    def _prepare(self, amp: AmpStep = NO_AMP) -> list[Work]:
-        """Grow buckets, advance the rings of members without a gradient, and
-        list the work of this step (after :meth:`_check_step`)."""
-        self._amp = amp
-        self._refresh_stale_warm_starts(amp)
+    @staticmethod
+    def _tensor_lr(group: dict) -> None:
+        """Keep the group's (validated) learning rate in a 0-dim float64 tensor on
+        its parameters' device: the kernels read it from memory, schedulers
+        update it in place (``fill_``), and a compiled step reads it as an input
+        instead of specialising on (and recompiling for) every float value."""
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float64, device=device)
+
+    @staticmethod
+    def _lr(w: Work) -> Tensor:
+        """The group's lr on the bucket's device (a device copy if elsewhere; no state write)."""
+        lr = w.group["lr"]
+        if not isinstance(lr, Tensor):  # a float assigned between compiled steps
+            return torch.full((), lr, dtype=torch.float64, device=w.bucket.device)
+        lr = lr.detach().reshape(())
+        return lr if lr.device == w.bucket.device else lr.to(w.bucket.device)
+
+    def _init_group(self) -> None:
+        """Host-side setup of a step: every check (:meth:`_check_step`, before
+        anything is written), then grow buckets and list the work
+        (``self._plan``). Nothing here reads a device value but what
+        :meth:`_check_step` reads.
+
+        Under ``torch.compile`` Dynamo runs a method of this name eagerly while
+        tracing (as it does for torch.optim's ``_init_group``) and guards on
+        which parameters have gradients, so the compiled graph holds only the
+        per-step device work. A step in which a member has no gradient is not
+        supported there: it raises."""
+        self._opt_called = True  # what an LR scheduler's step wrapper would record
+        self._settled = not torch.compiler.is_compiling()
+        self._check_step()
+        for gi, group in enumerate(self.param_groups):
+            if not isinstance(group["lr"], Tensor):  # a float assigned since: validated above
+                self._tensor_lr(group)
+                self._lr_checked[gi] = group["lr"]
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
                     wanted[(gi, p.device, p.dtype)].append(p)
+        if torch.compiler.is_compiling():
+            for key, active in wanted.items():
+                bucket = self._buckets.get(key)
+                if bucket is not None and len(active) < len(bucket.members):
+                    raise NotImplementedError(
+                        "interpolatron under torch.compile: every parameter that has a history must "
+                        "have a gradient at every step (this one has none for some); step this "
+                        "optimizer eagerly for such steps")
         self._membership_changed = False
-        work = []
+        plan_key = []
         for key, active in wanted.items():
             group = self.param_groups[key[0]]
             bucket = self._buckets.get(key)
@@ -322,13 +409,59 @@ class BucketedOptimizer(Optimizer):
                 bucket = self._rebuild(key, group, active, bucket)
             if len(active) != len(bucket.members):
                 self._membership_changed = True
+            plan_key.append((id(bucket), tuple(id(p) for p in active)))
+        plan_key = tuple(plan_key)
+        if plan_key != self._plan_key:  # the same objects while nothing changes (compile guards)
+            plan = []
+            for key, active in wanted.items():
+                bucket = self._buckets[key]
                 have = {id(p) for p in active}
-                for p in bucket.members:
-                    if id(p) not in have:  # no gradient: keep its history aligned with the ring
-                        bucket.rotate(p, amp.skip(key[1]))
-            work.append(Work(bucket, group, active, [p.grad for p in active]))
-        self._amp = NO_AMP  # only the warm starts of _rebuild read it
-        return work
+                plan.append(Work(bucket, self.param_groups[key[0]], active,
+                                 [p for p in bucket.members if id(p) not in have]))
+            self._plan, self._plan_key = plan, plan_key
+        self._has_grad = [[p.grad is not None for p in g["params"]] for g in self.param_groups]
+        self._refresh_stale_warm_starts(self._amp)
+
+    def _setup(self) -> None:
+        """:meth:`_init_group`, except in a compiled step that changes nothing.
+
+        Under ``torch.compile`` the check below is traced (so the graph guards
+        on which parameters have a gradient) and the host setup is skipped when
+        it would do nothing: a whole training step (forward, backward, step)
+        then compiles into one graph once the optimizer has taken a step (its
+        first step must see real gradients: it builds the state)."""
+        if torch.compiler.is_compiling():
+            if self._ready():
+                return
+            self._init_group()
+            # A traced attribute write: applied once the compiled step has run.
+            # Until then _ready() stays False, so that a restarted analysis
+            # (Dynamo retraces after some passes) takes the same path.
+            self._settled = True
+            return
+        self._init_group()
+
+    def _ready(self) -> bool:
+        if not self._settled:
+            return False
+        if self._plan_key is None or len(self._has_grad) != len(self.param_groups):
+            return False
+        for group, expect in zip(self.param_groups, self._has_grad):
+            if not isinstance(group["lr"], Tensor) or len(expect) != len(group["params"]):
+                return False
+            for p, e in zip(group["params"], expect):
+                if (p.grad is not None) != e:
+                    return False
+        return True
+
+    def _prepare(self, amp: AmpStep = NO_AMP) -> list[Work]:
+        """The work of this step after :meth:`_init_group` (which also refills warm
+        starts made in skipped steps); rotates the rings of members without a
+        gradient (device work, so it is traced; a skipped step rotates nothing)."""
+        for w in self._plan:
+            for p in w.idle:  # no gradient: keep its history aligned with the ring
+                w.bucket.rotate(p, amp.skip(w.bucket.device))
+        return self._plan
 
     def _rebuild(self, key: BucketKey, group: dict, active: list[Tensor], old: Bucket | None) -> Bucket:
         order = self._group_index()
@@ -405,16 +538,6 @@ class BucketedOptimizer(Optimizer):
             return closure()
 
     @staticmethod
-    def _sync_lr(bucket: Bucket, group: dict) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            # a device copy: a captured graph replays the current value
-            bucket.lr.copy_(lr.detach().reshape(()))
-        elif lr != bucket.lr_seen:
-            bucket.lr.fill_(lr)
-            bucket.lr_seen = lr
-
-    @staticmethod
     def _advance(work: list[Work], amp: AmpStep = NO_AMP) -> None:
         counts = [w.bucket.count for w in work]
         if not counts:
@@ -452,7 +575,7 @@ class BucketedOptimizer(Optimizer):
         groups, state = plan_load(self, state_dict)
         # Nothing above wrote to the optimizer; now swap the new state in.
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
-        self._buckets = {}  # rebuilt at the next step from the per-parameter state
+        self._forget_buckets()  # rebuilt at the next step from the per-parameter state
         self._stale_warm = []
         self._lr_checked = {gi: g["lr"] for gi, g in enumerate(groups) if isinstance(g["lr"], Tensor)}
         self._after_load()
@@ -461,6 +584,29 @@ class BucketedOptimizer(Optimizer):
 
     def _after_load(self) -> None:
         pass
+
+    def _forget_buckets(self) -> None:
+        self._buckets = {}
+        self._plan, self._plan_key, self._has_grad = [], None, []
+        self._settled = False
+
+    # -- copies (copy.deepcopy, pickle) ---------------------------------
+    # torch's Optimizer.__getstate__ keeps defaults, state and param_groups
+    # only: keep this optimizer's own settings too, but not the buckets (their
+    # rings are rebuilt from the per-parameter state, whose views the copy
+    # holds, at the next step) nor the step hooks.
+    _TRANSIENT = ("_buckets", "_plan", "_plan_key", "_has_grad", "_settled")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key, value in self.__dict__.items():
+            if key not in state and key not in self._TRANSIENT and not key.startswith("_optimizer_"):
+                state[key] = value
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._forget_buckets()
 
     # -- introspection --------------------------------------------------
     def backends_in_use(self) -> dict[str, str]:

@@ -10,9 +10,10 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..gram import reduce_gram, ring_gram, shift_in_row
 from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
-from ._base import BucketedOptimizer
+from ._base import BucketedOptimizer, scheduler_ready
 from ._checkpoint import CheckpointError, load_count, load_tensor
 from ._checks import check_real
 
@@ -95,6 +96,8 @@ class Anderson(BucketedOptimizer):
     """
 
     _algorithm = "Anderson"
+    # A pending device-to-host copy of the streak (a CUDA event): not copied.
+    _TRANSIENT = BucketedOptimizer._TRANSIENT + ("_streak_copy",)
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2, history: int = 2, reg: float = 0.0,
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
@@ -288,18 +291,20 @@ class Anderson(BucketedOptimizer):
         if taken is not None:  # GradScaler's skipped step: counts nothing, keeps the streak
             fb = fb * taken
         st["anderson_fallbacks"].add_(fb)
-        if self._streak is None or self._streak.device != fb.device:
-            self._streak = torch.zeros((), dtype=torch.int64, device=fb.device)
         if taken is None:
             self._streak.mul_(fb).add_(fb)  # +1 on a fallback, back to 0 otherwise
         else:
             self._streak.copy_(torch.where(taken.bool(), self._streak * fb + fb, self._streak))
+        if torch.compiler.is_compiling():
+            # A Python counter read in a compiled step would recompile it every
+            # step: the periodic check runs in eager steps only.
+            return
         self._steps_until_check -= 1
         if self._steps_until_check > 0 or self._fallback_warned:
             return
         self._steps_until_check = FALLBACK_CHECK_EVERY
         capturing = fb.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing or torch.compiler.is_compiling():
+        if capturing:
             return
         streak = self._read_streak()
         if streak is not None and streak >= FALLBACK_WARN_STREAK:
@@ -330,6 +335,36 @@ class Anderson(BucketedOptimizer):
         self._streak_copy = (host, event)
         return value
 
+    def _init_group(self) -> None:
+        """Host setup (see the base class), and the Gram kept between steps made
+        valid for this step's parameters. The Gram is over the parameters that
+        have a gradient now, each at its own (aligned) ages; the kept matrix is
+        only valid for the same set as the last step's: otherwise its older ages
+        are recomputed from the rings, here, before any op of the step (under
+        torch.compile this runs while tracing, when such a change retraces)."""
+        super()._init_group()  # every check first: a refused step changes nothing
+        work = self._plan
+        if not work:
+            return
+        anchor = self._anchor()
+        st = self._global(anchor)
+        if self._streak is None or self._streak.device != anchor.device:
+            self._streak = torch.zeros((), dtype=torch.int64, device=anchor.device)
+        changed = self._active_set_changed(work, st)
+        k = self.history
+        if (self._membership_changed or changed) and k > 1:
+            # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
+            older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work],
+                              k - 1, anchor.device)
+            fresh = torch.zeros_like(st["anderson_gram"])
+            fresh[: k - 1, : k - 1] = older
+            skip = self._amp.skip(anchor.device)
+            if skip is None:
+                st["anderson_gram"].copy_(fresh)
+            else:  # GradScaler's skipped step keeps the Gram
+                st["anderson_gram"].copy_(torch.where(skip, st["anderson_gram"], fresh))
+
+    @scheduler_ready
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
              found_inf: Tensor | None = None):
@@ -340,42 +375,30 @@ class Anderson(BucketedOptimizer):
         :meth:`Interpolatron.step`); a skipped step also keeps the Gram matrix,
         the coefficients and the step and fallback counts."""
         loss = self._closure_loss(closure)
-        amp = self._amp_step(grad_scale, found_inf)
-        self._check_step()  # every check before the first write: a refused step changes nothing
+        amp = self._begin_step(grad_scale, found_inf)
         swapped = self._enter_master()
         try:
             self._update(amp)
         finally:
-            self._exit_master(swapped)
+            self._end_step(swapped)
         return loss
 
     def _update(self, amp) -> None:
-        """The step after the checks (16-bit parameters with masters are float32 here)."""
+        """The step after :meth:`_setup` (16-bit parameters with masters are float32 here)."""
+        self._setup()
         work = self._prepare(amp)
         if not work:
             return
         anchor = self._anchor()
         home = anchor.device
-        st = self._global(anchor)
+        st = self.state[anchor]
         for w in work:
             b, group = w.bucket, w.group
-            b.backend.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count,
-                               group["weight_decay"], group["maximize"], b.gram, b.cache, store=False,
-                               **amp.kernel_args(b.count.device))
+            ops.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count, group["weight_decay"],
+                         group["maximize"], b.gram, b.backend.name, b.cache, **amp.kernel_args(b.device))
         k = self.history
-        # The Gram is over the parameters that have a gradient now, each at its
-        # own (aligned) ages. The kept matrix is only valid for the same set as
-        # the last step's: otherwise its older ages are recomputed from the rings.
         row = reduce_gram([w.bucket.gram for w in work], home)
-        changed = self._active_set_changed(work, st)
-        kept = st["anderson_gram"]
-        if (self._membership_changed or changed) and k > 1:
-            # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
-            older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work],
-                              k - 1, home)
-            kept = torch.zeros_like(kept)
-            kept[: k - 1, : k - 1] = older
-        gram = shift_in_row(kept, row)
+        gram = shift_in_row(st["anderson_gram"], row)
         valid = torch.arange(k, device=home) <= st["anderson_steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
         skip = amp.skip(home)
@@ -389,9 +412,8 @@ class Anderson(BucketedOptimizer):
         self._count_fallback(st, fell_back, taken)
         for w in work:
             b, group = w.bucket, w.group
-            self._sync_lr(b, group)
-            b.coefs.copy_(coefs)  # same device: a device copy; another device: a peer copy
-            b.backend.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr, b.count,
-                              group["weight_decay"], group["maximize"], None, b.cache,
-                              **amp.kernel_args(b.count.device))
+            mine = coefs if coefs.device == b.device else coefs.to(b.device)  # a peer copy, no state write
+            ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, mine, self._lr(w), b.count,
+                        group["weight_decay"], group["maximize"], None, b.backend.name, b.cache,
+                        **amp.kernel_args(b.device))
         self._advance(work, amp)

@@ -8,8 +8,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..gram import reduce_gram
-from ._base import BucketedOptimizer
+from ._base import BucketedOptimizer, scheduler_ready
 
 
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
@@ -48,7 +49,10 @@ class Interpolatron(BucketedOptimizer):
         params: parameters or param groups; ``alphas``, ``lr`` and
             ``weight_decay`` may differ per group.
         lr: learning rate (a float, or a 0-dim tensor on the parameters'
-            device for CUDA-graph capture: update it in place).
+            device for CUDA-graph capture: update it in place). A float is
+            kept as a 0-dim float64 tensor in the param group, which
+            schedulers update in place (``torch.compile`` reads it as an
+            input: no recompile when it changes).
         alphas: the mixing coefficients :math:`a_1..a_k` (paper defaults:
             ``(0.05, 0.95)``, ``(0.1, 0.9)``, 3-step ``(0.1, 0.3, 0.6)``).
         weight_decay: :math:`\lambda` (L2 term of the objective, coupled).
@@ -86,6 +90,19 @@ class Interpolatron(BucketedOptimizer):
     def _coef_len(self, group: dict) -> int:
         return len(group["alphas"])
 
+    def _init_group(self) -> None:
+        super()._init_group()  # every check first: a refused step changes nothing
+        for w in self._plan:
+            b, group = w.bucket, w.group
+            if group["alphas"] != b.coefs_seen:  # host setup: eager, also under torch.compile
+                # Pinned + non_blocking: no synchronous pageable host-to-device copy.
+                alphas = torch.tensor(group["alphas"], dtype=torch.float64)
+                if b.coefs.is_cuda:
+                    alphas = alphas.pin_memory()
+                b.coefs.copy_(alphas, non_blocking=True)
+                b.coefs_seen = group["alphas"]
+
+    @scheduler_ready
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
              found_inf: Tensor | None = None):
@@ -96,35 +113,27 @@ class Interpolatron(BucketedOptimizer):
         ``grad_scale``, and a nonzero ``found_inf`` skips the step on the device
         (nothing is written, the step count stays)."""
         loss = self._closure_loss(closure)
-        amp = self._amp_step(grad_scale, found_inf)
-        self._check_step()  # every check before the first write: a refused step changes nothing
+        amp = self._begin_step(grad_scale, found_inf)
         swapped = self._enter_master()
         try:
-            self._update(amp)
+            self._setup()
+            work = self._prepare(amp)
+            for w in work:
+                b, group = w.bucket, w.group
+                # Reading alphas here makes a compiled step guard on them (a change
+                # retraces, and _init_group refreshes b.coefs).
+                coefs = (b.coefs if group["alphas"] == b.coefs_seen
+                         else torch.tensor(group["alphas"], dtype=torch.float64, device=b.device))
+                gram = b.gram if self._diagnostics_on else None
+                ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
+                            group["weight_decay"], group["maximize"], gram, b.backend.name, b.cache,
+                            **amp.kernel_args(b.device))
+            if self._diagnostics_on and work:
+                self._record_diagnostics(work)
+            self._advance(work, amp)
         finally:
-            self._exit_master(swapped)
+            self._end_step(swapped)
         return loss
-
-    def _update(self, amp) -> None:
-        """The step after the checks (16-bit parameters with masters are float32 here)."""
-        work = self._prepare(amp)
-        for w in work:
-            b, group = w.bucket, w.group
-            self._sync_lr(b, group)
-            if group["alphas"] != b.coefs_seen:
-                # Pinned + non_blocking: no synchronous pageable host-to-device copy.
-                alphas = torch.tensor(group["alphas"], dtype=torch.float64)
-                if b.coefs.is_cuda:
-                    alphas = alphas.pin_memory()
-                b.coefs.copy_(alphas, non_blocking=True)
-                b.coefs_seen = group["alphas"]
-            b.backend.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr,
-                              b.count, group["weight_decay"], group["maximize"],
-                              b.gram if self._diagnostics_on else None, b.cache,
-                              **amp.kernel_args(b.count.device))
-        if self._diagnostics_on and work:
-            self._record_diagnostics(work)
-        self._advance(work, amp)
 
     def _record_diagnostics(self, work) -> None:
         # Groups with different k give rows of different lengths: only the

@@ -1,0 +1,139 @@
+"""The seam ops as torch custom ops, so that ``torch.compile`` sees them.
+
+Each op of :mod:`interpolatron.backends.base` is registered once with
+``torch.library.custom_op`` (namespace ``interpolatron``) and dispatches to
+the backend named by its ``backend`` argument; the pybind and Triton kernels
+inside stay opaque to the compiler, which only needs the schema (what each op
+writes: ``mutates_args``) and a fake kernel (the ops return nothing, so the
+fake kernels do nothing). The Triton kernels are wrapped like the others: they
+address tensors through device pointer tables built on the host, which
+``triton_op``/``wrap_triton`` cannot trace (the writes would be invisible to
+its mutation analysis).
+
+Caches. A backend keeps per-bucket host state (pointer tables, column indices,
+work buffers) in a dict, which cannot cross an op boundary. The owner (a
+bucket) takes an integer handle with :func:`new_cache` instead and passes it;
+the dict lives in a module registry and is dropped when the owner is garbage
+collected. A new bucket (after ``load_state_dict``, a rebuild, a copy) takes a
+new handle, so its caches start empty exactly as a new dict did. Handle 0 is a
+throwaway dict (opcheck, one-off calls).
+
+``combine`` and ``gram_row`` end with GradScaler's ``grad_scale`` and
+``found_inf``, optional tensors defaulting to None (read-only: not in
+``mutates_args``; custom ops do not allow keyword-only tensors, callers pass
+them by keyword); None keeps the unscaled behaviour.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import BACKEND_NAMES
+
+_CACHES: dict[int, dict] = {}
+_HANDLES = itertools.count(1)
+
+
+def new_cache(owner: object) -> int:
+    """A fresh cache handle that lives as long as ``owner``."""
+    handle = next(_HANDLES)
+    _CACHES[handle] = {}
+    weakref.finalize(owner, _CACHES.pop, handle, None)
+    return handle
+
+
+def cache_of(handle: int) -> dict:
+    """The backend cache of ``handle`` (a fresh dict for 0 or a freed handle)."""
+    return _CACHES.get(handle, {}) if handle else {}
+
+
+def _backend(name: str):
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; one of {BACKEND_NAMES}")
+    from .backends import _load
+
+    module, why = _load(name)
+    if module is None:
+        raise RuntimeError(why)
+    return module.BACKEND
+
+
+@torch.library.custom_op("interpolatron::combine", mutates_args=("params", "x_hist", "g_hist", "gram"))
+def combine(params: list[Tensor], grads: list[Tensor], offsets: list[int], x_hist: Tensor, g_hist: Tensor,
+            coefs: Tensor, lr: Tensor, count: Tensor, weight_decay: float, maximize: bool,
+            gram: Optional[Tensor], backend: str, cache: int,  # noqa: UP045 (the schema)
+            grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:  # noqa: UP045
+    """:meth:`Backend.combine` of ``backend`` (``grad_scale`` / ``found_inf``:
+    GradScaler's fused contract, read on the device)."""
+    _backend(backend).combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
+                              maximize, gram, cache_of(cache), grad_scale=grad_scale, found_inf=found_inf)
+
+
+@torch.library.custom_op("interpolatron::gram_row", mutates_args=("out",))
+def gram_row(params: list[Tensor], grads: list[Tensor], offsets: list[int], g_hist: Tensor, count: Tensor,
+             weight_decay: float, maximize: bool, out: Tensor, backend: str, cache: int,
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:  # noqa: UP045
+    """:meth:`Backend.gram_row` with ``store=False`` (read-only: Anderson's Gram pass)."""
+    _backend(backend).gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out,
+                               cache_of(cache), store=False, grad_scale=grad_scale, found_inf=found_inf)
+
+
+@torch.library.custom_op("interpolatron::gram_row_store", mutates_args=("g_hist", "out"))
+def gram_row_store(params: list[Tensor], grads: list[Tensor], offsets: list[int], g_hist: Tensor,
+                   count: Tensor, weight_decay: float, maximize: bool, out: Tensor, backend: str,
+                   cache: int) -> None:
+    """:meth:`Backend.gram_row` with ``store=True`` (RNA's gradient record)."""
+    _backend(backend).gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out,
+                               cache_of(cache), store=True)
+
+
+@torch.library.custom_op("interpolatron::rna_record", mutates_args=("window", "out"))
+def rna_record(sources: list[Tensor], offsets: list[int], window: Tensor, count: Tensor,
+               out: Optional[Tensor], backend: str, cache: int) -> None:  # noqa: UP045 (the schema)
+    """:meth:`Backend.rna_record` of ``backend``."""
+    _backend(backend).rna_record(sources, offsets, window, count, out, cache_of(cache))
+
+
+@torch.library.custom_op("interpolatron::rna_extrapolate", mutates_args=("outs",))
+def rna_extrapolate(window: Tensor, offsets: list[int], count: Tensor, coefs: Tensor, outs: list[Tensor],
+                    backend: str, cache: int) -> None:
+    """:meth:`Backend.rna_extrapolate` of ``backend``."""
+    _backend(backend).rna_extrapolate(window, offsets, count, coefs, outs, cache_of(cache))
+
+
+# The ops return nothing and only write into their arguments: under fake
+# tensors there is nothing to compute.
+@combine.register_fake
+def _(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay, maximize, gram, backend,
+      cache, grad_scale=None, found_inf=None) -> None:
+    return None
+
+
+@gram_row.register_fake
+def _(params, grads, offsets, g_hist, count, weight_decay, maximize, out, backend, cache,
+      grad_scale=None, found_inf=None) -> None:
+    return None
+
+
+@gram_row_store.register_fake
+def _(params, grads, offsets, g_hist, count, weight_decay, maximize, out, backend, cache) -> None:
+    return None
+
+
+@rna_record.register_fake
+def _(sources, offsets, window, count, out, backend, cache) -> None:
+    return None
+
+
+@rna_extrapolate.register_fake
+def _(window, offsets, count, coefs, outs, backend, cache) -> None:
+    return None
+
+
+OPS = {"combine": combine, "gram_row": gram_row, "gram_row_store": gram_row_store,
+       "rna_record": rna_record, "rna_extrapolate": rna_extrapolate}
