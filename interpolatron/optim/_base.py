@@ -252,6 +252,11 @@ class BucketedOptimizer(Optimizer):
         swapped: list[tuple[Tensor, Tensor, Tensor | None]] = []
         if not self.master_weights:
             return swapped
+        if torch.compiler.is_compiling():
+            # The swap rebinds parameters' storage (p.data), which a compiled
+            # graph cannot express; refuse instead of training something else.
+            raise NotImplementedError("master_weights=True is not supported inside torch.compile: "
+                                      "step this optimizer eagerly")
         fresh: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
