@@ -177,3 +177,15 @@ def test_master_weights_leaves_wide_params_alone():
     assert torch.equal(p, q) and "master" not in a.state[p]
     with pytest.raises(ValueError, match="master_weights"):
         Interpolatron([p], master_weights=1)
+
+
+def test_master_weights_refused_inside_torch_compile():
+    """The p.data swap cannot be compiled: a clear error, not a silent other trajectory."""
+    m = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    opt = Interpolatron(m.parameters(), lr=1e-3, master_weights=True, backend="torch")
+    x = torch.randn(8, 4, dtype=torch.bfloat16)
+    m(x).float().sum().backward()
+    opt.step()
+    m(x).float().sum().backward()
+    with pytest.raises(Exception, match="master_weights=True is not supported inside torch.compile"):
+        torch.compile(opt.step, fullgraph=True)()
