@@ -18,20 +18,36 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..backends import BACKEND_NAMES, SUPPORTED_DTYPES, resolve
+from ..sharding import (
+    as_history,
+    check_grad_layout,
+    group_key,
+    history_placements,
+    is_dtensor,
+    local,
+    reduction_key,
+)
 
-BucketKey = tuple[int, torch.device, torch.dtype]
+# (group index, device, dtype, reduction key): the reduction key (the process
+# groups that hold the other shards, () for none) keeps parameters whose dot
+# products are summed over different groups in different buckets.
+BucketKey = tuple[int, torch.device, torch.dtype, tuple]
 
 
 class Bucket:
-    """The parameters of one (group, device, dtype) and their flat history."""
+    """The parameters of one (group, device, dtype, reduction) and their flat
+    history. The rings hold each member's local shard (the whole tensor when
+    it is not sharded); ``members`` are the optimizer's parameters themselves."""
 
     def __init__(self, key: BucketKey, backend, members: list[Tensor], x_slots: int, g_slots: int,
                  count: Tensor, coef_len: int):
-        _, device, dtype = key
+        device, dtype = key[1], key[2]
         self.key = key
+        self.reduction = key[3]
         self.backend = backend
         self.members = members
-        numels = [p.numel() for p in members]
+        self.locals = [local(p) for p in members]
+        numels = [t.numel() for t in self.locals]
         self.offsets = [sum(numels[:i]) for i in range(len(numels))]
         self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
         self.numel = sum(numels)
@@ -46,23 +62,30 @@ class Bucket:
         self.cache: dict = {}
 
     def views(self, p: Tensor) -> tuple[Tensor, Tensor]:
-        off, n = self.offset_of[id(p)], p.numel()
-        return (self.x_hist[:, off:off + n].view(self.x_hist.shape[0], *p.shape),
-                self.g_hist[:, off:off + n].view(self.g_hist.shape[0], *p.shape))
+        """``p``'s local history views ``(S, *local_shape)``."""
+        off, t = self.offset_of[id(p)], local(p)
+        n = t.numel()
+        return (self.x_hist[:, off:off + n].view(self.x_hist.shape[0], *t.shape),
+                self.g_hist[:, off:off + n].view(self.g_hist.shape[0], *t.shape))
 
 
 class Work:
-    """One bucket's share of a step: the members that have a gradient now."""
+    """One bucket's share of a step: the members that have a gradient now.
+    ``params`` and ``grads`` are the local shards the backends work on, ``keys``
+    the optimizer's parameters they belong to."""
 
-    __slots__ = ("bucket", "group", "params", "grads", "offsets")
+    __slots__ = ("bucket", "group", "keys", "params", "grads", "offsets")
 
-    def __init__(self, bucket: Bucket, group: dict, params: list[Tensor], grads: list[Tensor]):
-        self.bucket, self.group, self.params, self.grads = bucket, group, params, grads
-        self.offsets = [bucket.offset_of[id(p)] for p in params]
+    def __init__(self, bucket: Bucket, group: dict, keys: list[Tensor]):
+        self.bucket, self.group, self.keys = bucket, group, keys
+        self.params = [local(p) for p in keys]
+        self.grads = [local(p.grad) for p in keys]
+        self.offsets = [bucket.offset_of[id(p)] for p in keys]
 
 
-def effective_grad(p: Tensor, group: dict) -> Tensor:
-    g = -p.grad if group["maximize"] else p.grad
+def effective_grad(p: Tensor, group: dict, grad: Tensor | None = None) -> Tensor:
+    grad = p.grad if grad is None else grad
+    g = -grad if group["maximize"] else grad
     return g + group["weight_decay"] * p.detach() if group["weight_decay"] != 0 else g
 
 
@@ -89,6 +112,23 @@ def check_grad(p: Tensor) -> None:
         raise RuntimeError(f"gradient on {g.device} but parameter on {p.device}")
     if g.shape != p.shape:
         raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
+    check_grad_layout(p)
+
+
+def _local_history(saved: Tensor, p: Tensor) -> Tensor:
+    """The local rows of a saved history for ``p``'s shard: a DTensor is first
+    laid out like ``p`` (a checkpoint may come from another layout); a plain
+    tensor saved unsharded is split like ``p``."""
+    if not is_dtensor(p):
+        return local(saved) if not is_dtensor(saved) else saved.full_tensor()
+    from torch.distributed.tensor import distribute_tensor
+
+    target = history_placements(p)
+    if is_dtensor(saved):
+        if saved.device_mesh != p.device_mesh or tuple(saved.placements) != tuple(target):
+            saved = saved.redistribute(p.device_mesh, target)
+        return saved.to_local()
+    return distribute_tensor(saved, p.device_mesh, target).to_local()
 
 
 class BucketedOptimizer(Optimizer):
@@ -97,12 +137,23 @@ class BucketedOptimizer(Optimizer):
 
     _algorithm = "base"
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str):
+    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str, process_group: Any = None):
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
+        self.process_group = process_group
         self._buckets: dict[BucketKey, Bucket] = {}
         super().__init__(params, defaults)
+
+    def _reductions(self) -> list[tuple]:
+        """Every reduction key of this optimizer's parameters, in parameter order
+        (the same on every rank: collectives are issued in this order), plus the
+        ``process_group``'s own (a ZeRO rank may own no parameter, yet it must
+        join the sum)."""
+        keys = [reduction_key(p, self.process_group) for g in self.param_groups for p in g["params"]]
+        if self.process_group is not None:
+            keys.append(group_key(self.process_group))
+        return [k for k in dict.fromkeys(keys) if k]
 
     # -- subclass hooks -------------------------------------------------
     def _ring_slots(self, group: dict) -> tuple[int, int]:
@@ -121,6 +172,7 @@ class BucketedOptimizer(Optimizer):
         try:
             for p in group["params"]:
                 check_param(p)
+                reduction_key(p, self.process_group)  # a Partial placement fails now
                 resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
             if not (isinstance(group["lr"], Tensor) or group["lr"] >= 0):
                 raise ValueError(f"invalid learning rate: {group['lr']}")
@@ -143,7 +195,7 @@ class BucketedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     check_grad(p)
-                    wanted[(gi, p.device, p.dtype)].append(p)
+                    wanted[(gi, p.device, p.dtype, reduction_key(p, self.process_group))].append(p)
         self._membership_changed = False
         work = []
         for key, active in wanted.items():
@@ -158,7 +210,7 @@ class BucketedOptimizer(Optimizer):
                     if id(p) not in have:  # no gradient: keep its history aligned with the ring
                         for view in bucket.views(p):
                             view.copy_(view.roll(1, 0))
-            work.append(Work(bucket, group, active, [p.grad for p in active]))
+            work.append(Work(bucket, group, active))
         return work
 
     def _rebuild(self, key: BucketKey, group: dict, active: list[Tensor], old: Bucket | None) -> Bucket:
@@ -168,10 +220,11 @@ class BucketedOptimizer(Optimizer):
             # After load_state_dict every parameter with a saved history is a
             # member again (as it was when saved), gradient or not: its ring
             # stays aligned and the saved Gram stays valid.
-            _, device, dtype = key
+            device, dtype = key[1], key[2]
             for p in group["params"]:
                 st = self.state.get(p)
-                if st and "x_hist" in st and p.device == device and p.dtype == dtype:
+                if (st and "x_hist" in st and p.device == device and p.dtype == dtype
+                        and reduction_key(p, self.process_group) == key[3]):
                     present[id(p)] = p
         present.update({id(p): p for p in active})
         # A new member (a first gradient) changes the optimizer's x; a bucket
@@ -180,7 +233,7 @@ class BucketedOptimizer(Optimizer):
             self._membership_changed = True
         members = sorted(present.values(), key=lambda p: order[id(p)])
         x_slots, g_slots = self._ring_slots(group)
-        _, device, _ = key
+        device = key[1]
         if old is not None:
             count = old.count
         else:
@@ -193,12 +246,13 @@ class BucketedOptimizer(Optimizer):
             st = self.state[p]
             xv, gv = bucket.views(p)
             if "x_hist" in st:
-                xv.copy_(st["x_hist"])
-                gv.copy_(st["g_hist"])
+                xv.copy_(_local_history(st["x_hist"], p))
+                gv.copy_(_local_history(st["g_hist"], p))
             else:  # warm start: every missing slot holds x^(0), g^(0)
-                xv.copy_(p.detach().unsqueeze(0).expand_as(xv))
-                gv.copy_(effective_grad(p, group).unsqueeze(0).expand_as(gv))
-            st["step"], st["x_hist"], st["g_hist"] = count, xv, gv
+                x = local(p).detach()
+                xv.copy_(x.unsqueeze(0).expand_as(xv))
+                gv.copy_(effective_grad(x, group, local(p.grad)).unsqueeze(0).expand_as(gv))
+            st["step"], st["x_hist"], st["g_hist"] = count, as_history(xv, p), as_history(gv, p)
         self._buckets[key] = bucket
         return bucket
 
@@ -285,4 +339,4 @@ class BucketedOptimizer(Optimizer):
     def backends_in_use(self) -> dict[str, str]:
         """Which backend serves each bucket (after the first step)."""
         return {f"group{gi}/{dev}/{str(dt).removeprefix('torch.')}": b.backend.name
-                for (gi, dev, dt), b in self._buckets.items()}
+                for (gi, dev, dt, *_), b in self._buckets.items()}
