@@ -1,0 +1,216 @@
+"""What each rank runs in the distributed tests (module-level, so spawned
+processes can import it), and the single-process runs they are compared with.
+
+Every case feeds the same global gradients to every layout, so the whole
+model's trajectory must not depend on the layout."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import interpolatron
+
+# Shapes chosen so that 2, 3 and 4 ranks split them unevenly (some ranks get
+# nothing of the small ones), plus one replicated parameter.
+SHAPES = [(7, 3), (5,), (11, 2), (1,), (3, 4)]
+REPLICATED = 4  # index of the parameter left whole on every rank
+
+
+def global_data(dtype: torch.dtype, steps: int, seed: int = 0):
+    """Initial parameters and one gradient per step (the same on every rank)."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+             for _ in range(steps)]
+    return x0, grads
+
+
+def _coefficients(opt) -> torch.Tensor:
+    return opt.coefficients.detach().clone().cpu()
+
+
+def run_anderson_plain(dtype, backend, steps, history=3, weight_decay=0.01):
+    """The single-process reference: plain tensors."""
+    x0, grads = global_data(dtype, steps)
+    params = [x.clone().requires_grad_() for x in x0]
+    opt = interpolatron.Anderson(params, lr=0.1, history=history, weight_decay=weight_decay, backend=backend)
+    coefs = []
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+        coefs.append(_coefficients(opt))
+    return {"coefs": torch.stack(coefs), "params": [p.detach().clone() for p in params]}
+
+
+def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay=0.01):
+    """Anderson on DTensor parameters, Shard(0) over every rank (uneven) and one
+    Replicate; gradients distributed the same way."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    place = [[Replicate()] if i == REPLICATED else [Shard(0)] for i in range(len(SHAPES))]
+    x0, grads = global_data(dtype, steps)
+    params = [nn.Parameter(distribute_tensor(x, mesh, pl, src_data_rank=None)) for x, pl in zip(x0, place)]
+    opt = interpolatron.Anderson(params, lr=0.1, history=history, weight_decay=weight_decay, backend=backend)
+    coefs = []
+    for g in grads:
+        for p, gi, pl in zip(params, g, place):
+            p.grad = distribute_tensor(gi, mesh, pl, src_data_rank=None)
+        opt.step()
+        coefs.append(_coefficients(opt))
+    hist = opt.state[params[0]]["x_hist"]
+    return {"coefs": torch.stack(coefs), "params": [p.detach().full_tensor() for p in params],
+            "hist_type": type(hist).__name__, "hist_placements": str(hist.placements),
+            "hist_shape": tuple(hist.shape), "hist_local": tuple(hist.to_local().shape)}
+
+
+# -- models ---------------------------------------------------------------------------
+
+def make_model(seed: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def batch(step: int):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return (torch.randn(8, 5, generator=gen, dtype=torch.float64),
+            torch.randn(8, 3, generator=gen, dtype=torch.float64))
+
+
+def loss_of(model, step):
+    x, y = batch(step)
+    return ((model(x) - y) ** 2).mean()
+
+
+OPTIMIZERS = {
+    "anderson": lambda params, **kw: interpolatron.Anderson(params, lr=0.05, history=3, weight_decay=1e-3,
+                                                           backend="torch", **kw),
+    "interpolatron": lambda params, **kw: interpolatron.Interpolatron(params, lr=0.05, alphas=(0.1, 0.3, 0.6),
+                                                                     backend="torch", **kw),
+}
+
+
+def train(model, opt, first: int, last: int, coefs: list | None = None, wrapper=None):
+    for step in range(first, last):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, step).backward()
+        opt.step()
+        if coefs is not None and hasattr(opt, "coefficients"):
+            coefs.append(_coefficients(opt))
+
+
+def full_params(model) -> list[torch.Tensor]:
+    from interpolatron.sharding import is_dtensor
+
+    return [(p.full_tensor() if is_dtensor(p) else p).detach().clone() for p in model.parameters()]
+
+
+def run_model_plain(name: str, steps: int):
+    model = make_model()
+    opt = OPTIMIZERS[name](model.parameters())
+    coefs: list = []
+    train(model, opt, 0, steps, coefs)
+    return {"params": full_params(model), "coefs": torch.stack(coefs) if coefs else None}
+
+
+def fsdp2(rank, world, name, steps):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = OPTIMIZERS[name](model.parameters())
+    coefs: list = []
+    train(model, opt, 0, steps, coefs)
+    st = opt.state[model[0].weight]
+    return {"params": full_params(model), "coefs": torch.stack(coefs) if coefs else None,
+            "hist_type": type(st["x_hist"]).__name__}
+
+
+def ddp(rank, world, name, steps):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(make_model())
+    opt = OPTIMIZERS[name](model.parameters())
+    coefs: list = []
+    train(model, opt, 0, steps, coefs)
+    return {"params": full_params(model.module), "coefs": torch.stack(coefs) if coefs else None}
+
+
+def zero(rank, world, name, steps):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = make_model()
+    cls = functools.partial(OPTIMIZERS[name], process_group=dist.group.WORLD)
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls)
+    coefs: list = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, step).backward()  # every rank the same batch: the global gradient
+        opt.step()
+        if hasattr(opt.optim, "coefficients"):
+            coefs.append(_coefficients(opt.optim))
+    return {"params": full_params(model), "coefs": torch.stack(coefs) if coefs else None,
+            "owned": sum(len(g["params"]) for g in opt.optim.param_groups)}
+
+
+def fsdp1(rank, world, name, steps):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(make_model(), use_orig_params=False, device_id=torch.device("cpu"))
+    opt = OPTIMIZERS[name](model.parameters(), process_group=dist.group.WORLD)
+    coefs: list = []
+    train(model, opt, 0, steps, coefs)
+    with FullyShardedDataParallel.summon_full_params(model):
+        params = [p.detach().clone() for p in model.module.parameters()]
+    return {"params": params, "coefs": torch.stack(coefs) if coefs else None}
+
+
+# -- collectives ----------------------------------------------------------------------
+
+def count_collectives(rank, world, steps):
+    """Collectives issued by optimizer steps on FSDP2 parameters (the backward's
+    reduce-scatters are outside the counted region)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    counts = {}
+    for name in ("interpolatron", "anderson"):
+        model = make_model()
+        fully_shard(model)
+        opt = OPTIMIZERS[name](model.parameters())
+        total = 0
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, step).backward()
+            with CommDebugMode() as comm:
+                opt.step()
+            total += comm.get_total_counts()
+        counts[name] = total
+    # The counter sees a plain all-reduce of a device tensor (what gram.py issues).
+    with CommDebugMode() as comm:
+        dist.all_reduce(torch.zeros(3, dtype=torch.float64))
+    counts["probe"] = comm.get_total_counts()
+    return counts
+
+
+# -- one process group per rank count runs every case --------------------------------
+
+def suite(rank, world, cases):
+    """Run ``cases`` (``(name, function, args)``) in order; a case's error is
+    returned as text instead of ending the others."""
+    import traceback
+
+    out = {}
+    for name, fn, args in cases:
+        try:
+            out[name] = fn(rank, world, *args)
+        except Exception:
+            out[name] = {"error": traceback.format_exc()}
+    return out
