@@ -83,22 +83,45 @@ def shift_in_row(gram: Tensor, row: Tensor) -> Tensor:
     return new
 
 
+# Columns per block of the Gram rebuild: its only temporaries are one block
+# of the ring in float64 (slots x RING_GRAM_CHUNK x 8 bytes, 1 MiB at 2 slots).
+RING_GRAM_CHUNK = 1 << 16
+
+
+def _merged(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, n in spans:
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        elif n:
+            out.append((off, n))
+    return out
+
+
 def ring_gram(rings: Sequence[tuple[Tensor, ...]], ages: int, device: torch.device) -> Tensor:
-    """The full Gram of ages ``0..ages-1`` recomputed from rings.
+    """The full Gram of ages ``0..ages-1`` (``ages <= `` the ring's slots)
+    recomputed from rings.
 
     ``rings`` holds ``(ring, count)`` pairs whose age-0 entry is in slot
-    ``count mod S``, or ``(ring, count, columns)`` triples where ``columns``
-    (a device index, or None for all) selects the columns that count. Used
-    when the set of parameters changes, which makes the incrementally kept
-    matrix stale.
+    ``count mod S``, or ``(ring, count, spans)`` triples where ``spans`` (a
+    list of ``(offset, numel)`` column ranges, or None for all) selects the
+    columns that count. Used when the set of parameters changes, which makes
+    the incrementally kept matrix stale. Works through fixed-size column
+    blocks (products exact in float64, sums in float64, a fixed order): no
+    ring-sized or gathered temporary, whatever the model's size.
     """
     gram = torch.zeros(ages, ages, dtype=torch.float64, device=device)
     for ring, count, *rest in rings:
-        columns = rest[0] if rest else None
-        slots = torch.remainder(count - torch.arange(ages, device=ring.device), ring.shape[0])
-        rows = ring.index_select(0, slots)
-        if columns is not None:
-            rows = rows.index_select(1, columns)
-        rows = rows.to(torch.float64)
-        gram += (rows @ rows.T).to(device)
+        slots = ring.shape[0]
+        if slots == 0 or ages == 0:
+            continue
+        spans = _merged(rest[0] if rest and rest[0] is not None else [(0, ring.shape[1])])
+        by_slot = torch.zeros(slots, slots, dtype=torch.float64, device=ring.device)
+        for off, n in spans:
+            for start in range(off, off + n, RING_GRAM_CHUNK):
+                block = ring[:, start:min(start + RING_GRAM_CHUNK, off + n)].to(torch.float64)
+                by_slot.addmm_(block, block.T)
+        by_slot = by_slot.triu() + by_slot.triu(1).T  # exactly symmetric (a product's halves may round apart)
+        order = torch.remainder(count - torch.arange(ages, device=ring.device), slots)
+        gram += by_slot.index_select(0, order).index_select(1, order).to(device)
     return gram

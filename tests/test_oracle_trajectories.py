@@ -171,7 +171,7 @@ def test_anderson_trajectory_matches_oracle(case):
         np.testing.assert_allclose(opt.coefficients.cpu().numpy(), oracle.coefficients, rtol=tol, atol=tol,
                                    err_msg=f"coefficients at step {t + 1}")
     assert oracle.fallbacks == 0
-    assert int(opt.state["anderson"]["fallbacks"]) == 0
+    assert int(opt.fallbacks) == 0
     if case["constraint"] is None:
         # the trajectory stayed clear of the singularity threshold (1e-6): no
         # step where the oracle's and the package's criteria could disagree

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..backends import BACKEND_NAMES, SUPPORTED_DTYPES, resolve
+from ..backends import BACKEND_NAMES, resolve
 from ..sharding import (
     as_history,
     check_grad_layout,
@@ -27,11 +27,18 @@ from ..sharding import (
     local,
     reduction_key,
 )
+from ._checkpoint import plan_load
+from ._checks import check_grad, check_lr, check_maximize, check_param, check_real
+
+__all__ = ["Bucket", "BucketedOptimizer", "Work", "check_grad", "check_param"]
 
 # (group index, device, dtype, reduction key): the reduction key (the process
 # groups that hold the other shards, () for none) keeps parameters whose dot
 # products are summed over different groups in different buckets.
 BucketKey = tuple[int, torch.device, torch.dtype, tuple]
+
+# Columns per chunk when a skipped parameter's ring entries move one slot on.
+ROTATE_CHUNK = 1 << 16
 
 
 class Bucket:
@@ -61,6 +68,22 @@ class Bucket:
         self.gram = torch.zeros(coef_len, dtype=torch.float64, device=device)
         self.cache: dict = {}
 
+    def rotate(self, p: Tensor) -> None:
+        """Move ``p``'s ring entries one slot on (slot ``s`` takes slot ``s - 1``'s
+        entry, slot 0 the last's), column chunk by column chunk: the only
+        temporary is one chunk, whatever the parameter's size."""
+        off, n = self.offset_of[id(p)], local(p).numel()
+        for ring in (self.x_hist, self.g_hist):
+            slots = ring.shape[0]
+            if slots < 2:
+                continue
+            for start in range(off, off + n, ROTATE_CHUNK):
+                cols = ring[:, start:min(start + ROTATE_CHUNK, off + n)]
+                last = cols[slots - 1].clone()
+                for s in range(slots - 1, 0, -1):
+                    cols[s].copy_(cols[s - 1])
+                cols[0].copy_(last)
+
     def views(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """``p``'s local history views ``(S, *local_shape)``."""
         off, t = self.offset_of[id(p)], local(p)
@@ -83,38 +106,6 @@ class Work:
         self.offsets = [bucket.offset_of[id(p)] for p in keys]
 
 
-def effective_grad(p: Tensor, group: dict, grad: Tensor | None = None) -> Tensor:
-    grad = p.grad if grad is None else grad
-    g = -grad if group["maximize"] else grad
-    return g + group["weight_decay"] * p.detach() if group["weight_decay"] != 0 else g
-
-
-def check_param(p: Tensor) -> None:
-    if not isinstance(p, Tensor):
-        raise TypeError(f"optimizer params must be tensors, got {type(p).__name__}")
-    if p.is_complex():
-        raise TypeError("interpolatron does not support complex parameters; "
-                        "view them as real with torch.view_as_real")
-    if p.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"parameter dtype {p.dtype} is not supported "
-                        f"(supported: {', '.join(map(str, SUPPORTED_DTYPES))})")
-
-
-def check_grad(p: Tensor) -> None:
-    g = p.grad
-    if g.is_sparse:
-        raise RuntimeError("interpolatron does not support sparse gradients")
-    if g.is_complex():
-        raise RuntimeError("interpolatron does not support complex gradients")
-    if g.dtype != p.dtype:
-        raise RuntimeError(f"gradient dtype {g.dtype} does not match parameter dtype {p.dtype}")
-    if g.device != p.device:
-        raise RuntimeError(f"gradient on {g.device} but parameter on {p.device}")
-    if g.shape != p.shape:
-        raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
-    check_grad_layout(p)
-
-
 def _local_history(saved: Tensor, p: Tensor) -> Tensor:
     """The local rows of a saved history for ``p``'s shard: a DTensor is first
     laid out like ``p`` (a checkpoint may come from another layout); a plain
@@ -133,7 +124,20 @@ def _local_history(saved: Tensor, p: Tensor) -> Tensor:
 
 class BucketedOptimizer(Optimizer):
     """Base of the ring-history optimizers. Subclasses set the ring sizes and
-    the step; this class owns buckets, validation and checkpoints."""
+    the step; this class owns buckets, validation and checkpoints.
+
+    What is checked when (no check reads a device value inside ``step``, so a
+    step never waits for the device):
+
+    * ``add_param_group`` and ``load_state_dict``: every setting, a tensor
+      ``lr``'s shape, device and value included (reading the value syncs once).
+    * ``step``, before anything is written: every setting again (they are
+      plain Python values a user may change between steps), the gradients,
+      that k has not changed, and a tensor ``lr``'s value only when the group
+      holds a different tensor object than at the last check. A value written
+      in place into the same tensor (a scheduler on a captured graph) is not
+      re-read: that would cost a host sync per step.
+    """
 
     _algorithm = "base"
 
@@ -143,6 +147,9 @@ class BucketedOptimizer(Optimizer):
         self.backend = backend
         self.process_group = process_group
         self._buckets: dict[BucketKey, Bucket] = {}
+        # The settings a saved param group must carry (not what torch adds later).
+        self._hyperparameter_keys = tuple(defaults)
+        self._lr_checked: dict[int, Tensor] = {}  # group index -> the tensor lr last validated
         super().__init__(params, defaults)
 
     def _reductions(self) -> list[tuple]:
@@ -162,11 +169,50 @@ class BucketedOptimizer(Optimizer):
     def _coef_len(self, group: dict) -> int:
         raise NotImplementedError
 
-    def _validate_group(self, group: dict) -> None:
-        pass
+    def _validate_group(self, group: dict, read_lr: bool = True) -> None:
+        """Every setting of one group (raises ValueError); may normalise values.
+        ``read_lr=False``: a tensor lr's value is not read (see the class doc)."""
+        check_lr(group["lr"], {p.device for p in group["params"]}, read=read_lr)
+        group["weight_decay"] = check_real("weight_decay", group["weight_decay"])
+        check_maximize(group["maximize"])
+
+    def _validate_groups(self, groups: list[dict]) -> None:
+        """Rules across groups (Anderson's optimizer-wide settings)."""
+
+    def _extra_state_keys(self, index: int) -> tuple[str, ...]:
+        """Per-parameter state keys besides the histories (Anderson's anchor)."""
+        return ()
+
+    def _plan_extra_state(self, groups: list[dict], params: list[Tensor], state: dict,
+                          bucket_steps: dict) -> None:
+        """Validate and copy the extra keys of a state being loaded (in place in ``state``)."""
+
+    def _check_k_unchanged(self) -> None:
+        """The groups' settings still fit the histories that exist."""
+        for gi, group in enumerate(self.param_groups):
+            slots = self._ring_slots(group)
+            for (bgi, *_), b in self._buckets.items():
+                if bgi == gi and (b.x_hist.shape[0], b.g_hist.shape[0]) != slots:
+                    raise ValueError(f"param group {gi}: the number of steps k cannot change once the "
+                                     f"history exists; build a new optimizer instead")
+            if not any(key[0] == gi for key in self._buckets):  # loaded, no step yet
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if st and "x_hist" in st and (st["x_hist"].shape[0], st["g_hist"].shape[0]) != slots:
+                        raise ValueError(f"param group {gi}: the number of steps k cannot change once "
+                                         f"the history exists; build a new optimizer instead")
 
     # -- param groups ---------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (Tensor, set)):
+            param_group["params"] = list(param_group.get("params", ()))
+            seen: set[int] = set()
+            for p in param_group["params"]:
+                t = p[1] if isinstance(p, tuple) else p
+                if id(t) in seen:
+                    raise ValueError("a parameter group lists the same parameter twice "
+                                     "(it would be updated twice per step)")
+                seen.add(id(t))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -174,27 +220,42 @@ class BucketedOptimizer(Optimizer):
                 check_param(p)
                 reduction_key(p, self.process_group)  # a Partial placement fails now
                 resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
-            if not (isinstance(group["lr"], Tensor) or group["lr"] >= 0):
-                raise ValueError(f"invalid learning rate: {group['lr']}")
-            if group["weight_decay"] < 0:
-                raise ValueError(f"invalid weight_decay: {group['weight_decay']}")
             self._validate_group(group)
+            self._validate_groups(self.param_groups)
         except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
+        if isinstance(group["lr"], Tensor):
+            self._lr_checked[len(self.param_groups) - 1] = group["lr"]
+
+    def _check_step(self) -> None:
+        """Everything a step needs, before it writes anything."""
+        for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            try:
+                self._validate_group(group, read_lr=self._lr_checked.get(gi) is not lr)
+            except ValueError as exc:
+                raise ValueError(f"param group {gi}: {exc}") from exc
+            if isinstance(lr, Tensor):
+                self._lr_checked[gi] = lr
+            for p in group["params"]:
+                if p.grad is not None:
+                    check_grad(p)
+                    check_grad_layout(p)
+        self._validate_groups(self.param_groups)
+        self._check_k_unchanged()
 
     # -- buckets --------------------------------------------------------
     def _group_index(self) -> dict[int, tuple[int, int]]:
         return {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
 
     def _prepare(self) -> list[Work]:
-        """Validate every gradient, then (only then) grow buckets, advance the
-        rings of members without a gradient, and list the work of this step."""
+        """Grow buckets, advance the rings of members without a gradient, and
+        list the work of this step (after :meth:`_check_step`)."""
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
-                    check_grad(p)
                     wanted[(gi, p.device, p.dtype, reduction_key(p, self.process_group))].append(p)
         self._membership_changed = False
         work = []
@@ -208,8 +269,7 @@ class BucketedOptimizer(Optimizer):
                 have = {id(p) for p in active}
                 for p in bucket.members:
                     if id(p) not in have:  # no gradient: keep its history aligned with the ring
-                        for view in bucket.views(p):
-                            view.copy_(view.roll(1, 0))
+                        bucket.rotate(p)
             work.append(Work(bucket, group, active))
         return work
 
@@ -249,12 +309,27 @@ class BucketedOptimizer(Optimizer):
                 xv.copy_(_local_history(st["x_hist"], p))
                 gv.copy_(_local_history(st["g_hist"], p))
             else:  # warm start: every missing slot holds x^(0), g^(0)
-                x = local(p).detach()
-                xv.copy_(x.unsqueeze(0).expand_as(xv))
-                gv.copy_(effective_grad(x, group, local(p.grad)).unsqueeze(0).expand_as(gv))
+                self._warm_start(p, group, xv, gv)
             st["step"], st["x_hist"], st["g_hist"] = count, as_history(xv, p), as_history(gv, p)
         self._buckets[key] = bucket
         return bucket
+
+    @staticmethod
+    def _warm_start(p: Tensor, group: dict, xv: Tensor, gv: Tensor) -> None:
+        """Fill every slot with ``x^(0)`` and the effective ``g^(0)``, computed
+        in place in the first slot (no parameter-sized temporary)."""
+        x = local(p).detach()
+        if xv.shape[0]:
+            xv.copy_(x.unsqueeze(0).expand_as(xv))
+        if gv.shape[0]:
+            first = gv[0]
+            first.copy_(local(p.grad))
+            if group["maximize"]:
+                first.neg_()
+            if group["weight_decay"] != 0:
+                first.add_(x, alpha=group["weight_decay"])
+            if gv.shape[0] > 1:
+                gv[1:].copy_(first.unsqueeze(0).expand_as(gv[1:]))
 
     @staticmethod
     def _closure_loss(closure):
@@ -268,7 +343,8 @@ class BucketedOptimizer(Optimizer):
     def _sync_lr(bucket: Bucket, group: dict) -> None:
         lr = group["lr"]
         if isinstance(lr, Tensor):
-            bucket.lr.copy_(lr)  # a device copy: a captured graph replays the current value
+            # a device copy: a captured graph replays the current value
+            bucket.lr.copy_(lr.detach().reshape(()))
         elif lr != bucket.lr_seen:
             bucket.lr.fill_(lr)
             bucket.lr_seen = lr
@@ -286,54 +362,34 @@ class BucketedOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
+        # Informative only: loading validates from the groups and the
+        # per-parameter state (distributed checkpoints drop this key).
         sd["interpolatron"] = self._config()
         return sd
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        theirs = state_dict.get("interpolatron")
-        if theirs is None:
-            raise ValueError(f"this state_dict was not saved by an interpolatron optimizer; "
-                             f"{type(self).__name__} cannot resume from it")
-        ours = self._config()
-        if theirs["algorithm"] != ours["algorithm"]:
-            raise ValueError(f"state_dict was saved by {theirs['algorithm']}, not {ours['algorithm']}")
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer has "
-                             f"{len(self.param_groups)}")
-        for i, (mine, saved) in enumerate(zip(self.param_groups, groups)):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(f"param group {i}: the state_dict has {len(saved['params'])} parameters, "
-                                 f"the optimizer {len(mine['params'])}")
-            trial = dict(mine, **{k: v for k, v in saved.items() if k != "params"})
-            self._validate_group(trial)
-            # Both this optimizer's configuration and the saved hyperparameters
-            # (which loading restores) must fit the saved history.
-            for needed in (list(self._ring_slots(mine)), list(self._ring_slots(trial))):
-                if needed != theirs["ring_slots"][i]:
-                    raise ValueError(
-                        f"param group {i}: the state_dict's history has ring sizes "
-                        f"{theirs['ring_slots'][i]}, this configuration needs {needed} "
-                        f"(a different number of steps k, or a checkpoint of an older layout)")
-        self._check_state_shapes(state_dict, theirs)
-        state_dict = {k: v for k, v in state_dict.items() if k != "interpolatron"}
-        super().load_state_dict(state_dict)
-        # Optimizer-wide entries pass through torch's loader uncopied: detach
-        # them from the source optimizer.
-        for key, value in list(self.state.items()):
-            if not isinstance(key, Tensor) and isinstance(value, dict):
-                self.state[key] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in value.items()}
+        """Load a state_dict after validating all of it (see
+        :mod:`interpolatron.optim._checkpoint`): a refused one raises
+        :class:`~interpolatron.optim._checkpoint.CheckpointError` (a
+        ``ValueError``) naming the group, parameter and key, and changes nothing."""
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, state = plan_load(self, state_dict)
+        # Nothing above wrote to the optimizer; now swap the new state in.
+        self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
         self._buckets = {}  # rebuilt at the next step from the per-parameter state
+        self._lr_checked = {gi: g["lr"] for gi, g in enumerate(groups) if isinstance(g["lr"], Tensor)}
+        self._after_load()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
-    def _check_state_shapes(self, state_dict: dict, config: dict) -> None:
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, st in state_dict["state"].items():
-            if not isinstance(index, int) or "x_hist" not in st:
-                continue
-            p = params[index]
-            if tuple(st["x_hist"].shape[1:]) != tuple(p.shape):
-                raise ValueError(f"state_dict history of parameter {index} has shape "
-                                 f"{tuple(st['x_hist'].shape[1:])}, the parameter {tuple(p.shape)}")
+    def _after_load(self) -> None:
+        pass
 
     # -- introspection --------------------------------------------------
     def backends_in_use(self) -> dict[str, str]:

@@ -3,6 +3,8 @@ coefficients refit every step from the Gram matrix of the last k gradients."""
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -13,6 +15,36 @@ from ..gram import reduce_gram, reduce_sharded, ring_gram, shift_in_row
 from ..sharding import collective_device
 from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
 from ._base import BucketedOptimizer
+from ._checkpoint import CheckpointError, load_count, load_tensor
+from ._checks import check_real
+
+# Settings that belong to the optimizer, not to a group (one Gram matrix
+# serves every group); they are param-group entries so that state_dict(),
+# distributed checkpoints and deepcopy carry them, and must agree across groups.
+OPTIMIZER_WIDE = ("history", "reg", "constraint", "singular_tol")
+
+# Optimizer-wide state, kept in the state of the anchor parameter (the first
+# parameter of the first group) so that optimizer.state has parameter keys only.
+GLOBAL_KEYS = ("anderson_gram", "anderson_steps", "anderson_coefficients", "anderson_fallbacks",
+               "anderson_active")
+
+# The consecutive-fallback warning: checked every FALLBACK_CHECK_EVERY steps
+# (the check reads one device counter: a host sync at that step only), raised
+# once when the last FALLBACK_WARN_STREAK steps or more all fell back.
+FALLBACK_CHECK_EVERY = 100
+FALLBACK_WARN_STREAK = 50
+
+
+def check_anderson_settings(group: dict) -> None:
+    """Anderson's settings of one group (normalised in place)."""
+    history = group["history"]
+    if isinstance(history, bool) or not isinstance(history, numbers.Integral) or history < 1:
+        raise ValueError(f"history must be an integer >= 1, got {history!r}")
+    group["history"] = int(history)
+    group["reg"] = check_real("reg", group["reg"])
+    if group["constraint"] not in (None, "simplex"):
+        raise ValueError(f"constraint must be None or 'simplex', got {group['constraint']!r}")
+    group["singular_tol"] = check_real("singular_tol", group["singular_tol"], positive=True)
 
 
 class Anderson(BucketedOptimizer):
@@ -28,8 +60,8 @@ class Anderson(BucketedOptimizer):
     ``reg`` solves with :math:`M + \text{reg}\,\frac{\operatorname{tr} M}{m} I`;
     ``constraint="simplex"`` minimises :math:`a^\top M a` over
     :math:`a \ge 0, \sum a = 1` exactly. A singular or non-finite system falls
-    back to :math:`a = e_1` (an SGD step) and is counted in
-    ``state["anderson"]["fallbacks"]``. One global :math:`a` serves every
+    back to :math:`a = e_1` (an SGD step) and is counted in :attr:`fallbacks`
+    (a one-time warning says so when it happens on many consecutive steps). One global :math:`a` serves every
     parameter (the paper's :math:`x` is the whole model); each group keeps its
     own ``lr`` and ``weight_decay``. The Gram matrix is kept between steps: a
     step computes its one new row in a read-only pass, then the update pass
@@ -43,6 +75,13 @@ class Anderson(BucketedOptimizer):
     is recomputed from the stored histories of the parameters that have a
     gradient now (a parameter without one is skipped: unchanged, its history
     does not advance, and it does not enter the fit).
+
+    ``history``, ``reg``, ``constraint`` and ``singular_tol`` are stored in
+    every param group (so checkpoints carry them) and must agree across groups.
+    The optimizer-wide state (Gram matrix, step and fallback counts,
+    coefficients, the last step's set of parameters with gradients) lives in
+    the state of the first parameter of the first group under
+    ``anderson_*`` keys: ``optimizer.state`` has parameter keys only.
 
     Args:
         params: parameters or param groups (``lr``, ``weight_decay`` per group).
@@ -70,49 +109,167 @@ class Anderson(BucketedOptimizer):
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
                  singular_tol: float = DEFAULT_SINGULAR_TOL, backend: str = "auto",
                  process_group: Any = None):
-        if not isinstance(history, int) or history < 1:
-            raise ValueError(f"history must be an integer >= 1, got {history!r}")
-        if reg < 0:
-            raise ValueError(f"reg must be >= 0, got {reg}")
-        if constraint not in (None, "simplex"):
-            raise ValueError(f"constraint must be None or 'simplex', got {constraint!r}")
-        self.history, self.reg, self.constraint, self.singular_tol = history, reg, constraint, singular_tol
-        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
-        # Per reduction key: this rank's partial Gram and the active signature
-        # it was built for (not checkpointed: rebuilt from the rings).
+        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, history=history, reg=reg,
+                        constraint=constraint, singular_tol=singular_tol)
+        check_anderson_settings(dict(defaults))
+        self._active_sig: tuple | None = None  # which parameters had a gradient at the last step
+        self._streak: Tensor | None = None  # consecutive fallbacks (device), for the warning
+        self._steps_until_check = FALLBACK_CHECK_EVERY
+        self._fallback_warned = False
+        # Sharded parameters, per reduction key: this rank's partial Gram and
+        # the active signature it was built for (not checkpointed: a
+        # checkpoint's layout may differ, so it is rebuilt from the rings).
         self._local_grams: dict[tuple, tuple[Tensor, tuple]] = {}
         super().__init__(params, defaults, backend, process_group)
 
+    # -- settings -------------------------------------------------------
+    def _setting(self, key: str):
+        return self.param_groups[0][key] if self.param_groups else self.defaults[key]
+
+    @property
+    def history(self) -> int:
+        """k, the number of past gradients mixed (read-only: a param-group entry)."""
+        return self._setting("history")
+
+    @property
+    def reg(self) -> float:
+        return self._setting("reg")
+
+    @property
+    def constraint(self) -> str | None:
+        return self._setting("constraint")
+
+    @property
+    def singular_tol(self) -> float:
+        return self._setting("singular_tol")
+
+    def _validate_group(self, group: dict, read_lr: bool = True) -> None:
+        super()._validate_group(group, read_lr)
+        check_anderson_settings(group)
+
+    def _validate_groups(self, groups: list[dict]) -> None:
+        for key in OPTIMIZER_WIDE:
+            for i, g in enumerate(groups[1:], 1):
+                if g[key] != groups[0][key]:
+                    raise ValueError(f"{key} is optimizer-wide (one Gram matrix serves every group): "
+                                     f"param group {i} has {g[key]!r}, param group 0 {groups[0][key]!r}")
+
+    def _check_k_unchanged(self) -> None:
+        super()._check_k_unchanged()
+        st = self.state.get(self._anchor(), {})
+        if "anderson_gram" in st and st["anderson_gram"].shape[0] != self.history:
+            raise ValueError(f"history (k) cannot change once the history exists (it is "
+                             f"{st['anderson_gram'].shape[0]}, the param groups say {self.history}); "
+                             f"build a new optimizer instead")
+
     def _ring_slots(self, group: dict) -> tuple[int, int]:
-        return self.history - 1, self.history - 1
+        return group["history"] - 1, group["history"] - 1
 
     def _coef_len(self, group: dict) -> int:
-        return self.history
+        return group["history"]
 
     def _config(self) -> dict:
         return dict(super()._config(), history=self.history)
 
-    def _global(self, device: torch.device) -> dict:
-        """Optimizer-wide state (kept in ``state["anderson"]`` so it checkpoints)."""
-        st = self.state["anderson"]
-        if "gram" not in st:
-            k = self.history
-            st["gram"] = torch.zeros(k, k, dtype=torch.float64, device=device)
-            st["steps"] = torch.zeros((), dtype=torch.int64, device=device)
-            st["coefficients"] = torch.zeros(k, dtype=torch.float64, device=device)
-            st["fallbacks"] = torch.zeros((), dtype=torch.int64, device=device)
-        elif st["gram"].device != device:  # loaded from a checkpoint mapped elsewhere
-            for key in ("gram", "steps", "coefficients", "fallbacks"):
-                st[key] = st[key].to(device)
+    # -- optimizer-wide state -------------------------------------------
+    def _anchor(self) -> Tensor:
+        return next(p for g in self.param_groups for p in g["params"])
+
+    def _global(self, anchor: Tensor) -> dict:
+        """Optimizer-wide state, in the anchor parameter's state (so it checkpoints)."""
+        st = self.state[anchor]
+        if "anderson_gram" not in st:
+            k, device = self.history, anchor.device
+            st["anderson_gram"] = torch.zeros(k, k, dtype=torch.float64, device=device)
+            st["anderson_steps"] = torch.zeros((), dtype=torch.int64, device=device)
+            st["anderson_coefficients"] = torch.zeros(k, dtype=torch.float64, device=device)
+            st["anderson_fallbacks"] = torch.zeros((), dtype=torch.int64, device=device)
         return st
 
+    def _extra_state_keys(self, index: int) -> tuple[str, ...]:
+        return GLOBAL_KEYS if index == 0 else ()
+
+    def _plan_extra_state(self, groups: list[dict], params: list[Tensor], state: dict,
+                          bucket_steps: dict) -> None:
+        anchor = params[0]
+        entry = state.get(anchor, {})
+        present = [key for key in GLOBAL_KEYS if key in entry]
+        with_history = [i for i, p in enumerate(params) if "x_hist" in state.get(p, {})]
+        if not present:
+            if with_history:
+                raise CheckpointError(f"state of parameter 0 lacks Anderson's optimizer-wide state "
+                                      f"({', '.join(GLOBAL_KEYS)}) although parameter {with_history[0]} "
+                                      f"has a history")
+            return
+        if len(present) != len(GLOBAL_KEYS):
+            missing = next(key for key in GLOBAL_KEYS if key not in entry)
+            raise CheckpointError(f"state of parameter 0 lacks {missing!r} (it has {present})")
+        k, device = groups[0]["history"], anchor.device
+        what = "state of parameter 0, key {!r}".format
+        f64 = dict(dtype=torch.float64, device=device)
+        new = {
+            "anderson_gram": load_tensor(entry["anderson_gram"], what("anderson_gram"), shape=(k, k), **f64),
+            "anderson_coefficients": load_tensor(entry["anderson_coefficients"],
+                                                 what("anderson_coefficients"), shape=(k,), **f64),
+            "anderson_steps": load_count(entry["anderson_steps"], what("anderson_steps"), device),
+            "anderson_fallbacks": load_count(entry["anderson_fallbacks"], what("anderson_fallbacks"), device),
+            # On the CPU: compared on the host when the set of parameters with gradients changes.
+            "anderson_active": load_tensor(entry["anderson_active"], what("anderson_active"),
+                                           dtype=torch.bool, device=torch.device("cpu"),
+                                           shape=(len(params),)),
+        }
+        if not torch.equal(new["anderson_gram"], new["anderson_gram"].T):
+            raise CheckpointError(f"{what('anderson_gram')} is not symmetric")
+        steps, fallbacks = int(new["anderson_steps"]), int(new["anderson_fallbacks"])
+        if steps < 1 or not with_history:
+            raise CheckpointError(f"{what('anderson_steps')} is {steps} while "
+                                  f"{len(with_history)} parameters have a history")
+        if fallbacks > steps:
+            raise CheckpointError(f"{what('anderson_fallbacks')} ({fallbacks}) exceeds "
+                                  f"the steps taken ({steps})")
+        for (gi, dev, dt), count in bucket_steps.items():
+            if count > steps:
+                raise CheckpointError(f"param group {gi} ({dev}, {dt}) has step {count}, more than "
+                                      f"Anderson's {what('anderson_steps')} ({steps})")
+        active = new["anderson_active"]
+        if not bool(active.any()):
+            raise CheckpointError(f"{what('anderson_active')} marks no parameter")
+        for i in active.nonzero().flatten().tolist():
+            if "x_hist" not in state.get(params[i], {}):
+                raise CheckpointError(f"{what('anderson_active')} marks parameter {i}, which has no history")
+        state[anchor] = {**{key: v for key, v in entry.items() if key not in GLOBAL_KEYS}, **new}
+
+    def _after_load(self) -> None:
+        self._active_sig = None
+        self._streak = None
+        self._local_grams = {}
+
+    # -- introspection --------------------------------------------------
+    @property
+    def coefficients(self) -> Tensor:
+        """The mixing coefficients of the last step (float64, age order, on the device)."""
+        st = self.state.get(self._anchor(), {})
+        if "anderson_coefficients" not in st:
+            raise RuntimeError("no step has been taken yet")
+        return st["anderson_coefficients"]
+
+    @property
+    def fallbacks(self) -> Tensor:
+        """How many steps fell back to an SGD step (singular or non-finite Gram
+        system): a 0-dim int64 device tensor, checkpointed (zero before the first step)."""
+        anchor = self._anchor()
+        st = self.state.get(anchor, {})
+        if "anderson_fallbacks" not in st:
+            return torch.zeros((), dtype=torch.int64, device=anchor.device)
+        return st["anderson_fallbacks"]
+
+    # -- the step -------------------------------------------------------
     @staticmethod
-    def _active_columns(w) -> Tensor | None:
+    def _active_spans(w) -> list[tuple[int, int]] | None:
         """The ring columns of the members that have a gradient (None: all)."""
         if len(w.params) == len(w.bucket.members):
             return None
-        parts = [torch.arange(off, off + p.numel()) for off, p in zip(w.offsets, w.params)]
-        return torch.cat(parts).to(w.bucket.g_hist.device)
+        return [(off, p.numel()) for off, p in zip(w.offsets, w.params)]
 
     def _active_signature(self, work) -> tuple:
         """Which parameters have a gradient this step, cheaply: when every bucket
@@ -124,50 +281,89 @@ class Anderson(BucketedOptimizer):
         order = self._group_index()
         return ("params",) + tuple(sorted(order[id(p)] for w in work for p in w.keys))
 
-    @property
-    def coefficients(self) -> Tensor:
-        """The mixing coefficients of the last step (float64, age order, on the device)."""
-        st = self.state.get("anderson", {})
-        if "coefficients" not in st:
-            raise RuntimeError("no step has been taken yet")
-        return st["coefficients"]
+    def _active_set_changed(self, work, st: dict) -> bool:
+        """Whether the parameters with a gradient differ from the last step's
+        (kept in ``st["anderson_active"]``, a CPU mask, so a resumed run
+        decides exactly as the uninterrupted one)."""
+        n = sum(len(g["params"]) for g in self.param_groups)
+        sig = self._active_signature(work)
+        prev = st.get("anderson_active")
+        if sig == self._active_sig and prev is not None and prev.numel() == n:
+            return False
+        flat = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[[flat[id(p)] for w in work for p in w.keys]] = True
+        self._active_sig = sig
+        st["anderson_active"] = mask
+        return prev is None or not torch.equal(prev, mask)
+
+    def _count_fallback(self, st: dict, fell_back: Tensor) -> None:
+        fb = fell_back.to(torch.int64)
+        st["anderson_fallbacks"].add_(fb)
+        if self._streak is None or self._streak.device != fb.device:
+            self._streak = torch.zeros((), dtype=torch.int64, device=fb.device)
+        self._streak.mul_(fb).add_(fb)  # +1 on a fallback, back to 0 otherwise
+        self._steps_until_check -= 1
+        if self._steps_until_check > 0 or self._fallback_warned:
+            return
+        self._steps_until_check = FALLBACK_CHECK_EVERY
+        capturing = fb.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing or torch.compiler.is_compiling():
+            return
+        streak = int(self._streak)  # a host sync, once every FALLBACK_CHECK_EVERY steps
+        if streak >= FALLBACK_WARN_STREAK:
+            self._fallback_warned = True
+            warnings.warn(
+                f"Anderson fell back to a plain SGD step (coefficients e_1) on each of the last {streak} "
+                f"steps: its Gram system is singular or non-finite. Usual causes: a non-finite parameter "
+                f"or gradient (a NaN parameter with weight_decay > 0 poisons every later gradient), or "
+                f"(nearly) collinear gradients (a one-dimensional or very flat problem); reg > 0 makes "
+                f"near-collinear systems solvable. Anderson.fallbacks counts them. (Warned once.)",
+                RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One Anderson step: the read-only Gram pass, the on-device solve, the update
         pass (which stores the gradient and the old iterate)."""
         loss = self._closure_loss(closure)
+        self._check_step()  # every check before the first write: a refused step changes nothing
         work = self._prepare()
         reductions = self._reductions()
         if not work and not reductions:
             return loss
-        # A rank without gradients (a ZeRO rank owning no parameter) still joins the sum.
-        home = work[0].bucket.count.device if work else collective_device(reductions[0][0])
-        st = self._global(home)
+        k = self.history
+        if not any(g["params"] for g in self.param_groups):
+            # A ZeRO rank that owns no parameter: it only joins the sum.
+            reduce_sharded({}, reductions, torch.zeros(k, k, dtype=torch.float64,
+                                                       device=collective_device(reductions[0][0])))
+            return loss
+        anchor = self._anchor()
+        home = anchor.device
+        st = self._global(anchor)
         for w in work:
             b, group = w.bucket, w.group
             b.backend.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count,
                                group["weight_decay"], group["maximize"], b.gram, b.cache, store=False)
-        k = self.history
         if reductions:
+            if work:
+                self._active_set_changed(work, st)
             gram = self._sharded_gram(work, reductions, home)
         else:
             # The Gram is over the parameters that have a gradient now, each at its
             # own (aligned) ages. The kept matrix is only valid for the same set as
             # the last step's: otherwise its older ages are recomputed from the rings.
             row = reduce_gram([w.bucket.gram for w in work], home)
-            active = self._active_signature(work)
-            kept = st["gram"]
-            if (self._membership_changed or st.get("active") != active) and k > 1:
+            changed = self._active_set_changed(work, st)
+            kept = st["anderson_gram"]
+            if (self._membership_changed or changed) and k > 1:
                 kept = self._older_from_rings(work, home)
             gram = shift_in_row(kept, row)
-            st["active"] = active
-        valid = torch.arange(k, device=home) <= st["steps"]
+        valid = torch.arange(k, device=home) <= st["anderson_steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
-        st["gram"].copy_(gram)
-        st["coefficients"].copy_(coefs)
-        st["fallbacks"].add_(fell_back.to(torch.int64))
-        st["steps"].add_(1)
+        st["anderson_gram"].copy_(gram)
+        st["anderson_coefficients"].copy_(coefs)
+        st["anderson_steps"].add_(1)
+        self._count_fallback(st, fell_back)
         for w in work:
             b, group = w.bucket, w.group
             self._sync_lr(b, group)
@@ -182,20 +378,22 @@ class Anderson(BucketedOptimizer):
         rings (they hold ages 1..k-1, which as of ``count - 1`` are ages 0..k-2)."""
         k = self.history
         kept = torch.zeros(k, k, dtype=torch.float64, device=home)
-        kept[: k - 1, : k - 1] = ring_gram(
-            [(w.bucket.g_hist, w.bucket.count - 1, self._active_columns(w)) for w in work], k - 1, home)
+        if k > 1:
+            kept[: k - 1, : k - 1] = ring_gram(
+                [(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work], k - 1, home)
         return kept
 
     def _sharded_gram(self, work, reductions: list[tuple], home: torch.device) -> Tensor:
         """The whole model's Gram when parameters are sharded over ranks.
 
         Each rank keeps its shards' partial ``k x k`` Gram per reduction key,
-        updated like the single-process matrix (one new row per step, the
+        updated like the single-process matrix (one new row per step; the
         older ages rebuilt from its own rings when its set of parameters with
         gradients changes, or after a checkpoint load). The whole model's is
-        the sum of the partial matrices over the ranks: one all-reduce per
-        key and step, the same collectives on every rank whatever changed on
-        which rank, so no rank has to know about another's changes."""
+        the sum of the partial matrices over the ranks: one all-reduce per key
+        and step, the same collectives on every rank whatever changed on which
+        rank (a ZeRO rank's parameters may lose their gradients while another
+        rank's keep them), so no rank needs to know about another's changes."""
         k = self.history
         by_key: dict[tuple, list] = defaultdict(list)
         for w in work:
@@ -206,14 +404,9 @@ class Anderson(BucketedOptimizer):
             signature = self._active_signature(ws)
             kept, had = self._local_grams.get(key, (None, None))
             if kept is None or self._membership_changed or had != signature:
-                kept = (self._older_from_rings(ws, home) if k > 1
-                        else torch.zeros(k, k, dtype=torch.float64, device=home))
+                kept = self._older_from_rings(ws, home)
             parts[key] = shift_in_row(kept, row)
             self._local_grams[key] = (parts[key], signature)
         for key in [key for key in self._local_grams if key not in by_key]:
             del self._local_grams[key]  # none of its parameters has a gradient now
         return reduce_sharded(parts, reductions, torch.zeros(k, k, dtype=torch.float64, device=home))
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._local_grams = {}  # the checkpoint's layout may differ: rebuilt from the rings

@@ -14,6 +14,8 @@ from ._base import BucketedOptimizer
 
 
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
+    if isinstance(alphas, (str, bytes)):
+        raise ValueError(f"alphas must be a sequence of numbers, got {alphas!r}")
     try:
         alphas = tuple(float(a) for a in alphas)
     except (TypeError, ValueError) as exc:
@@ -77,7 +79,8 @@ class Interpolatron(BucketedOptimizer):
         self._diag: dict[str, Tensor] = {}
         super().__init__(params, defaults, backend, process_group)
 
-    def _validate_group(self, group: dict) -> None:
+    def _validate_group(self, group: dict, read_lr: bool = True) -> None:
+        super()._validate_group(group, read_lr)
         group["alphas"] = check_alphas(group["alphas"])
 
     def _ring_slots(self, group: dict) -> tuple[int, int]:
@@ -91,14 +94,10 @@ class Interpolatron(BucketedOptimizer):
     def step(self, closure: Callable[[], float] | None = None):
         """One interpolation step. ``closure`` re-evaluates the loss (optional)."""
         loss = self._closure_loss(closure)
-        for group in self.param_groups:
-            self._validate_group(group)
+        self._check_step()  # every check before the first write: a refused step changes nothing
         work = self._prepare()
         for w in work:
             b, group = w.bucket, w.group
-            if len(group["alphas"]) != b.coefs.numel():
-                raise ValueError("the number of alphas (k) cannot change once the history exists; "
-                                 "build a new optimizer instead")
             self._sync_lr(b, group)
             if group["alphas"] != b.coefs_seen:
                 b.coefs.copy_(torch.tensor(group["alphas"], dtype=torch.float64))
