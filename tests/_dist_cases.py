@@ -33,10 +33,11 @@ def _coefficients(opt) -> torch.Tensor:
     return opt.coefficients.detach().clone().cpu()
 
 
-def run_anderson_plain(dtype, backend, steps, history=3, weight_decay=0.01):
+def run_anderson_plain(dtype, backend, steps, history=3, weight_decay=0.01, device="cpu"):
     """The single-process reference: plain tensors."""
     x0, grads = global_data(dtype, steps)
-    params = [x.clone().requires_grad_() for x in x0]
+    grads = [[g.to(device) for g in gs] for gs in grads]
+    params = [x.to(device).requires_grad_() for x in x0]
     opt = interpolatron.Anderson(params, lr=0.1, history=history, weight_decay=weight_decay, backend=backend)
     coefs = []
     for g in grads:
@@ -44,17 +45,19 @@ def run_anderson_plain(dtype, backend, steps, history=3, weight_decay=0.01):
             p.grad = gi.clone()
         opt.step()
         coefs.append(_coefficients(opt))
-    return {"coefs": torch.stack(coefs), "params": [p.detach().clone() for p in params]}
+    return {"coefs": torch.stack(coefs), "params": [p.detach().cpu().clone() for p in params]}
 
 
-def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay=0.01):
+def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay=0.01, device="cpu"):
     """Anderson on DTensor parameters, Shard(0) over every rank (uneven) and one
     Replicate; gradients distributed the same way."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device, (world,))
     place = [[Replicate()] if i == REPLICATED else [Shard(0)] for i in range(len(SHAPES))]
     x0, grads = global_data(dtype, steps)
+    x0 = [x.to(mesh.device_type) for x in x0]
+    grads = [[g.to(mesh.device_type) for g in gs] for gs in grads]
     params = [nn.Parameter(distribute_tensor(x, mesh, pl, src_data_rank=None)) for x, pl in zip(x0, place)]
     opt = interpolatron.Anderson(params, lr=0.1, history=history, weight_decay=weight_decay, backend=backend)
     coefs = []
@@ -64,7 +67,7 @@ def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay
         opt.step()
         coefs.append(_coefficients(opt))
     hist = opt.state[params[0]]["x_hist"]
-    return {"coefs": torch.stack(coefs), "params": [p.detach().full_tensor() for p in params],
+    return {"coefs": torch.stack(coefs), "params": [p.detach().full_tensor().cpu() for p in params],
             "hist_type": type(hist).__name__, "hist_placements": str(hist.placements),
             "hist_shape": tuple(hist.shape), "hist_local": tuple(hist.to_local().shape)}
 
@@ -95,7 +98,7 @@ OPTIMIZERS = {
 }
 
 
-def train(model, opt, first: int, last: int, coefs: list | None = None, wrapper=None):
+def train(model, opt, first: int, last: int, coefs: list | None = None):
     for step in range(first, last):
         opt.zero_grad(set_to_none=True)
         loss_of(model, step).backward()
@@ -110,10 +113,19 @@ def full_params(model) -> list[torch.Tensor]:
     return [(p.full_tensor() if is_dtensor(p) else p).detach().clone() for p in model.parameters()]
 
 
-def run_model_plain(name: str, steps: int):
+def run_model_plain(name: str, steps: int, restart_at: int | None = None):
+    """The single-process run; ``restart_at``: a fresh optimizer from that step on
+    (what a resume that lost the optimizer's state would do)."""
     model = make_model()
     opt = OPTIMIZERS[name](model.parameters())
     coefs: list = []
+    if restart_at is not None:
+        train(model, opt, 0, restart_at)
+        opt = OPTIMIZERS[name](model.parameters())
+        coefs = [None] * restart_at
+        train(model, opt, restart_at, steps, coefs)
+        return {"params": full_params(model), "coefs": torch.stack(coefs[restart_at:]) if coefs[restart_at:]
+                else None}
     train(model, opt, 0, steps, coefs)
     return {"params": full_params(model), "coefs": torch.stack(coefs) if coefs else None}
 
@@ -143,11 +155,13 @@ def ddp(rank, world, name, steps):
     return {"params": full_params(model.module), "coefs": torch.stack(coefs) if coefs else None}
 
 
-def zero(rank, world, name, steps):
+def zero(rank, world, name, steps, group=True):
+    """ZeroRedundancyOptimizer: each rank's Anderson owns whole parameters (a
+    different set per rank); ``process_group`` sums the Gram over the ranks."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     model = make_model()
-    cls = functools.partial(OPTIMIZERS[name], process_group=dist.group.WORLD)
+    cls = functools.partial(OPTIMIZERS[name], process_group=dist.group.WORLD if group else None)
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls)
     coefs: list = []
     for step in range(steps):
@@ -170,6 +184,84 @@ def fsdp1(rank, world, name, steps):
     with FullyShardedDataParallel.summon_full_params(model):
         params = [p.detach().clone() for p in model.module.parameters()]
     return {"params": params, "coefs": torch.stack(coefs) if coefs else None}
+
+
+# -- RNA ------------------------------------------------------------------------------
+
+def _rna_run(model, residual: str, records: int = 5):
+    from interpolatron.sharding import is_dtensor
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    rna = interpolatron.RNA(model, window=3, reg=1e-8, residual=residual, optimizer=opt, backend="torch")
+    for step in range(records):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, step).backward()
+        opt.step()
+        rna.record()
+    out = rna.extrapolate()
+    full = {n: (t.full_tensor() if is_dtensor(t) else t).detach().clone() for n, t in out.items()}
+    rna.close()
+    return {"coefs": rna.coefficients.detach().clone().cpu(), "extrapolated": full}
+
+
+def run_rna_plain(residual: str):
+    return _rna_run(make_model(), residual)
+
+
+def rna_fsdp2(rank, world, residual):
+    return _rna_run(_fsdp2_model(), residual)
+
+
+# -- distributed checkpoints ----------------------------------------------------------
+
+def _fsdp2_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def dcp_save(rank, world, name, saved_at, steps, path):
+    """Train on FSDP2, save model and optimizer with DCP after ``saved_at``
+    steps, keep training to ``steps`` (the uninterrupted run)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model = _fsdp2_model()
+    opt = OPTIMIZERS[name](model.parameters())
+    coefs: list = []
+    train(model, opt, 0, saved_at, coefs)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    train(model, opt, saved_at, steps, coefs)
+    return {"params": full_params(model), "coefs": torch.stack(coefs) if coefs else None}
+
+
+def dcp_load(rank, world, name, saved_at, steps, path):
+    """A fresh FSDP2 model and optimizer (another rank count: resharded) resume
+    from the checkpoint and train to ``steps``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = _fsdp2_model()
+    opt = OPTIMIZERS[name](model.parameters())
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    coefs: list = [None] * saved_at
+    train(model, opt, saved_at, steps, coefs)
+    st = opt.state[model[0].weight]
+    return {"params": full_params(model), "coefs": torch.stack(coefs[saved_at:]) if coefs[saved_at:] else None,
+            "hist_local": tuple(st["x_hist"].to_local().shape)}
 
 
 # -- collectives ----------------------------------------------------------------------
