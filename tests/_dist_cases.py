@@ -260,7 +260,8 @@ def dcp_load(rank, world, name, saved_at, steps, path):
     coefs: list = [None] * saved_at
     train(model, opt, saved_at, steps, coefs)
     st = opt.state[model[0].weight]
-    return {"params": full_params(model), "coefs": torch.stack(coefs[saved_at:]) if coefs[saved_at:] else None,
+    resumed = coefs[saved_at:]
+    return {"params": full_params(model), "coefs": torch.stack(resumed) if resumed else None,
             "hist_local": tuple(st["x_hist"].to_local().shape)}
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 
+import _dist_cases as C
 import pytest
 import torch
 import torch.distributed as dist
-
-import _dist_cases as C
 from _dist import run_ranks
+
 from interpolatron.backends import availability
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
