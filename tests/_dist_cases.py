@@ -48,13 +48,29 @@ def run_anderson_plain(dtype, backend, steps, history=3, weight_decay=0.01, devi
     return {"coefs": torch.stack(coefs), "params": [p.detach().cpu().clone() for p in params]}
 
 
-def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay=0.01, device="cpu"):
-    """Anderson on DTensor parameters, Shard(0) over every rank (uneven) and one
-    Replicate; gradients distributed the same way."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+def _layout(world: int, kind: str, device: str):
+    """A mesh and each parameter's placements: ``1d`` Shard(0) over every rank
+    (one Replicate); on a 2 x (world/2) mesh ``hsdp`` (Replicate, Shard(0)) and
+    ``2d`` (Shard(0), Shard(1)) for matrices, (Shard(0), Replicate) for vectors."""
+    from torch.distributed.tensor import Replicate, Shard, init_device_mesh
 
-    mesh = init_device_mesh(device, (world,))
-    place = [[Replicate()] if i == REPLICATED else [Shard(0)] for i in range(len(SHAPES))]
+    if kind == "1d":
+        mesh = init_device_mesh(device, (world,))
+        return mesh, [[Replicate()] if i == REPLICATED else [Shard(0)] for i in range(len(SHAPES))]
+    mesh = init_device_mesh(device, (2, world // 2))
+    if kind == "hsdp":
+        return mesh, [[Replicate(), Replicate()] if i == REPLICATED else [Replicate(), Shard(0)]
+                      for i in range(len(SHAPES))]
+    return mesh, [[Shard(0), Shard(1)] if len(s) == 2 else [Shard(0), Replicate()] for s in SHAPES]
+
+
+def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay=0.01, device="cpu",
+                     kind="1d"):
+    """Anderson on DTensor parameters laid out by :func:`_layout`; gradients
+    distributed the same way."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh, place = _layout(world, kind, device)
     x0, grads = global_data(dtype, steps)
     x0 = [x.to(mesh.device_type) for x in x0]
     grads = [[g.to(mesh.device_type) for g in gs] for gs in grads]
@@ -70,6 +86,36 @@ def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay
     return {"coefs": torch.stack(coefs), "params": [p.detach().full_tensor().cpu() for p in params],
             "hist_type": type(hist).__name__, "hist_placements": str(hist.placements),
             "hist_shape": tuple(hist.shape), "hist_local": tuple(hist.to_local().shape)}
+
+
+def interpolatron_diagnostics_dtensor(rank, world, steps):
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh, place = _layout(world, "1d", "cpu")
+    x0, grads = global_data(torch.float32, steps)
+    params = [nn.Parameter(distribute_tensor(x, mesh, pl, src_data_rank=None)) for x, pl in zip(x0, place)]
+    return _diagnostics_run(params, [[distribute_tensor(g, mesh, pl, src_data_rank=None)
+                                      for g, pl in zip(gs, place)] for gs in grads])
+
+
+def run_diagnostics_plain(steps):
+    x0, grads = global_data(torch.float32, steps)
+    return _diagnostics_run([x.clone().requires_grad_() for x in x0], grads)
+
+
+def _diagnostics_run(params, grads):
+    opt = interpolatron.Interpolatron(params, lr=0.1, alphas=(0.1, 0.3, 0.6), weight_decay=0.01,
+                                      diagnostics=True, backend="torch")
+    norms, cosines = [], []
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = gi
+        opt.step()
+        d = opt.diagnostics
+        norms.append(d["grad_norm"].item())
+        cosines.append(d["grad_cosine"].item() if "grad_cosine" in d else 0.0)
+    f64 = torch.float64
+    return {"norms": torch.tensor(norms, dtype=f64), "cosines": torch.tensor(cosines, dtype=f64)}
 
 
 # -- models ---------------------------------------------------------------------------

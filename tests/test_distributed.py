@@ -59,6 +59,7 @@ def world2(checkpoints):
               ("fsdp1-anderson", C.fsdp1, ("anderson", MODEL_STEPS)),
               ("rna-iterates", C.rna_fsdp2, ("iterates",)),
               ("rna-gradients", C.rna_fsdp2, ("gradients",)),
+              ("diagnostics", C.interpolatron_diagnostics_dtensor, (STEPS,)),
               ("collectives", C.count_collectives, (3,))]
     return run_ranks(C.suite, 2, cases, timeout=240)
 
@@ -74,7 +75,11 @@ def world3(checkpoints, world2):  # world2 writes the checkpoints world3 loads
 
 @pytest.fixture(scope="module")
 def world4():
-    return run_ranks(C.suite, 4, _layout_cases(), timeout=240)
+    cases = _layout_cases()
+    for kind in ("hsdp", "2d"):
+        cases.append((f"layout-{kind}", C.anderson_dtensor,
+                      (torch.float32, "torch", STEPS, 3, 0.01, "cpu", kind)))
+    return run_ranks(C.suite, 4, cases, timeout=240)
 
 
 def _case(results: list, name: str) -> list:
@@ -115,6 +120,26 @@ def test_layout_invariance_to_float64_rounding(request, plain_layout, world, cas
         assert dc <= 1e-14, dc
         scale = max(p.abs().max().item() for p in ref["params"])
         assert dp <= (EPS32 if case == "layout-f32" else 1e-15) * scale, dp
+
+
+@pytest.mark.parametrize("kind", ["hsdp", "2d"])
+def test_layout_invariance_on_2d_meshes(world4, plain_layout, kind):
+    """A 2 x 2 mesh: HSDP (Replicate, Shard(0)), where the replicated dimension
+    must count once, and (Shard(0), Shard(1)), summed over both dimensions."""
+    ref = plain_layout["layout-f32"]
+    for res in _case(world4, f"layout-{kind}"):
+        dc = (res["coefs"] - ref["coefs"]).abs().max().item()
+        print(f"{kind} on 2x2: max |coef diff| {dc:.3g}")
+        assert dc <= 1e-14
+        scale = max(p.abs().max().item() for p in ref["params"])
+        assert _max_diff(res["params"], ref["params"]) <= EPS32 * scale
+
+
+def test_interpolatron_diagnostics_are_the_whole_models(world2):
+    ref = C.run_diagnostics_plain(STEPS)
+    for res in _case(world2, "diagnostics"):
+        torch.testing.assert_close(res["norms"], ref["norms"], rtol=1e-14, atol=0)
+        torch.testing.assert_close(res["cosines"], ref["cosines"], rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
