@@ -146,21 +146,37 @@ class BucketedOptimizer(Optimizer):
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
         self.process_group = process_group
+        # id(p) -> (p, its reduction key): computed once per parameter (placements
+        # do not change), not per parameter per step.
+        self._reduction_of: dict[int, tuple[Tensor, tuple]] = {}
         self._buckets: dict[BucketKey, Bucket] = {}
         # The settings a saved param group must carry (not what torch adds later).
         self._hyperparameter_keys = tuple(defaults)
         self._lr_checked: dict[int, Tensor] = {}  # group index -> the tensor lr last validated
         super().__init__(params, defaults)
 
+    def _reduction(self, p: Tensor) -> tuple:
+        """The process groups ``p``'s dot products are summed over (cached)."""
+        cache = self.__dict__.setdefault("_reduction_of", {})
+        entry = cache.get(id(p))
+        if entry is None or entry[0] is not p:
+            entry = cache[id(p)] = (p, reduction_key(p, getattr(self, "process_group", None)))
+        return entry[1]
+
     def _reductions(self) -> list[tuple]:
         """Every reduction key of this optimizer's parameters, in parameter order
         (the same on every rank: collectives are issued in this order), plus the
         ``process_group``'s own (a ZeRO rank may own no parameter, yet it must
         join the sum)."""
-        keys = [reduction_key(p, self.process_group) for g in self.param_groups for p in g["params"]]
-        if self.process_group is not None:
-            keys.append(group_key(self.process_group))
-        return [k for k in dict.fromkeys(keys) if k]
+        params = tuple(id(p) for g in self.param_groups for p in g["params"])
+        cached = self.__dict__.get("_reduction_list")
+        if cached is None or cached[0] != params:
+            keys = [self._reduction(p) for g in self.param_groups for p in g["params"]]
+            group = getattr(self, "process_group", None)
+            if group is not None:
+                keys.append(group_key(group))
+            cached = self._reduction_list = (params, [k for k in dict.fromkeys(keys) if k])
+        return cached[1]
 
     # -- subclass hooks -------------------------------------------------
     def _ring_slots(self, group: dict) -> tuple[int, int]:
@@ -218,7 +234,7 @@ class BucketedOptimizer(Optimizer):
         try:
             for p in group["params"]:
                 check_param(p)
-                reduction_key(p, self.process_group)  # a Partial placement fails now
+                self._reduction(p)  # a Partial placement fails now
                 resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
             self._validate_group(group)
             self._validate_groups(self.param_groups)
@@ -256,7 +272,7 @@ class BucketedOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
-                    wanted[(gi, p.device, p.dtype, reduction_key(p, self.process_group))].append(p)
+                    wanted[(gi, p.device, p.dtype, self._reduction(p))].append(p)
         self._membership_changed = False
         work = []
         for key, active in wanted.items():
@@ -284,7 +300,7 @@ class BucketedOptimizer(Optimizer):
             for p in group["params"]:
                 st = self.state.get(p)
                 if (st and "x_hist" in st and p.device == device and p.dtype == dtype
-                        and reduction_key(p, self.process_group) == key[3]):
+                        and self._reduction(p) == key[3]):
                     present[id(p)] = p
         present.update({id(p): p for p in active})
         # A new member (a first gradient) changes the optimizer's x; a bucket
