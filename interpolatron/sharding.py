@@ -26,17 +26,21 @@ try:
 except ImportError:  # a torch built without distributed support
     DTensor = None  # type: ignore[assignment, misc]
 
+# isinstance(t, ()) is False: no DTensor class, no DTensor. (These run per
+# parameter per step: one isinstance, no other call.)
+_DTENSOR: tuple = (DTensor,) if DTensor is not None else ()
+
 ReductionKey = tuple
 
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    return isinstance(t, _DTENSOR)
 
 
 def local(t: Tensor) -> Tensor:
     """The rank's own elements of ``t`` (``t`` itself for a plain tensor); writes
     into the result land in ``t``."""
-    return t._local_tensor if is_dtensor(t) else t
+    return t._local_tensor if isinstance(t, _DTENSOR) else t
 
 
 def _group_size(group) -> int:
@@ -75,6 +79,8 @@ def check_grad_layout(p: Tensor) -> None:
     """A DTensor parameter needs a DTensor gradient laid out like it (its local
     values are then the gradient of the local shard)."""
     g = p.grad
+    if not (isinstance(p, _DTENSOR) or isinstance(g, _DTENSOR)):
+        return
     if is_dtensor(p) != is_dtensor(g):
         kind = lambda t: "a DTensor" if is_dtensor(t) else "a plain tensor"
         raise RuntimeError(f"the parameter is {kind(p)} but its gradient {kind(g)}")

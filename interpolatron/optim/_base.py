@@ -53,8 +53,8 @@ class Bucket:
         self.reduction = key[3]
         self.backend = backend
         self.members = members
-        self.locals = [local(p) for p in members]
-        numels = [t.numel() for t in self.locals]
+        self.sharded = any(is_dtensor(p) for p in members)
+        numels = [local(p).numel() for p in members]
         self.offsets = [sum(numels[:i]) for i in range(len(numels))]
         self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
         self.numel = sum(numels)
@@ -101,8 +101,11 @@ class Work:
 
     def __init__(self, bucket: Bucket, group: dict, keys: list[Tensor]):
         self.bucket, self.group, self.keys = bucket, group, keys
-        self.params = [local(p) for p in keys]
-        self.grads = [local(p.grad) for p in keys]
+        if bucket.sharded:
+            self.params = [local(p) for p in keys]
+            self.grads = [local(p.grad) for p in keys]
+        else:
+            self.params, self.grads = keys, [p.grad for p in keys]
         self.offsets = [bucket.offset_of[id(p)] for p in keys]
 
 
@@ -149,6 +152,7 @@ class BucketedOptimizer(Optimizer):
         # id(p) -> (p, its reduction key): computed once per parameter (placements
         # do not change), not per parameter per step.
         self._reduction_of: dict[int, tuple[Tensor, tuple]] = {}
+        self._has_dtensors = False  # else every parameter's key is the process group's (the fast path)
         self._buckets: dict[BucketKey, Bucket] = {}
         # The settings a saved param group must carry (not what torch adds later).
         self._hyperparameter_keys = tuple(defaults)
@@ -157,17 +161,30 @@ class BucketedOptimizer(Optimizer):
 
     def _reduction(self, p: Tensor) -> tuple:
         """The process groups ``p``'s dot products are summed over (cached)."""
-        cache = self.__dict__.setdefault("_reduction_of", {})
+        if not getattr(self, "_has_dtensors", True):
+            return self._plain_reduction()
+        cache = self.__dict__.get("_reduction_of")
+        if cache is None:
+            cache = self._reduction_of = {}
         entry = cache.get(id(p))
         if entry is None or entry[0] is not p:
             entry = cache[id(p)] = (p, reduction_key(p, getattr(self, "process_group", None)))
         return entry[1]
+
+    def _plain_reduction(self) -> tuple:
+        key = self.__dict__.get("_plain_key")
+        if key is None:
+            key = self._plain_key = group_key(getattr(self, "process_group", None))
+        return key
 
     def _reductions(self) -> list[tuple]:
         """Every reduction key of this optimizer's parameters, in parameter order
         (the same on every rank: collectives are issued in this order), plus the
         ``process_group``'s own (a ZeRO rank may own no parameter, yet it must
         join the sum)."""
+        if not getattr(self, "_has_dtensors", True):
+            plain = self._plain_reduction()
+            return [plain] if plain else []
         params = tuple(id(p) for g in self.param_groups for p in g["params"])
         cached = self.__dict__.get("_reduction_list")
         if cached is None or cached[0] != params:
@@ -234,7 +251,9 @@ class BucketedOptimizer(Optimizer):
         try:
             for p in group["params"]:
                 check_param(p)
-                self._reduction(p)  # a Partial placement fails now
+                if is_dtensor(p):
+                    reduction_key(p)  # a Partial placement fails now
+                    self._has_dtensors = True
                 resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
             self._validate_group(group)
             self._validate_groups(self.param_groups)
@@ -246,6 +265,7 @@ class BucketedOptimizer(Optimizer):
 
     def _check_step(self) -> None:
         """Everything a step needs, before it writes anything."""
+        has_dtensors = getattr(self, "_has_dtensors", True)
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             try:
@@ -257,7 +277,8 @@ class BucketedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     check_grad(p)
-                    check_grad_layout(p)
+                    if has_dtensors:
+                        check_grad_layout(p)
         self._validate_groups(self.param_groups)
         self._check_k_unchanged()
 
@@ -269,10 +290,11 @@ class BucketedOptimizer(Optimizer):
         """Grow buckets, advance the rings of members without a gradient, and
         list the work of this step (after :meth:`_check_step`)."""
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
+        plain = None if getattr(self, "_has_dtensors", True) else self._plain_reduction()
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
-                    wanted[(gi, p.device, p.dtype, self._reduction(p))].append(p)
+                    wanted[(gi, p.device, p.dtype, self._reduction(p) if plain is None else plain)].append(p)
         self._membership_changed = False
         work = []
         for key, active in wanted.items():
