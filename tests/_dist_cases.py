@@ -33,16 +33,21 @@ def _coefficients(opt) -> torch.Tensor:
     return opt.coefficients.detach().clone().cpu()
 
 
-def run_anderson_plain(dtype, backend, steps, history=3, weight_decay=0.01, device="cpu"):
+# Steps at which some parameters have no gradient (the set of parameters with
+# gradients changes: the Gram's older ages are rebuilt from the rings).
+SKIPS = {2: (1,), 3: (1, 3), 5: (0,)}
+
+
+def run_anderson_plain(dtype, backend, steps, history=3, weight_decay=0.01, device="cpu", skips=None):
     """The single-process reference: plain tensors."""
     x0, grads = global_data(dtype, steps)
     grads = [[g.to(device) for g in gs] for gs in grads]
     params = [x.to(device).requires_grad_() for x in x0]
     opt = interpolatron.Anderson(params, lr=0.1, history=history, weight_decay=weight_decay, backend=backend)
     coefs = []
-    for g in grads:
-        for p, gi in zip(params, g):
-            p.grad = gi.clone()
+    for step, g in enumerate(grads):
+        for i, (p, gi) in enumerate(zip(params, g)):
+            p.grad = None if i in (skips or {}).get(step, ()) else gi.clone()
         opt.step()
         coefs.append(_coefficients(opt))
     return {"coefs": torch.stack(coefs), "params": [p.detach().cpu().clone() for p in params]}
@@ -65,7 +70,7 @@ def _layout(world: int, kind: str, device: str):
 
 
 def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay=0.01, device="cpu",
-                     kind="1d"):
+                     kind="1d", skips=None):
     """Anderson on DTensor parameters laid out by :func:`_layout`; gradients
     distributed the same way."""
     from torch.distributed.tensor import distribute_tensor
@@ -77,9 +82,10 @@ def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay
     params = [nn.Parameter(distribute_tensor(x, mesh, pl, src_data_rank=None)) for x, pl in zip(x0, place)]
     opt = interpolatron.Anderson(params, lr=0.1, history=history, weight_decay=weight_decay, backend=backend)
     coefs = []
-    for g in grads:
-        for p, gi, pl in zip(params, g, place):
-            p.grad = distribute_tensor(gi, mesh, pl, src_data_rank=None)
+    for step, g in enumerate(grads):
+        for i, (p, gi, pl) in enumerate(zip(params, g, place)):
+            skip = i in (skips or {}).get(step, ())
+            p.grad = None if skip else distribute_tensor(gi, mesh, pl, src_data_rank=None)
         opt.step()
         coefs.append(_coefficients(opt))
     hist = opt.state[params[0]]["x_hist"]
@@ -116,6 +122,25 @@ def _diagnostics_run(params, grads):
         cosines.append(d["grad_cosine"].item() if "grad_cosine" in d else 0.0)
     f64 = torch.float64
     return {"norms": torch.tensor(norms, dtype=f64), "cosines": torch.tensor(cosines, dtype=f64)}
+
+
+def anderson_partitioned(rank, world, steps, skips):
+    """ZeRO's layout by hand: rank r's Anderson owns the whole parameters i with
+    i % world == r (plain tensors, ``process_group``); some steps leave
+    parameters without gradients, so one rank's set changes while another's
+    does not."""
+    x0, grads = global_data(torch.float32, steps)
+    mine = [i for i in range(len(SHAPES)) if i % world == rank]
+    params = {i: x0[i].clone().requires_grad_() for i in mine}
+    opt = interpolatron.Anderson(list(params.values()), lr=0.1, history=3, weight_decay=0.01,
+                                 backend="torch", process_group=dist.group.WORLD)
+    coefs = []
+    for step, g in enumerate(grads):
+        for i, p in params.items():
+            p.grad = None if i in skips.get(step, ()) else g[i].clone()
+        opt.step()
+        coefs.append(_coefficients(opt))
+    return {"coefs": torch.stack(coefs), "params": {i: p.detach().clone() for i, p in params.items()}}
 
 
 # -- models ---------------------------------------------------------------------------

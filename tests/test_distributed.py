@@ -31,7 +31,9 @@ EPS32 = torch.finfo(torch.float32).eps
 
 def _layout_cases():
     cases = [("layout-f32", C.anderson_dtensor, (torch.float32, "torch", STEPS)),
-             ("layout-f64", C.anderson_dtensor, (torch.float64, "torch", STEPS))]
+             ("layout-f64", C.anderson_dtensor, (torch.float64, "torch", STEPS)),
+             ("layout-skips", C.anderson_dtensor,
+              (torch.float32, "torch", STEPS, 3, 0.01, "cpu", "1d", C.SKIPS))]
     if CPP:
         cases.append(("layout-cpp-f32", C.anderson_dtensor, (torch.float32, "cuda", STEPS)))
     return cases
@@ -60,6 +62,7 @@ def world2(checkpoints):
               ("rna-iterates", C.rna_fsdp2, ("iterates",)),
               ("rna-gradients", C.rna_fsdp2, ("gradients",)),
               ("diagnostics", C.interpolatron_diagnostics_dtensor, (STEPS,)),
+              ("partitioned-skips", C.anderson_partitioned, (STEPS, C.SKIPS)),
               ("collectives", C.count_collectives, (3,))]
     return run_ranks(C.suite, 2, cases, timeout=240)
 
@@ -97,7 +100,8 @@ def _max_diff(a: list, b: list) -> float:
 @pytest.fixture(scope="module")
 def plain_layout():
     refs = {"layout-f32": C.run_anderson_plain(torch.float32, "torch", STEPS),
-            "layout-f64": C.run_anderson_plain(torch.float64, "torch", STEPS)}
+            "layout-f64": C.run_anderson_plain(torch.float64, "torch", STEPS),
+            "layout-skips": C.run_anderson_plain(torch.float32, "torch", STEPS, skips=C.SKIPS)}
     if CPP:
         refs["layout-cpp-f32"] = C.run_anderson_plain(torch.float32, "cuda", STEPS)
     return refs
@@ -106,7 +110,7 @@ def plain_layout():
 # -- layout invariance ----------------------------------------------------------------
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("case", ["layout-f32", "layout-f64"])
+@pytest.mark.parametrize("case", ["layout-f32", "layout-f64", "layout-skips"])
 def test_layout_invariance_to_float64_rounding(request, plain_layout, world, case):
     """Same global gradients, DTensor shards on 1-4 ranks (uneven, some ranks
     holding nothing of a parameter, one replicated parameter): Anderson's
@@ -119,7 +123,7 @@ def test_layout_invariance_to_float64_rounding(request, plain_layout, world, cas
         print(f"{case} world={world}: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
         assert dc <= 1e-14, dc
         scale = max(p.abs().max().item() for p in ref["params"])
-        assert dp <= (EPS32 if case == "layout-f32" else 1e-15) * scale, dp
+        assert dp <= (1e-15 if case == "layout-f64" else EPS32) * scale, dp
 
 
 @pytest.mark.parametrize("kind", ["hsdp", "2d"])
@@ -133,6 +137,21 @@ def test_layout_invariance_on_2d_meshes(world4, plain_layout, kind):
         assert dc <= 1e-14
         scale = max(p.abs().max().item() for p in ref["params"])
         assert _max_diff(res["params"], ref["params"]) <= EPS32 * scale
+
+
+def test_membership_changes_on_one_rank_only(world2, plain_layout):
+    """Whole parameters partitioned over 2 ranks (ZeRO's layout, ``process_group``);
+    parameters lose their gradients at some steps, so one rank's set changes
+    (once, all of it) while the other's does not: the same single all-reduce
+    per step on both, and the single-process coefficients and parameters."""
+    ref = plain_layout["layout-skips"]
+    results = _case(world2, "partitioned-skips")
+    params = {}
+    for res in results:
+        assert (res["coefs"] - ref["coefs"]).abs().max().item() <= 1e-14
+        params.update(res["params"])
+    assert sorted(params) == list(range(len(C.SHAPES)))
+    assert _max_diff([params[i] for i in range(len(C.SHAPES))], ref["params"]) <= EPS32 * 4
 
 
 def test_interpolatron_diagnostics_are_the_whole_models(world2):
