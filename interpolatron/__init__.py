@@ -6,8 +6,9 @@
 """
 
 from .backends import BackendUnavailable, availability
-from .optim import Anderson, Interpolatron
+from .optim import Anderson, CheckpointError, Interpolatron
 from .rna import RNA
 
 __version__ = "0.1.0"
-__all__ = ["Interpolatron", "Anderson", "RNA", "BackendUnavailable", "availability", "__version__"]
+__all__ = ["Interpolatron", "Anderson", "RNA", "BackendUnavailable", "CheckpointError", "availability",
+           "__version__"]

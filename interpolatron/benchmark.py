@@ -21,8 +21,10 @@ every run) when triton is importable, else CUDA events; on the CPU
 ``time.perf_counter`` around each call after a warm-up. The median is
 reported, the minimum kept.
 
-Peak extra memory of a step: on CUDA ``torch.cuda.max_memory_allocated``
-minus the allocation before the step; on the CPU the allocation events of the
+Peak extra memory of a step (the worst of a steady step, the first steps'
+transients beyond the state they leave, and a step where one parameter has no
+gradient): on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation
+before the step; on the CPU the allocation events of the
 PyTorch profiler (``profile_memory=True``) summed in order over one step (it
 sees every tensor PyTorch allocates, not memory a C++ extension takes from
 ``malloc`` directly). The same methods give the persistent state bytes (net
@@ -293,6 +295,7 @@ class Prepared:
 
     step: Callable[[], Any]
     keep: list[Any] = field(default_factory=list)  # objects that must outlive the timing
+    change: Callable[[], Any] | None = None  # a step where one parameter has no gradient
 
 
 def prepare_case(case: Case, params: list[nn.Parameter]) -> Prepared:
@@ -327,7 +330,18 @@ def prepare_case(case: Case, params: list[nn.Parameter]) -> Prepared:
         return Prepared(lambda: rna.extrapolate(into=holder), [rna, holder])
     for _ in range(int(k)):  # the warm start fills the rings; k steps cycle them once
         opt.step()
-    return Prepared(opt.step, [opt])
+
+    def change():
+        # The set of parameters with gradients changes (Anderson rebuilds its
+        # Gram from the rings; a skipped parameter's ring moves one slot on).
+        last, grad = params[-1], params[-1].grad
+        last.grad = None
+        try:
+            opt.step()
+        finally:
+            last.grad = grad
+
+    return Prepared(opt.step, [opt], change if len(params) > 1 else None)
 
 
 # ---------------------------------------------------------------------------
@@ -456,10 +470,19 @@ def run_case(case: Case, pset: ParamSet, params: list[nn.Parameter], device: tor
         holder["p"] = prepare_case(case, params)
 
     # The state bytes: what building the optimizer and its warm-up leave allocated.
-    _, state_bytes, _ = measure_memory(build, device)
+    build_peak, state_bytes, _ = measure_memory(build, device)
     prepared = holder["p"]
     times, method = time_step(prepared.step, device, warmup, reps, cuda_ms)
     peak, _, peak_method = measure_memory(prepared.step, device) if measure_peak else (None, None, "off")
+    if peak is not None:
+        # The worst step, not only a steady one: the first steps' transients
+        # (what building and warming up allocated beyond the state they left)
+        # and a step where the set of parameters with gradients changes.
+        if build_peak is not None and state_bytes is not None:
+            peak = max(peak, build_peak - state_bytes)
+        if prepared.change is not None:
+            change_peak, _, _ = measure_memory(prepared.change, device)
+            peak = max(peak, change_peak if change_peak is not None else 0)
     finite = all(bool(torch.isfinite(p).all()) for p in params)
     del prepared
     holder.clear()  # free the optimizer before the next case allocates its own

@@ -155,6 +155,9 @@ class RNA:
 
     # -- gradients between records ---------------------------------------
     def _accumulate(self, optimizer, args, kwargs) -> None:
+        check = getattr(optimizer, "_check_step", None)
+        if check is not None:
+            check()  # a step our optimizer will refuse must not reach the averages either
         grads = [(self._acc[n], p.grad) for n in self._params
                  if (p := self._named[n]).grad is not None]
         if grads:
@@ -227,7 +230,32 @@ class RNA:
         if m < 1:
             need = 2 if self.residual == "iterates" else 1
             raise RuntimeError(f"RNA needs at least {need} records to extrapolate, has {self._records}")
-        return rna_coefficients(self._gram[:m, :m], reg)
+        gram = self._gram[:m, :m]
+        # One host read per extrapolation (the solve below syncs anyway): name a
+        # non-finite snapshot instead of failing inside torch's SVD.
+        if not bool(torch.isfinite(gram).all()):
+            raise FloatingPointError(self._non_finite_message(m))
+        return rna_coefficients(gram, reg)
+
+    def _non_finite_message(self, m: int) -> str:
+        """Which recorded snapshot (or average gradient) holds non-finite values."""
+        iterates = self.residual == "iterates"
+        buckets = self._snap if iterates else self._grad_buckets
+        what = "snapshot" if iterates else "average gradient"
+        for age in range(m + 1 if iterates else m):
+            for b in buckets:
+                if b.window is None:
+                    continue
+                row = b.window[(int(b.count) - 1 - age) % b.slots]
+                for name, off in zip(b.names, b.offsets):
+                    n = self._named[name].numel()
+                    if not bool(torch.isfinite(row[off:off + n]).all()):
+                        newest = "the newest" if age == 0 else f"{age} record(s) before the newest"
+                        return (f"RNA cannot extrapolate: the {what} of age {age} ({newest}, record "
+                                f"#{self._records - age} of {self._records}) holds non-finite values in "
+                                f"{name!r}; the window drops it after {b.slots - age} more record(s)")
+        return ("RNA cannot extrapolate: the Gram matrix of the residuals is non-finite (the residuals "
+                "overflowed) although every recorded value in the window is finite")
 
     @property
     def coefficients(self) -> Tensor:

@@ -10,6 +10,7 @@ per-slot weights, ``index_select`` and ``index_copy_``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -17,25 +18,38 @@ from torch import Tensor
 
 from .base import compute_dtype
 
+# How many column sets a bucket's cache keeps (least recently used dropped):
+# a mixture of experts changes the set of parameters with gradients every step,
+# and an unbounded cache grew by one index per distinct set.
+COLUMN_CACHE_ENTRIES = 4
+
 
 def _columns(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tensor, cache: dict):
     """None when the tensors cover the ring's columns in order (the usual case),
-    else a cached device index of the columns they own."""
+    else a device index of the columns they own (an LRU of a few sets)."""
     numels = tuple(t.numel() for t in tensors)
-    key = ("columns", tuple(offsets), numels)
-    if key not in cache:
-        pos, contiguous = 0, True
-        for off, n in zip(offsets, numels):
-            contiguous &= off == pos
-            pos += n
-        contiguous &= pos == ring.shape[1]
-        if contiguous:
-            cache[key] = None
-        else:
-            parts = [torch.arange(off, off + n, dtype=torch.long) for off, n in zip(offsets, numels)]
-            cols = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-            cache[key] = cols.to(ring.device)
-    return cache[key]
+    key = (tuple(offsets), numels)
+    lru = cache.get("columns")
+    if lru is None:
+        lru = cache["columns"] = OrderedDict()
+    if key in lru:
+        lru.move_to_end(key)
+        return lru[key]
+    pos, contiguous = 0, True
+    for off, n in zip(offsets, numels):
+        contiguous &= off == pos
+        pos += n
+    contiguous &= pos == ring.shape[1]
+    if contiguous:
+        cols = None
+    else:
+        parts = [torch.arange(off, off + n, dtype=torch.long) for off, n in zip(offsets, numels)]
+        cols = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        cols = cols.to(ring.device)
+    lru[key] = cols
+    while len(lru) > COLUMN_CACHE_ENTRIES:
+        lru.popitem(last=False)
+    return cols
 
 
 def _read(ring: Tensor, cols: Tensor | None, dtype: torch.dtype) -> Tensor:

@@ -1,4 +1,5 @@
+from ._checkpoint import CheckpointError
 from .anderson import Anderson
 from .interpolatron import Interpolatron
 
-__all__ = ["Anderson", "Interpolatron"]
+__all__ = ["Anderson", "CheckpointError", "Interpolatron"]

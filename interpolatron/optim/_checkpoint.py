@@ -5,11 +5,12 @@ the param groups and the per-parameter state the optimizer will hold, as new
 objects (every tensor copied to its parameter's device). Only then does the
 optimizer swap them in, so a refused checkpoint leaves it bitwise unchanged.
 
-Cast rule: a history tensor may be saved in another floating dtype or on
+Cast rule: a history tensor may be saved in a wider floating dtype or on
 another device when the cast to the parameter's dtype is exact (a float32
 history saved as float64 loads; a float64 history that float32 cannot hold
-does not). A ``step`` may be a Python or NumPy integer, or a tensor of any
-real dtype holding a non-negative integer (torch.optim saves float32 steps).
+does not, nor does one saved narrower, which lost digits). A ``step`` may be
+a Python or NumPy integer, or a tensor of any real dtype holding a
+non-negative integer (torch.optim saves float32 steps).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def load_tensor(value: Any, what: str, *, dtype: torch.dtype, device: torch.devi
         raise CheckpointError(f"{what} has dtype {value.dtype}, expected a floating dtype ({dtype})")
     if dtype == torch.bool and value.dtype != torch.bool:
         raise CheckpointError(f"{what} has dtype {value.dtype}, expected torch.bool")
+    if dtype.is_floating_point and torch.promote_types(dtype, value.dtype) != value.dtype:
+        # Narrower than the state it restores: it lost digits (our state_dict never saves that).
+        raise CheckpointError(f"{what} has dtype {value.dtype}, which cannot hold every {dtype} value")
     value = value.detach()
     if finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise CheckpointError(f"{what} holds non-finite values (NaN or inf)")
