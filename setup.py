@@ -173,7 +173,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-learn", "matplotlib", "tqdm", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-learn", "matplotlib", "tqdm",
+                 "ruff"],
     },
     entry_points={"console_scripts": ["interpolatron = interpolatron.cli:main"]},
     ext_modules=ext_modules,

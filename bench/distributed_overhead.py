@@ -68,8 +68,10 @@ def _rank(rank: int, world: int, port: int, args) -> None:
     alone = _timed(lambda: dist.all_reduce(probe), args.repeats * 5) - _timed(lambda: None, args.repeats * 5)
     if rank == 0:
         print(f"Anderson-{k}, {args.numel} fp32 elements over {world} gloo ranks "
-              f"({args.numel // world} per rank), backend {opt.backends_in_use()}, 1 thread per rank")
-        print(f"  step with the all-reduce   {with_reduce * 1e3:8.3f} ms (median of {args.rounds} x {args.repeats})")
+              f"({args.numel // world} per rank), backend {opt.backends_in_use()}, "
+              f"1 thread per rank")
+        print(f"  step with the all-reduce   {with_reduce * 1e3:8.3f} ms "
+              f"(median of {args.rounds} x {args.repeats})")
         print(f"  step without it            {without * 1e3:8.3f} ms")
         print(f"  difference                 {(with_reduce - without) * 1e3:8.3f} ms")
         print(f"  all-reduce of {k}x{k} float64 alone {alone * 1e3:8.3f} ms (barrier subtracted)")

@@ -98,9 +98,10 @@ def main() -> None:
         if step % 5 == 4:
             rna.record()
         if rank == 0 and (step % 10 == 9 or step == args.steps - 1):
-            extra = (f"  coefficients {[round(c, 4) for c in opt.coefficients.tolist()]}"
-                     if args.optimizer == "anderson" else "")
-            print(f"step {step + 1:4d}  held-out loss {global_loss(model, step, rank, world, device):.5f}{extra}")
+            coefs = [round(c, 4) for c in opt.coefficients.tolist()] if args.optimizer == "anderson" else []
+            extra = f"  coefficients {coefs}" if coefs else ""
+            loss = global_loss(model, step, rank, world, device)
+            print(f"step {step + 1:4d}  held-out loss {loss:.5f}{extra}")
         elif step % 10 == 9 or step == args.steps - 1:
             global_loss(model, step, rank, world, device)  # every rank joins the all-reduce
 

@@ -50,7 +50,7 @@ class Bucket:
                  count: Tensor, coef_len: int):
         device, dtype = key[1], key[2]
         self.key = key
-        self.reduction = key[3]
+        self.reduction = key[3] if len(key) > 3 else ()
         self.backend = backend
         self.members = members
         self.sharded = any(is_dtensor(p) for p in members)
