@@ -94,6 +94,49 @@ def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay
             "hist_shape": tuple(hist.shape), "hist_local": tuple(hist.to_local().shape)}
 
 
+def plain_and_sharded_state_dicts(rank, world, steps, switch_at):
+    """Checkpoints between layouts with the plain ``state_dict()``: a plain
+    optimizer's state loaded into one over DTensor shards (split like the
+    parameters), and a sharded optimizer's loaded into a plain one (gathered),
+    each continuing the single-process trajectory."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh, place = _layout(world, "1d", "cpu")
+    x0, grads = global_data(torch.float32, steps)
+    def make(params):
+        return interpolatron.Anderson(params, lr=0.1, history=3, weight_decay=0.01, backend="torch")
+
+    out = {}
+    for first in ("plain", "sharded"):
+        if first == "plain":
+            params = [x.clone().requires_grad_() for x in x0]
+        else:
+            params = [nn.Parameter(distribute_tensor(x, mesh, pl, src_data_rank=None))
+                      for x, pl in zip(x0, place)]
+        opt, coefs = make(params), []
+        for step in range(steps):
+            if step == switch_at:  # rebuild everything in the other layout from the state_dict
+                sd = opt.state_dict()
+                values = [p.detach().full_tensor() if first == "sharded" else p.detach().clone()
+                          for p in params]
+                if first == "plain":
+                    params = [nn.Parameter(distribute_tensor(v, mesh, pl, src_data_rank=None))
+                              for v, pl in zip(values, place)]
+                else:
+                    params = [v.requires_grad_() for v in values]
+                opt = make(params)
+                opt.load_state_dict(sd)
+            sharded = (first == "plain") == (step >= switch_at)
+            for p, g, pl in zip(params, grads[step], place):
+                p.grad = distribute_tensor(g, mesh, pl, src_data_rank=None) if sharded else g.clone()
+            opt.step()
+            coefs.append(_coefficients(opt))
+        out[first] = {"coefs": torch.stack(coefs),
+                      "params": [(p.detach().full_tensor() if first == "plain" else p.detach()).clone()
+                                 for p in params]}
+    return out
+
+
 def interpolatron_diagnostics_dtensor(rank, world, steps):
     from torch.distributed.tensor import distribute_tensor
 

@@ -63,6 +63,7 @@ def world2(checkpoints):
               ("rna-gradients", C.rna_fsdp2, ("gradients",)),
               ("diagnostics", C.interpolatron_diagnostics_dtensor, (STEPS,)),
               ("partitioned-skips", C.anderson_partitioned, (STEPS, C.SKIPS)),
+              ("state-dict-layouts", C.plain_and_sharded_state_dicts, (STEPS, 3)),
               ("collectives", C.count_collectives, (3,))]
     return run_ranks(C.suite, 2, cases, timeout=240)
 
@@ -152,6 +153,17 @@ def test_membership_changes_on_one_rank_only(world2, plain_layout):
         params.update(res["params"])
     assert sorted(params) == list(range(len(C.SHAPES)))
     assert _max_diff([params[i] for i in range(len(C.SHAPES))], ref["params"]) <= EPS32 * 4
+
+
+def test_state_dict_between_plain_and_sharded_layouts(world2, plain_layout):
+    """``state_dict()`` of a plain optimizer loaded into one over DTensor shards,
+    and the reverse, mid-run: the single-process trajectory continues."""
+    ref = plain_layout["layout-f32"]
+    for res in _case(world2, "state-dict-layouts"):
+        for first in ("plain", "sharded"):
+            assert (res[first]["coefs"] - ref["coefs"]).abs().max().item() <= 1e-14, first
+            scale = max(p.abs().max().item() for p in ref["params"])
+            assert _max_diff(res[first]["params"], ref["params"]) <= EPS32 * scale, first
 
 
 def test_interpolatron_diagnostics_are_the_whole_models(world2):
