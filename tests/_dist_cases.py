@@ -318,6 +318,27 @@ def _rna_run(model, residual: str, records: int = 5):
     return {"coefs": rna.coefficients.detach().clone().cpu(), "extrapolated": full}
 
 
+def rna_fsdp1(rank, world, residual):
+    """RNA over FSDP1 flat parameter shards (``process_group``): the
+    coefficients, and the extrapolation swapped into the model and gathered."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(make_model(), use_orig_params=False, device_id=torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    rna = interpolatron.RNA(model, window=3, reg=1e-8, residual=residual, optimizer=opt, backend="torch",
+                            process_group=dist.group.WORLD)
+    for step in range(5):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, step).backward()
+        opt.step()
+        rna.record()
+    with rna.swapped():
+        with FullyShardedDataParallel.summon_full_params(model):
+            extrapolated = [p.detach().clone() for p in model.module.parameters()]
+    rna.close()
+    return {"coefs": rna.coefficients.detach().clone(), "extrapolated": extrapolated}
+
+
 def run_rna_plain(residual: str):
     return _rna_run(make_model(), residual)
 

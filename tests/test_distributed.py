@@ -61,6 +61,7 @@ def world2(checkpoints):
               ("fsdp1-anderson", C.fsdp1, ("anderson", MODEL_STEPS)),
               ("rna-iterates", C.rna_fsdp2, ("iterates",)),
               ("rna-gradients", C.rna_fsdp2, ("gradients",)),
+              ("rna-fsdp1", C.rna_fsdp1, ("iterates",)),
               ("diagnostics", C.interpolatron_diagnostics_dtensor, (STEPS,)),
               ("partitioned-skips", C.anderson_partitioned, (STEPS, C.SKIPS)),
               ("state-dict-layouts", C.plain_and_sharded_state_dicts, (STEPS, 3)),
@@ -253,6 +254,14 @@ def test_rna_on_fsdp2_matches_single_process(world2, residual):
         assert (res["coefs"] - ref["coefs"]).abs().max().item() <= 1e-12
         for name, value in ref["extrapolated"].items():
             assert (res["extrapolated"][name] - value).abs().max().item() <= 1e-13, name
+
+
+def test_rna_on_fsdp1_flat_shards_with_process_group(world2):
+    ref = C.run_rna_plain("iterates")
+    names = [n for n, _ in C.make_model().named_parameters()]
+    for res in _case(world2, "rna-fsdp1"):
+        assert (res["coefs"] - ref["coefs"]).abs().max().item() <= 1e-12
+        assert _max_diff(res["extrapolated"], [ref["extrapolated"][n] for n in names]) <= 1e-13
 
 
 def test_interpolatron_step_communicates_nothing(world2):
