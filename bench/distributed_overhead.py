@@ -8,7 +8,6 @@ the all-reduce skipped (numerically wrong, timing only), and the all-reduce alon
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import time
@@ -90,7 +89,6 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     mp.start_processes(_rank, args=(args.world, port, args), nprocs=args.world, start_method="spawn")
 
 

@@ -24,8 +24,7 @@ def free_port() -> int:
 def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple, outdir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(1)  # (TRITON_INTERPRET, where conftest set it, is inherited)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
