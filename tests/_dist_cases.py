@@ -244,13 +244,22 @@ def run_model_plain(name: str, steps: int, restart_at: int | None = None):
     return {"params": full_params(model), "coefs": torch.stack(coefs) if coefs else None}
 
 
-def fsdp2(rank, world, name, steps):
+def _fsdp2_model(layers: bool = True):
+    """FSDP2 on a CPU mesh (explicitly: by default FSDP2 would move the model
+    to the GPU where there is one), each linear layer and the root."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = make_model()
-    for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
+    for layer in (model[0], model[2]) if layers else ():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp2(rank, world, name, steps):
+    model = _fsdp2_model()
     opt = OPTIMIZERS[name](model.parameters())
     coefs: list = []
     train(model, opt, 0, steps, coefs)
@@ -349,16 +358,6 @@ def rna_fsdp2(rank, world, residual):
 
 # -- distributed checkpoints ----------------------------------------------------------
 
-def _fsdp2_model():
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_model()
-    for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
 def dcp_save(rank, world, name, saved_at, steps, path):
     """Train on FSDP2, save model and optimizer with DCP after ``saved_at``
     steps, keep training to ``steps`` (the uninterrupted run)."""
@@ -405,13 +404,11 @@ def dcp_load(rank, world, name, saved_at, steps, path):
 def count_collectives(rank, world, steps):
     """Collectives issued by optimizer steps on FSDP2 parameters (the backward's
     reduce-scatters are outside the counted region)."""
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.debug import CommDebugMode
 
     counts = {}
     for name in ("interpolatron", "anderson"):
-        model = make_model()
-        fully_shard(model)
+        model = _fsdp2_model(layers=False)
         opt = OPTIMIZERS[name](model.parameters())
         total = 0
         for step in range(steps):
