@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 STEPS = 6
 MODEL_STEPS = 5
 SAVED_AT, TOTAL = 3, 7
-CPP = availability("cpu", torch.float32)["cuda"] is None  # the C++ extension's CPU kernels
+# The C++ extension's CPU kernels (backend "cuda", to be renamed "native").
+CPP = next((name for name, why in availability("cpu", torch.float32).items()
+            if name in ("cuda", "native") and why is None), None)
 EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -35,7 +37,7 @@ def _layout_cases():
              ("layout-skips", C.anderson_dtensor,
               (torch.float32, "torch", STEPS, 3, 0.01, "cpu", "1d", C.SKIPS))]
     if CPP:
-        cases.append(("layout-cpp-f32", C.anderson_dtensor, (torch.float32, "cuda", STEPS)))
+        cases.append(("layout-cpp-f32", C.anderson_dtensor, (torch.float32, CPP, STEPS)))
     return cases
 
 
@@ -105,7 +107,7 @@ def plain_layout():
             "layout-f64": C.run_anderson_plain(torch.float64, "torch", STEPS),
             "layout-skips": C.run_anderson_plain(torch.float32, "torch", STEPS, skips=C.SKIPS)}
     if CPP:
-        refs["layout-cpp-f32"] = C.run_anderson_plain(torch.float32, "cuda", STEPS)
+        refs["layout-cpp-f32"] = C.run_anderson_plain(torch.float32, CPP, STEPS)
     return refs
 
 
