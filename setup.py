@@ -29,7 +29,7 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Why the CUDA kernels are absent; the extension reports the code and
-# interpolatron/backends/cuda_backend.py words it. Keep the two in sync.
+# interpolatron/backends/native_backend.py words it. Keep the two in sync.
 CUDA_BUILT, CUDA_SKIPPED_BY_ENV, CUDA_TORCH_CPU_ONLY, CUDA_NO_NVCC, CUDA_BUILD_FAILED = range(5)
 
 
@@ -144,7 +144,7 @@ def _extension_setup():
             if force_ext:
                 raise error
             _warn(f"building interpolatron._C failed ({error}); the package installs without it and "
-                  "backend='cuda' reports why it is unavailable")
+                  "backend='native' reports why it is unavailable")
             self.extensions = []
 
         def _reset_compiler(self):

@@ -75,7 +75,10 @@ struct ExtrapCall {
 struct TableCache {
   std::mutex mutex;
   std::vector<int64_t> key;  // the per-tensor entries the device table was built from
-  at::Tensor table;          // int64 on the device: entries then block map
+  at::Tensor table;          // int64 on the device: one record per block
+  // Tables replaced by a rebuild, kept alive for CUDA graphs captured with them.
+  static constexpr size_t kRetiredTables = 4;
+  std::vector<at::Tensor> retired;
   int64_t nblocks = 0;
   int64_t uploads = 0;  // how many times the table was (re)built, for tests
 };

@@ -105,10 +105,18 @@ def many_small_shapes(blocks: int = 96, width: int = 32) -> list[Shape]:
     return shapes
 
 
+def ten_thousand_small_shapes(count: int = 10_000) -> list[Shape]:
+    """10,000 small tensors (biases, norms, small projections; about 2.2M
+    elements): a launch-bound step, the case CUDA graphs are for."""
+    sizes = [(64,), (128,), (32, 8), (256,), (16, 16), (96,), (48, 4), (512,)]
+    return [sizes[i % len(sizes)] for i in range(count)]
+
+
 _SET_BUILDERS: dict[str, tuple[Callable[[], list[Shape]], str]] = {
     "resnet50": (resnet50_shapes, "ResNet-50 (torchvision), 161 tensors"),
     "gpt2": (gpt2_shapes, "GPT-2 124M (tied head), 148 tensors"),
     "many-small": (many_small_shapes, "96-block width-32 transformer, 1,152 small tensors"),
+    "10k-small": (ten_thousand_small_shapes, "10,000 small tensors"),
 }
 SET_NAMES = tuple(_SET_BUILDERS)
 
@@ -565,7 +573,7 @@ def environment(device: torch.device | str, command: str | None = None) -> dict[
     if hasattr(os, "getloadavg"):
         meta["loadavg_start"] = os.getloadavg()
     try:
-        from .backends.cuda_backend import extension_status
+        from .backends.native_backend import extension_status
         meta["cuda_extension"] = {k: str(v) for k, v in extension_status().items()}
     except Exception:  # noqa: BLE001 - the extension is optional
         meta["cuda_extension"] = "not importable"
@@ -716,7 +724,7 @@ def write_plot(result: BenchResult, path: str | Path) -> Path:
     height = max(len(g) for g in groups.values()) * 0.28 + 1.2 if groups else 2
     fig, axes = plt.subplots(nrows, cols, figsize=(7.5 * cols, height * nrows), squeeze=False)
     colors = {"torch.optim": "tab:gray"}
-    palette = {"torch": "tab:blue", "cuda": "tab:orange", "triton": "tab:green"}
+    palette = {"torch": "tab:blue", "native": "tab:orange", "triton": "tab:green"}
     for ax, ((set_label, dtype), rows) in zip(axes.flat, groups.items()):
         labels = [f"{r['optimizer']} [{r['impl']}]" for r in rows]
         fracs = [100 * r["fraction_of_copy"] for r in rows]

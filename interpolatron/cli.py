@@ -31,7 +31,7 @@ def info() -> None:
     else:
         print("cuda: no CUDA device visible to torch")
     try:
-        from .backends.cuda_backend import extension_status
+        from .backends.native_backend import extension_status
     except ImportError as exc:
         print(f"C++/CUDA extension: cannot be inspected ({exc})")
     else:

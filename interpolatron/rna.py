@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .backends import resolve
 from .gram import reduce_gram, shift_in_row
+from .layout import padded_offsets
 from .sharding import local, reduction_key
 from .solvers import rna_coefficients
 
@@ -30,9 +31,9 @@ class _Bucket:
         self.cache: dict = {}
 
     def allocate(self, tensors: list[Tensor]) -> None:
-        numels = [t.numel() for t in tensors]
-        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
-        self.window = torch.zeros(self.slots, sum(numels), dtype=self.dtype, device=self.device)
+        # Each tensor's columns start on a 128-byte boundary (aligned vector accesses).
+        self.offsets, width = padded_offsets([t.numel() for t in tensors], self.dtype.itemsize)
+        self.window = torch.zeros(self.slots, width, dtype=self.dtype, device=self.device)
 
 
 class RNA:
@@ -71,7 +72,7 @@ class RNA:
         objective: a callable on the model returning a loss; if given,
             :math:`\lambda` is chosen from :math:`\{0\} \cup
             \text{logspace}(-15, 1, k)` (and ``reg`` itself) by evaluating the extrapolations.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
         process_group: for plain-tensor parameter shards (FSDP1 flat
             parameters), the group holding the other shards; buffers count as
             whole on every rank. DTensor parameters (FSDP2) need nothing.

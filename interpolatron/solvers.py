@@ -37,22 +37,73 @@ def _regularised(gram: Tensor, valid: Tensor, reg: float) -> Tensor:
     return gram + torch.diag_embed(shift * valid.to(gram.dtype))
 
 
-def _is_nonsingular(system: Tensor, tol: float) -> Tensor:
-    """Cholesky of the unit-diagonal scaling of a (masked, PSD) system."""
+def _cholesky_normed(system: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Cholesky factor of the unit-diagonal scaling of a (masked, PSD) system:
+    (factor, scale, info). ``cholesky_ex`` and ``solve_triangular`` check nothing
+    on the host (``solve_ex`` reads its pivots with ``.item()`` on the CPU)."""
     d = torch.diagonal(system, dim1=-2, dim2=-1)
     scale = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
     normed = system * scale.unsqueeze(-1) * scale.unsqueeze(-2)
     factor, info = torch.linalg.cholesky_ex(normed)
+    return factor, scale, info
+
+
+def _is_nonsingular(system: Tensor, factor: Tensor, info: Tensor, tol: float) -> Tensor:
+    d = torch.diagonal(system, dim1=-2, dim2=-1)
     pivots = torch.diagonal(factor, dim1=-2, dim2=-1)
     ok = (info == 0) & (d > 0).all(-1) & torch.isfinite(system).all(-1).all(-1)
     return ok & ((pivots * pivots).amin(-1) > tol)
 
 
-def _normalised_affine_solve(system: Tensor, rhs: Tensor) -> Tensor:
-    """``z / sum(z)`` with ``z = system^-1 rhs``."""
-    z, _ = torch.linalg.solve_ex(system, rhs.unsqueeze(-1))
-    z = z.squeeze(-1)
+def _normalised_affine_solve(factor: Tensor, scale: Tensor, rhs: Tensor) -> Tensor:
+    """``z / sum(z)`` with ``z = system^-1 rhs``, from the factor of the scaled system
+    (``system = D^-1 L L^T D^-1``, ``D = diag(scale)``)."""
+    y = torch.linalg.solve_triangular(factor, (scale * rhs).unsqueeze(-1), upper=False)
+    z = torch.linalg.solve_triangular(factor.mT, y, upper=True).squeeze(-1) * scale
     return z / z.sum(-1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _first_unit(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Cached like _support_masks: no host-to-device copy inside a captured step.
+    e1 = torch.zeros(k, dtype=dtype, device=device)
+    e1[0] = 1
+    return e1
+
+
+def _anderson_2(gram: Tensor, valid: Tensor, reg: float, constraint: str | None,
+                tol: float) -> tuple[Tensor, Tensor]:
+    """k = 2 in closed form: the same coefficients as the general path in about
+    twenty elementwise ops on two-element tensors (the general path issues
+    several times more, a launch each on a GPU).
+
+    With the masked, regularised system ``[[p, b], [b, q]]`` (``q = 1, b = 0``
+    while only age 0 exists): unconstrained ``z = [q - b, p w - b]`` over its
+    sum, ``w = valid[1]``; singular when the normalised pivot ``1 - b^2/(pq)``
+    is at most ``tol``. Simplex: ``t = clamp((q - b) / (p + q - 2b), 0, 1)``,
+    ``a = [t, 1 - t]``, and ``t = 0`` when ``p + q - 2b <= 0`` (then every
+    point of the segment is optimal and the enumeration picks age 1 alone).
+    """
+    vf = valid.to(gram.dtype)
+    d = torch.diagonal(gram)
+    if reg != 0:
+        d = d + (reg * (d * vf).sum() / vf.sum().clamp(min=1)) * vf
+    dm = torch.where(valid, d, 1.0)
+    b = torch.where(valid[1], gram[0, 1], 0.0)
+    if constraint is None:
+        num = dm.flip(0) * vf - b
+        a = num / num.sum()
+        # A non-finite entry makes ``a`` non-finite (checked below).
+        ok = (dm > 0).all() & (1 - b * b / dm.prod() > tol)
+    else:
+        s = dm.sum()
+        den = s - 2 * b
+        t = torch.where(den > 0, ((dm[1] - b) / den).clamp(0, 1), 0.0)
+        t = torch.where(valid[1], t, 1.0)
+        a = torch.stack((t, 1 - t))
+        ok = torch.isfinite(s + b)  # the system (finite a can come from an infinite p)
+    ok = ok & torch.isfinite(a.sum())
+    return torch.where(ok, a, _first_unit(2, gram.device, gram.dtype)), ~ok
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,7 +139,9 @@ def _simplex_minimiser(system: Tensor, valid: Tensor) -> Tensor:
     inside = (supports & ~valid).logical_not().all(-1) & (cand >= 0).all(-1)
     usable = inside & torch.isfinite(objective)
     objective = torch.where(usable, objective, torch.full_like(objective, float("inf")))
-    return cand[objective.argmin()]
+    # index_select with the argmin tensor: indexing with a 0-dim tensor reads it
+    # on the host (a hidden .item(), a sync every step).
+    return cand.index_select(0, objective.argmin().view(1))[0]
 
 
 def anderson_coefficients(
@@ -112,17 +165,18 @@ def anderson_coefficients(
     if constraint not in (None, "simplex"):
         raise ValueError(f"constraint must be None or 'simplex', got {constraint!r}")
     k = gram.shape[-1]
+    if k == 2 and gram.dim() == 2:
+        return _anderson_2(gram, valid, reg, constraint, singular_tol)
     system = _masked_system(_regularised(gram, valid, reg), valid)
     if constraint is None:
-        ok = _is_nonsingular(system, singular_tol)
-        a = _normalised_affine_solve(system, valid.to(gram.dtype))
+        factor, scale, info = _cholesky_normed(system)
+        ok = _is_nonsingular(system, factor, info, singular_tol)
+        a = _normalised_affine_solve(factor, scale, valid.to(gram.dtype))
     else:
         ok = torch.isfinite(system).all()
         a = _simplex_minimiser(system, valid)
     ok = ok & torch.isfinite(a).all()
-    e1 = torch.zeros(k, dtype=gram.dtype, device=gram.device)
-    e1[0] = 1
-    return torch.where(ok, a, e1), ~ok
+    return torch.where(ok, a, _first_unit(k, gram.device, gram.dtype)), ~ok
 
 
 def rna_coefficients(gram: Tensor, reg: float) -> Tensor:

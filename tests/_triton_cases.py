@@ -13,9 +13,16 @@ from torch import Tensor
 
 
 def kernels_interpreted() -> bool:
-    from triton import knobs
+    """TRITON_INTERPRET as Triton parses it (``triton.knobs`` exists from Triton
+    3.4 on; setup.py allows older ones with torch >= 2.4)."""
+    try:
+        from triton import knobs
 
-    return bool(knobs.runtime.interpret)
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        import os
+
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def kernel_device() -> str | None:

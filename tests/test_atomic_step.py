@@ -126,7 +126,7 @@ ANDERSON_FAULTS = {
 def _cases():
     for name in ("interpolatron", "anderson"):
         faults = dict(FAULTS, **(ANDERSON_FAULTS if name == "anderson" else {}))
-        for backend in ("torch", "cuda"):
+        for backend in ("torch", "native"):
             for fault in faults:
                 yield pytest.param(name, backend, fault, id=f"{name}-{backend}-{fault}")
 

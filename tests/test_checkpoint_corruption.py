@@ -41,7 +41,7 @@ CONFIGS = {
     "anderson-k2-simplex": (interpolatron.Anderson, dict(history=2, constraint="simplex")),
     "anderson-k3-simplex": (interpolatron.Anderson, dict(history=3, constraint="simplex")),
 }
-BACKENDS = ["torch", "cuda"]
+BACKENDS = ["torch", "native"]
 
 
 def _backend_ok(backend: str) -> bool:

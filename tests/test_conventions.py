@@ -568,7 +568,7 @@ def _construct(cls, p, backend):
     return cls([p], lr=0.1, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("cls", [interpolatron.Interpolatron, interpolatron.Anderson, interpolatron.RNA])
 def test_unavailable_backend_says_what_is_missing(cls, backend):
     """Wherever availability() says the backend cannot serve (CPU without the
@@ -586,7 +586,7 @@ def test_unavailable_backend_says_what_is_missing(cls, backend):
         assert backend in message and why in message
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("cls", [interpolatron.Interpolatron, interpolatron.Anderson, interpolatron.RNA])
 def test_backend_whose_module_is_missing_names_the_import(cls, backend, monkeypatch):
     """A backend whose module (an optional dependency, the compiled extension)

@@ -45,11 +45,11 @@ def test_anderson_k3_first_step_and_membership_change_peak_at_state_plus_a_chunk
     without gradient), 6x at a membership change; now the 4x state (2 iterates,
     2 gradients) plus one chunk. (A parameter's first gradient after the
     first step re-lays the flat rings out: the new rings plus a chunk.)"""
-    _needs("cuda")
+    _needs("native")
     params, pbytes = _model(1 << 22)
     if skip_one:
         params[1].grad = None
-    opt = interpolatron.Anderson(params, lr=1e-3, history=3, backend="cuda")
+    opt = interpolatron.Anderson(params, lr=1e-3, history=3, backend="native")
     peak, net, method = measure_memory(opt.step, "cpu")
     if peak is None:
         pytest.skip(method)

@@ -13,7 +13,7 @@ from _oracle import Problem
 
 import interpolatron
 
-BACKENDS = ["torch", "cuda", "triton"]
+BACKENDS = ["torch", "native", "triton"]
 SHAPES = [(3, 4), (5,)]
 
 

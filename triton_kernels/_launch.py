@@ -31,6 +31,7 @@ of the extra copies, for those tensors only.
 
 from __future__ import annotations
 
+import collections
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -44,6 +45,9 @@ BLOCK_ENV = "INTERPOLATRON_TRITON_BLOCK"
 a small value so that the CPU interpreter runs many programs per tensor."""
 
 ALIGN_BYTES = 16  # one 128-bit vector load
+
+RETIRED_TABLES = 4
+"""Replaced pointer tables kept alive per bucket (see :func:`tables`)."""
 
 REDUCE_BLOCK = 1024
 REDUCE_WARPS = 4
@@ -69,8 +73,9 @@ def compute_dtype(dtype: torch.dtype) -> Any:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def partial_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+PARTIAL_DTYPE = torch.float64
+"""Per-program dot partials are float64 for every dtype (D3: products of fp32
+values are exact in float64, so only float64 rounding depends on the layout)."""
 
 
 @dataclass(frozen=True)
@@ -79,20 +84,25 @@ class LaunchSettings:
     num_warps: int
 
 
-def settings(dtype: torch.dtype) -> LaunchSettings:
+def settings(dtype: torch.dtype, op: str = "") -> LaunchSettings:
     """Elements per program and warps for the streaming kernels.
 
-    2048 elements over 8 warps is 8 per thread: two 128-bit loads per fp32
-    stream, enough bytes in flight per SM to approach copy bandwidth while a
-    k = 4 step still fits the registers (2k streams live at once). fp64 halves
-    the block to keep the same bytes per thread."""
+    8 KiB per stream per program over 8 warps: 32 bytes (two 128-bit loads)
+    per thread and stream whatever the dtype (fp32 2048 elements, 16-bit 4096,
+    fp64 1024), enough bytes in flight per SM to approach copy bandwidth while
+    a k = 4 step still fits the registers (2k streams live at once)."""
     env = os.environ.get(BLOCK_ENV)
     if env:
         block = int(env)
         if block < 1 or block & (block - 1):
             raise ValueError(f"{BLOCK_ENV} must be a power of two, got {env!r}")
     else:
-        block = 1024 if dtype == torch.float64 else 2048
+        es = torch.empty(0, dtype=dtype).element_size()
+        block = 8192 // es
+        if op == "rna_record" and es == 2:
+            # Its float64 residual products spill at 16 elements per thread;
+            # a record is not a per-step op.
+            block //= 2
     return LaunchSettings(block=block, num_warps=max(1, min(8, block // 256)))
 
 
@@ -179,6 +189,12 @@ def tables(cache: dict, op: str, rows: Sequence[Sequence[Tensor]], modes: Sequen
     slot = ("triton", op)
     entry = cache.get(slot)
     if entry is None or entry.key != key:
+        if entry is not None:
+            # A CUDA graph captured with the old table still holds its address:
+            # keep the newest few alive rather than hand them back to the
+            # allocator, where a replay would read whatever reused the memory.
+            retired = cache.setdefault(("triton", "retired"), collections.deque(maxlen=RETIRED_TABLES))
+            retired.append(entry)
         entry = _build(key, rows, modes, offsets, device, block, ring_dtype)
         cache[slot] = entry
     return entry
@@ -254,8 +270,13 @@ def f64_scalar(cache: dict, name: str, value: float, device: torch.device) -> Te
     exact value, and caching keeps the host-to-device copy off the hot path."""
     slot = ("triton", "scalar", name)
     entry = cache.get(slot)
-    if entry is None or entry[0] != value or entry[1].device != device:
-        entry = (value, torch.tensor(value, dtype=torch.float64, device=device))
+    if entry is None or entry[1].device != device:
+        entry = (value, torch.full((), value, dtype=torch.float64, device=device))
+        cache[slot] = entry
+    elif entry[0] != value:
+        # A fill on the device, not a (synchronous, pageable) host-to-device copy.
+        entry[1].fill_(value)
+        entry = (value, entry[1])
         cache[slot] = entry
     return entry[1]
 

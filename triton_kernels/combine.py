@@ -31,7 +31,7 @@ from .reduce import reduce_partials
 @triton.jit
 def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
                    coefs, lr, count, wd, partials, nblocks,
-                   K: tl.constexpr, GRAM: tl.constexpr,
+                   K: tl.constexpr, KP: tl.constexpr, GRAM: tl.constexpr,
                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
                    PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
                    RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
@@ -48,17 +48,29 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
         g = -g
     if HAS_WD:
         g = g + tl.load(wd).to(CD) * x
-    if GRAM:
-        tl.store(partials + pid, tl.sum(g * g, axis=0))
     acc_g = a * g
+    # D3: products and sums in float64. For k <= 4 every row's products go into
+    # one (KP, BLOCK) tile and a single reduction runs after the last load, so
+    # no ring load waits behind a reduction's barrier; a longer row (a tile
+    # that would not fit the registers) reduces row by row.
+    TILE: tl.constexpr = GRAM and KP <= 4
+    if GRAM:
+        g64 = g.to(tl.float64)
+    if TILE:
+        rows = tl.arange(0, KP)[:, None]
+        tile = tl.where(rows == 0, (g64 * g64)[None, :], 0.0)
+    elif GRAM:
+        tl.store(partials + pid, tl.sum(g64 * g64, axis=0))
     for j in tl.static_range(1, K):
         aj = tl.load(coefs + j).to(CD)
         xs = _slot(c, j, K - 1)
         acc_x += aj * _ld(_ring_ptr(x_hist, xs, x_stride, col, RH), rem, BLOCK, FAST).to(CD)
         gj = _ld(_ring_ptr(g_hist, xs, g_stride, col, RH), rem, BLOCK, FAST).to(CD)
         acc_g += aj * gj
-        if GRAM:
-            tl.store(partials + j * nblocks + pid, tl.sum(g * gj, axis=0))
+        if TILE:
+            tile += tl.where(rows == j, (g64 * gj.to(tl.float64))[None, :], 0.0)
+        elif GRAM:
+            tl.store(partials + j * nblocks + pid, tl.sum(g64 * gj.to(tl.float64), axis=0))
     lr_c = tl.load(lr).to(CD)
     _st(p, acc_x - lr_c * acc_g, rem, BLOCK, FAST)
     if K > 1:
@@ -66,23 +78,26 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
         ws = _slot(c, 0, K - 1)
         _st(_ring_ptr(x_hist, ws, x_stride, col, RH), x_raw, rem, BLOCK, FAST)
         _st(_ring_ptr(g_hist, ws, g_stride, col, RH), g, rem, BLOCK, FAST)
+    if TILE:
+        r = tl.arange(0, KP)
+        tl.store(partials + r * nblocks + pid, tl.sum(tile, axis=1), mask=r < K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ntensors", "x_stride", "g_stride", "nblocks"])
 def _combine_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
                     x_hist, g_hist, x_stride, g_stride, coefs, lr, count, wd, partials, nblocks,
-                    K: tl.constexpr, GRAM: tl.constexpr,
+                    K: tl.constexpr, KP: tl.constexpr, GRAM: tl.constexpr,
                     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
                     PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
                     RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
     if fast:
         _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                       coefs, lr, count, wd, partials, nblocks, K, GRAM, MAXIMIZE, HAS_WD,
+                       coefs, lr, count, wd, partials, nblocks, K, KP, GRAM, MAXIMIZE, HAS_WD,
                        PDT, GDT, CD, RING_ALIGNED, BLOCK, True)
     else:
         _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                       coefs, lr, count, wd, partials, nblocks, K, GRAM, MAXIMIZE, HAS_WD,
+                       coefs, lr, count, wd, partials, nblocks, K, KP, GRAM, MAXIMIZE, HAS_WD,
                        PDT, GDT, CD, RING_ALIGNED, BLOCK, False)
 
 
@@ -125,8 +140,7 @@ def combine(
         if gram is not None:
             gram.zero_()
         return
-    cd = _launch.partial_dtype(dtype)
-    partials = tabs.partials(k, cd) if gram is not None else tabs.buf
+    partials = tabs.partials(k, _launch.PARTIAL_DTYPE) if gram is not None else tabs.buf
     has_wd = weight_decay != 0
     wd = _launch.f64_scalar(cache, "weight_decay", weight_decay, device) if has_wd else lr
     coefs = coefs if coefs.is_contiguous() else coefs.contiguous()
@@ -138,7 +152,7 @@ def combine(
         tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start, tabs.ntensors,
         xr, gr, x_hist.stride(0), g_hist.stride(0), coefs, lr, count, wd, partials, tabs.nblocks,
         num_warps=cfg.num_warps,
-        K=k, GRAM=gram is not None, MAXIMIZE=bool(maximize),
+        K=k, KP=triton.next_power_of_2(k), GRAM=gram is not None, MAXIMIZE=bool(maximize),
         HAS_WD=has_wd, PDT=_launch.tl_dtype(dtype),
         GDT=_launch.tl_dtype(grads[0].dtype if grads else dtype),
         CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(x_hist, g_hist), BLOCK=cfg.block,

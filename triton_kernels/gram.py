@@ -3,7 +3,7 @@ gradient record (which also stores the gradient).
 
 One pass over the new gradient (plus the parameter when weight decay is on)
 and the stored gradients of ages ``1..k-1``; each program writes its partials
-``<g(age 0), g(age j)>`` (fp32, fp64 for fp64 data), which
+``<g(age 0), g(age j)>`` (float64 products and sums, D3), which
 :func:`reduce_partials` sums in float64 in a fixed order. With ``store`` the
 ring has ``k`` slots and the gradient goes to slot ``c mod k``; without, the
 ring has ``k - 1`` slots holding ages ``1..k-1`` and nothing is written.
@@ -32,20 +32,28 @@ def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count,
     pid = tl.program_id(0)
     c = tl.load(count)
     g = _ld(_tensor_ptr(ptrs, t, start, GDT, FAST), rem, BLOCK, FAST).to(CD)
+    # The next ring row is loaded before each reduction (software pipelining):
+    # a row's load never waits behind the previous dot's barrier.
+    if K > 1:
+        gj = _ld(_ring_ptr(g_hist, _slot(c, 1, SLOTS), g_stride, col, RH), rem, BLOCK, FAST)
     if MAXIMIZE:
         g = -g
     if HAS_WD:
         x = _ld(_tensor_ptr(ptrs + ntensors, t, start, PDT, FAST), rem, BLOCK, FAST).to(CD)
         g = g + tl.load(wd).to(CD) * x
-    tl.store(partials + pid, tl.sum(g * g, axis=0))
-    for j in tl.static_range(1, K):
-        gj = _ld(_ring_ptr(g_hist, _slot(c, j, SLOTS), g_stride, col, RH), rem, BLOCK, FAST).to(CD)
-        tl.store(partials + j * nblocks + pid, tl.sum(g * gj, axis=0))
     if STORE:
         _st(_ring_ptr(g_hist, _slot(c, 0, SLOTS), g_stride, col, RH), g, rem, BLOCK, FAST)
+    # D3: float64 products and sums.
+    g64 = g.to(tl.float64)
+    tl.store(partials + pid, tl.sum(g64 * g64, axis=0))
+    for j in tl.static_range(1, K):
+        cur = gj
+        if j + 1 < K:
+            gj = _ld(_ring_ptr(g_hist, _slot(c, j + 1, SLOTS), g_stride, col, RH), rem, BLOCK, FAST)
+        tl.store(partials + j * nblocks + pid, tl.sum(g64 * cur.to(tl.float64), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ntensors", "g_stride", "nblocks"])
 def _gram_row_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
                      g_hist, g_stride, count, wd, partials, nblocks,
                      K: tl.constexpr, SLOTS: tl.constexpr, STORE: tl.constexpr,
@@ -90,9 +98,9 @@ def gram_row(
                           g_hist.dtype)
     tabs.check_ring(g_hist, "g_hist")
     if tabs.nblocks == 0:
-        reduce_partials(tabs.partials(k, _launch.partial_dtype(dtype)), out)
+        reduce_partials(tabs.partials(k, _launch.PARTIAL_DTYPE), out)
         return
-    partials = tabs.partials(k, _launch.partial_dtype(dtype))
+    partials = tabs.partials(k, _launch.PARTIAL_DTYPE)
     wd = _launch.f64_scalar(cache, "weight_decay", weight_decay, device) if has_wd else tabs.buf
     tabs.stage_in()
     _launch.launch(

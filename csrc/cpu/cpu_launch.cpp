@@ -129,7 +129,7 @@ std::string select_cpu_kernels(const std::string& name) {
 
 void combine_cpu(const CombineCall& call) {
   const int k = call.k;
-  const int64_t c = call.count.item<int64_t>();
+  const int64_t c = *call.count.const_data_ptr<int64_t>();
   const int64_t slots = k - 1;
   std::vector<char*> x_rows(k, nullptr), g_rows(k, nullptr);
   for (int j = 1; j < k; ++j) {
@@ -148,7 +148,7 @@ void combine_cpu(const CombineCall& call) {
   args.chunks = plan.chunks.data();
   args.k = k;
   args.coefs = coefs.data();
-  args.lr = call.lr.item<double>();
+  args.lr = *call.lr.const_data_ptr<double>();
   args.weight_decay = call.weight_decay;
   args.maximize = call.maximize;
   args.x_rows = x_rows.data();
@@ -165,7 +165,7 @@ void combine_cpu(const CombineCall& call) {
 void gram_row_cpu(const GramCall& call) {
   const int slots = static_cast<int>(call.g_hist.size(0));
   const int k = call.store ? slots : slots + 1;  // dots of ages 0..k-1; the ring holds ages 1..k-1
-  const int64_t c = call.count.item<int64_t>();
+  const int64_t c = *call.count.const_data_ptr<int64_t>();
   std::vector<char*> g_rows(k, nullptr);
   for (int j = 1; j < k; ++j) g_rows[j] = row_ptr(call.g_hist, ring_slot(c, j, slots));
 
@@ -191,7 +191,7 @@ void gram_row_cpu(const GramCall& call) {
 
 void rna_record_cpu(const RecordCall& call) {
   const int64_t slots = call.window.size(0);
-  const int64_t c = call.count.item<int64_t>();
+  const int64_t c = *call.count.const_data_ptr<int64_t>();
   const int ndots = call.out ? static_cast<int>(slots - 1) : 0;
   std::vector<char*> rows(slots, nullptr);
   for (int64_t a = 1; a < slots; ++a) rows[a] = row_ptr(call.window, ring_slot(c, a, slots));
@@ -217,7 +217,7 @@ void rna_record_cpu(const RecordCall& call) {
 void rna_extrapolate_cpu(const ExtrapCall& call) {
   const int64_t slots = call.window.size(0);
   const int m = static_cast<int>(call.coefs.numel());
-  const int64_t c = call.count.item<int64_t>();
+  const int64_t c = *call.count.const_data_ptr<int64_t>();
   std::vector<char*> rows(m, nullptr);
   for (int a = 0; a < m; ++a) rows[a] = row_ptr(call.window, ring_slot(c - 1, a, slots));
   const std::vector<double> coefs = to_vector(call.coefs);

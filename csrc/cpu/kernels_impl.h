@@ -175,6 +175,44 @@ double lane_sum(const V& v) {
   return s;
 }
 
+// D3: dot products accumulate in float64 per element. The product of two
+// fp32 values is exact in float64, so a dot depends on how it is cut into
+// partial sums only at float64 rounding (layout and sharding invariance).
+using VD = Vectorized<double>;
+
+// The two float64 halves of a float vector.
+inline void halves(const Vectorized<float>& v, VD& lo, VD& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+  hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = v;
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+#else
+  static_assert(Vectorized<float>::size() == 2 * VD::size(), "a float vector is two double vectors");
+  float f[Vectorized<float>::size()];
+  double d[Vectorized<float>::size()];
+  v.store(f);
+  for (int i = 0; i < Vectorized<float>::size(); ++i) d[i] = static_cast<double>(f[i]);
+  lo = VD::loadu(d);
+  hi = VD::loadu(d + VD::size());
+#endif
+}
+
+// acc += a * b elementwise in float64 (two accumulators per float vector).
+inline void dot64(VD (&acc)[2], const Vectorized<float>& a, const Vectorized<float>& b) {
+  VD al, ah, bl, bh;
+  halves(a, al, ah);
+  halves(b, bl, bh);
+  acc[0] = at::vec::fmadd(al, bl, acc[0]);
+  acc[1] = at::vec::fmadd(ah, bh, acc[1]);
+}
+inline void dot64(VD (&acc)[2], const VD& a, const VD& b) { acc[0] = at::vec::fmadd(a, b, acc[0]); }
+
+inline double acc_sum(const VD (&acc)[2]) { return lane_sum(acc[0] + acc[1]); }
+
 template <typename S>
 S* at_col(char* row, int64_t col) {
   return reinterpret_cast<S*>(row) + col;
@@ -192,12 +230,11 @@ INTERP_FLATTEN void grad_dots(const S* p, const S* g, int64_t len, const S* cons
   using V = typename IO<S>::V;
   constexpr int64_t W = IO<S>::W;
   const V signv(sign), wdv(wd);
-  // Separate accumulators for the two halves and fused multiply-adds: one
-  // dependent operation per accumulator per iteration, so the loop keeps up
-  // with the loads (measured: a 2-stream read-only pass went from 6.4 to 4.6 ms
-  // at 25M fp32 elements, torch.dot's speed).
-  V acc_lo[ND], acc_hi[ND];
-  for (int d = 0; d < ND; ++d) acc_lo[d] = acc_hi[d] = V(C(0));
+  // Two float64 accumulators per dot (the low and high halves of a float
+  // vector), fused multiply-adds: four per dot spilled the AVX2 register file
+  // at two dots (stack stores every iteration: bf16 gram_row 3x slower).
+  VD acc[ND][2];
+  for (int d = 0; d < ND; ++d) acc[d][0] = acc[d][1] = VD(0.0);
   const V zero(C(0));
   int64_t e = 0;
   for (; e + W <= len; e += W) {
@@ -210,19 +247,21 @@ INTERP_FLATTEN void grad_dots(const S* p, const S* g, int64_t len, const S* cons
     for (int d = 0; d < ND; ++d) {
       V o_lo = g_lo, o_hi = g_hi;
       if (others[d]) IO<S>::load(others[d] + e, o_lo, o_hi);
-      acc_lo[d] = at::vec::fmadd(g_lo, o_lo, acc_lo[d]);
-      acc_hi[d] = at::vec::fmadd(g_hi, o_hi, acc_hi[d]);
+      dot64(acc[d], g_lo, o_lo);
+      dot64(acc[d], g_hi, o_hi);
     }
   }
-  C tail[ND];
-  for (int d = 0; d < ND; ++d) tail[d] = C(0);
+  double tail[ND];
+  for (int d = 0; d < ND; ++d) tail[d] = 0.0;
   for (; e < len; ++e) {
     const C x = has_wd ? load_c(p + e) : C(0);
     const C g0 = effective_grad(load_c(g + e), x, sign, wd, has_wd);
     if (write) store_c(write + e, g0);
-    for (int d = 0; d < ND; ++d) tail[d] += g0 * (others[d] ? load_c(others[d] + e) : g0);
+    for (int d = 0; d < ND; ++d) {
+      tail[d] += static_cast<double>(g0) * static_cast<double>(others[d] ? load_c(others[d] + e) : g0);
+    }
   }
-  for (int d = 0; d < ND; ++d) out[d] = lane_sum(acc_lo[d] + acc_hi[d]) + static_cast<double>(tail[d]);
+  for (int d = 0; d < ND; ++d) out[d] = acc_sum(acc[d]) + tail[d];
 }
 
 // <r_0, r_j> for j = j0 .. j0+ND-1 over one chunk, with r_j = y_j - y_{j+1}.
@@ -232,8 +271,10 @@ INTERP_FLATTEN void residual_dots(const S* y0, const S* y1, const S* const* snap
   using C = typename IO<S>::C;
   using V = typename IO<S>::V;
   constexpr int64_t W = IO<S>::W;
-  V acc[ND];
-  for (int d = 0; d < ND; ++d) acc[d] = V(C(0));
+  // Two float64 accumulators per dot (the low and high halves of a float
+  // vector): four per dot would spill the AVX2 register file at two dots.
+  VD acc[ND][2];
+  for (int d = 0; d < ND; ++d) acc[d][0] = acc[d][1] = VD(0.0);
   int64_t e = 0;
   for (; e + W <= len; e += W) {
     V a_lo, a_hi, b_lo, b_hi;
@@ -245,18 +286,21 @@ INTERP_FLATTEN void residual_dots(const S* y0, const S* y1, const S* const* snap
     for (int d = 0; d < ND; ++d) {
       V next_lo, next_hi;
       IO<S>::load(snaps[d + 1] + e, next_lo, next_hi);
-      acc[d] = acc[d] + r0_lo * (prev_lo - next_lo) + r0_hi * (prev_hi - next_hi);
+      dot64(acc[d], r0_lo, prev_lo - next_lo);
+      dot64(acc[d], r0_hi, prev_hi - next_hi);
       prev_lo = next_lo;
       prev_hi = next_hi;
     }
   }
-  C tail[ND];
-  for (int d = 0; d < ND; ++d) tail[d] = C(0);
+  double tail[ND];
+  for (int d = 0; d < ND; ++d) tail[d] = 0.0;
   for (; e < len; ++e) {
     const C r0 = load_c(y0 + e) - load_c(y1 + e);
-    for (int d = 0; d < ND; ++d) tail[d] += r0 * (load_c(snaps[d] + e) - load_c(snaps[d + 1] + e));
+    for (int d = 0; d < ND; ++d) {
+      tail[d] += static_cast<double>(r0) * static_cast<double>(load_c(snaps[d] + e) - load_c(snaps[d + 1] + e));
+    }
   }
-  for (int d = 0; d < ND; ++d) out[d] = lane_sum(acc[d]) + static_cast<double>(tail[d]);
+  for (int d = 0; d < ND; ++d) out[d] = acc_sum(acc[d]) + tail[d];
 }
 
 // Runs a dot kernel over `ndots` dots in register groups of kDotGroup:
@@ -309,12 +353,12 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
   constexpr int64_t W = IO<S>::W;
   constexpr int ND = DOTS ? kDotGroup : 1;
   const int k = KK > 0 ? KK : k_runtime;
-  const V a0(u.coef[0]), lrv(u.lr), signv(u.sign), wdv(u.wd), zero(C(0));
-  V acc[ND];
-  C tail[ND];
+  const V a0(u.coef[0]), lrv(u.lr), signv(u.sign), wdv(u.wd);
+  VD acc[ND][2];
+  double tail[ND];
   for (int d = 0; d < ND; ++d) {
-    acc[d] = zero;
-    tail[d] = C(0);
+    acc[d][0] = acc[d][1] = VD(0.0);
+    tail[d] = 0.0;
   }
   int64_t e = 0;
   for (; e + W <= u.len; e += W) {
@@ -326,7 +370,10 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
     g_lo = effective_grad(g_lo, x_lo, signv, wdv, u.has_wd);
     g_hi = effective_grad(g_hi, x_hi, signv, wdv, u.has_wd);
     V ag_lo = g_lo * a0, ag_hi = g_hi * a0;
-    if (DOTS) acc[0] = acc[0] + g_lo * g_lo + g_hi * g_hi;
+    if (DOTS) {
+      dot64(acc[0], g_lo, g_lo);
+      dot64(acc[0], g_hi, g_hi);
+    }
     for (int j = 1; j < k; ++j) {
       const V aj(u.coef[j]);
       V h_lo, h_hi;
@@ -336,7 +383,10 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
       IO<S>::load(u.gh[j] + e, h_lo, h_hi);
       ag_lo = ag_lo + h_lo * aj;
       ag_hi = ag_hi + h_hi * aj;
-      if (DOTS) acc[j] = acc[j] + g_lo * h_lo + g_hi * h_hi;
+      if (DOTS) {
+        dot64(acc[j], g_lo, h_lo);
+        dot64(acc[j], g_hi, h_hi);
+      }
     }
     // The write slots are the oldest entries, read above: store only now.
     if (u.xw) IO<S>::store(u.xw + e, x_lo, x_hi);
@@ -348,19 +398,19 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
     C ax = x * u.coef[0];
     const C g0 = effective_grad(load_c(u.g + e), x, u.sign, u.wd, u.has_wd);
     C ag = g0 * u.coef[0];
-    if (DOTS) tail[0] += g0 * g0;
+    if (DOTS) tail[0] += static_cast<double>(g0) * static_cast<double>(g0);
     for (int j = 1; j < k; ++j) {
       ax = ax + load_c(u.xh[j] + e) * u.coef[j];
       const C h = load_c(u.gh[j] + e);
       ag = ag + h * u.coef[j];
-      if (DOTS) tail[j] += g0 * h;
+      if (DOTS) tail[j] += static_cast<double>(g0) * static_cast<double>(h);
     }
     if (u.xw) store_c(u.xw + e, x);
     if (u.gw) store_c(u.gw + e, g0);
     store_c(u.p + e, interpolate(ax, ag, u.lr));
   }
   if (DOTS) {
-    for (int d = 0; d < k; ++d) dots[d] = lane_sum(acc[d]) + static_cast<double>(tail[d]);
+    for (int d = 0; d < k; ++d) dots[d] = acc_sum(acc[d]) + tail[d];
   }
 }
 

@@ -2,25 +2,108 @@
 // products (gram_row, and the Gram row of a combine with k > kDotGroup).
 // Scalars (coefs, lr, count) are read on the device: a launch can be
 // captured in a CUDA graph and replayed with new values.
+//
+// Every fragment issues all of its loads (param, grad, the 2(k-1) ring rows)
+// before any math, held raw in uint4 registers; k is a template parameter for
+// k <= 4 (the common Interpolatron / Anderson sizes) with a run-time k kernel
+// for the rest.
 #include "common.cuh"
 
 namespace interp::cuda {
 namespace {
 
-// x = sum_j a_j x(age j) - lr * sum_j a_j g(age j) over one chunk per block.
-// kDots: also the block partials of <g0, g(age j)>, j < k <= kDotGroup, computed
-// from the values loaded for the update (no second pass).
-template <typename T, bool kDots>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) combine_kernel(const CombineLaunch p) {
+constexpr int kMaxStaticK = 4;
+
+// x = sum_j a_j x(age j) - lr * sum_j a_j g(age j) over one chunk per block,
+// k = K fixed at compile time. DOTS: also the block partials of
+// <g0, g(age j)>, j < K, from the values loaded for the update (no second pass).
+template <typename T, int K, bool DOTS>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), K>()) combine_kernel(const CombineLaunch p) {
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
-  const int k = p.k;
-  // Ring row offsets by age and the coefficients, once per block.
+  constexpr int R = K > 1 ? K - 1 : 1;  // ring rows read (both rings hold ages 1..K-1)
+  const Work w = block_work(p.table);
+  const int64_t count = *p.count;
+  C coef[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) coef[j] = static_cast<C>(p.coefs[j]);
+  const C lr = static_cast<C>(*p.lr);
+  const C sign = p.maximize ? C(-1) : C(1);
+  const C wd = static_cast<C>(p.weight_decay);
+  const bool has_wd = p.weight_decay != 0.0;
+
+  T* param = reinterpret_cast<T*>(w.a);
+  const T* grad = reinterpret_cast<const T*>(w.b);
+  T* xr = reinterpret_cast<T*>(p.x_ring) + w.col;
+  T* gr = reinterpret_cast<T*>(p.g_ring) + w.col;
+  int64_t off[R];
+  bool vec = aligned16(param) && aligned16(grad) && w.len % N == 0;
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    off[j] = K > 1 ? ring_slot(count, j + 1, K - 1) * p.row_elems : 0;
+    if (K > 1) vec = vec && aligned16(xr + off[j]) && aligned16(gr + off[j]);
+  }
+  // Slot count mod (k-1) holds the oldest entries (age k-1, read below), then replaced.
+  const int64_t woff = K > 1 ? off[K > 1 ? K - 2 : 0] : 0;
+
+  double dots[K];
+#pragma unroll
+  for (int d = 0; d < K; ++d) dots[d] = 0.0;
+
+  for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
+    constexpr bool V = decltype(v)::value;
+    const uint4 rx = ld_frag<T, V>(param + i, n);
+    const uint4 rg = ld_frag<T, V>(grad + i, n);
+    uint4 hx[R], hg[R];
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) {
+      hx[j] = ld_frag<T, V>(xr + off[j] + i, n);
+      hg[j] = ld_frag<T, V>(gr + off[j] + i, n);
+    }
+    C x0[N], g0[N], ax[N], ag[N], h[N];
+    unpack<T>(rx, x0);
+    unpack<T>(rg, g0);
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      g0[e] = effective_grad(g0[e], x0[e], sign, wd, has_wd);
+      ax[e] = coef[0] * x0[e];
+      ag[e] = coef[0] * g0[e];
+    }
+    if constexpr (DOTS) dot_acc<N>(dots[0], g0, g0);
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) {
+      unpack<T>(hx[j], h);
+#pragma unroll
+      for (int e = 0; e < N; ++e) ax[e] += coef[j + 1] * h[e];
+      unpack<T>(hg[j], h);
+#pragma unroll
+      for (int e = 0; e < N; ++e) ag[e] += coef[j + 1] * h[e];
+      if constexpr (DOTS) dot_acc<N>(dots[j + 1], g0, h);
+    }
+    if constexpr (K > 1) {
+      st_frag<T, V>(xr + woff + i, n, rx);  // the old iterate, bit for bit
+      st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
+    }
+#pragma unroll
+    for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
+    st_frag<T, V>(param + i, n, pack<T>(ax));
+  });
+
+  if constexpr (DOTS) block_partials<K>(dots, K, 0, p.table.nblocks, p.partials);
+}
+
+// The same step for any k at run time (k > kMaxStaticK): ring rows one at a
+// time. DOTS needs k <= kDotGroup (the register group).
+template <typename T, bool DOTS>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_any_kernel(const CombineLaunch p) {
+  using C = compute_t<T>;
+  constexpr int N = Frag<T>::N;
   extern __shared__ __align__(16) unsigned char smem[];
-  int64_t* off = reinterpret_cast<int64_t*>(smem);  // the same slot in both rings
+  const int k = p.k;
+  int64_t* off = reinterpret_cast<int64_t*>(smem);
   C* coef = reinterpret_cast<C*>(off + k);
   const int64_t count = *p.count;
-  const int64_t slots = k - 1;  // both rings hold ages 1..k-1
+  const int64_t slots = k - 1;
   for (int j = threadIdx.x; j < k; j += kThreads) {
     coef[j] = static_cast<C>(p.coefs[j]);
     off[j] = j >= 1 ? ring_slot(count, j, slots) * p.row_elems : 0;
@@ -32,151 +115,189 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) combine_kernel(cons
   const C sign = p.maximize ? C(-1) : C(1);
   const C wd = static_cast<C>(p.weight_decay);
   const bool has_wd = p.weight_decay != 0.0;
-  // Slot count mod (k-1) holds the oldest entries: read below, then replaced.
   const int64_t woff = k > 1 ? ring_slot(count, 0, slots) * p.row_elems : 0;
   T* param = reinterpret_cast<T*>(w.a);
   const T* grad = reinterpret_cast<const T*>(w.b);
   T* xr = reinterpret_cast<T*>(p.x_ring) + w.col;
   T* gr = reinterpret_cast<T*>(p.g_ring) + w.col;
+  bool vec = aligned16(param) && aligned16(grad) && w.len % N == 0;
+  for (int j = 1; j < k; ++j) vec = vec && aligned16(xr + off[j]) && aligned16(gr + off[j]);
   const C a0 = coef[0];
 
-  C dots[kDots ? kDotGroup : 1];
+  double dots[DOTS ? kDotGroup : 1];
 #pragma unroll
-  for (int d = 0; d < (kDots ? kDotGroup : 1); ++d) dots[d] = C(0);
+  for (int d = 0; d < (DOTS ? kDotGroup : 1); ++d) dots[d] = 0.0;
 
-  for_each_frag<T>(w, [&](int64_t i, int n) {
+  for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
+    constexpr bool V = decltype(v)::value;
+    const uint4 rx = ld_frag<T, V>(param + i, n);
+    const uint4 rg = ld_frag<T, V>(grad + i, n);
     C x0[N], g0[N], ax[N], ag[N], h[N];
-    load_frag<T, N>(param + i, n, w.vec, x0);
-    load_frag<T, N>(grad + i, n, w.vec, g0);
+    unpack<T>(rx, x0);
+    unpack<T>(rg, g0);
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       g0[e] = effective_grad(g0[e], x0[e], sign, wd, has_wd);
       ag[e] = a0 * g0[e];
+      ax[e] = a0 * x0[e];
     }
-#pragma unroll
-    for (int e = 0; e < N; ++e) ax[e] = a0 * x0[e];
-    if constexpr (kDots) {
-#pragma unroll
-      for (int e = 0; e < N; ++e) dots[0] += g0[e] * g0[e];
+    if constexpr (DOTS) {
+      dot_acc<N>(dots[0], g0, g0);
       // Unrolled to the register group so that dots[j] stays in registers.
 #pragma unroll
       for (int j = 1; j < kDotGroup; ++j) {
         if (j < k) {
+          const uint4 rxh = ld_frag<T, V>(xr + off[j] + i, n);
+          const uint4 rgh = ld_frag<T, V>(gr + off[j] + i, n);
           const C aj = coef[j];
-          load_frag<T, N>(xr + off[j] + i, n, w.vec, h);
+          unpack<T>(rxh, h);
 #pragma unroll
           for (int e = 0; e < N; ++e) ax[e] += aj * h[e];
-          load_frag<T, N>(gr + off[j] + i, n, w.vec, h);
+          unpack<T>(rgh, h);
 #pragma unroll
-          for (int e = 0; e < N; ++e) {
-            ag[e] += aj * h[e];
-            dots[j] += g0[e] * h[e];
-          }
+          for (int e = 0; e < N; ++e) ag[e] += aj * h[e];
+          dot_acc<N>(dots[j], g0, h);
         }
       }
     } else {
       for (int j = 1; j < k; ++j) {
+        const uint4 rxh = ld_frag<T, V>(xr + off[j] + i, n);
+        const uint4 rgh = ld_frag<T, V>(gr + off[j] + i, n);
         const C aj = coef[j];
-        load_frag<T, N>(xr + off[j] + i, n, w.vec, h);
+        unpack<T>(rxh, h);
 #pragma unroll
         for (int e = 0; e < N; ++e) ax[e] += aj * h[e];
-        load_frag<T, N>(gr + off[j] + i, n, w.vec, h);
+        unpack<T>(rgh, h);
 #pragma unroll
         for (int e = 0; e < N; ++e) ag[e] += aj * h[e];
       }
     }
     if (k > 1) {
-      store_frag<T, N>(xr + woff + i, n, w.vec, x0);
-      store_frag<T, N>(gr + woff + i, n, w.vec, g0);
+      st_frag<T, V>(xr + woff + i, n, rx);
+      st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
     }
 #pragma unroll
     for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
-    store_frag<T, N>(param + i, n, w.vec, ax);
+    st_frag<T, V>(param + i, n, pack<T>(ax));
   });
 
-  if constexpr (kDots) block_partials<C, kDotGroup>(dots, k, p.partials + static_cast<int64_t>(blockIdx.x) * kDotGroup);
+  if constexpr (DOTS) block_partials<kDotGroup>(dots, k, 0, p.table.nblocks, p.partials);
 }
 
-// Block partials of <g0, g(age d)> for the dots d of this block's group
-// (blockIdx.y); g0 = sign * grad + weight_decay * param. The first group
-// optionally stores g0 into slot count mod slots, which no group reads (the
-// read-only form reads ages 1..ndots-1 = 1..slots).
-template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) grad_dots_kernel(const GradDotsLaunch p) {
+// Block partials of <g0, g(age d)>, d = 0..ndots-1, g0 = sign * grad +
+// weight_decay * param; with `store` also g0 into slot count mod slots, which
+// no dot reads (the read-only form reads ages 1..ndots-1 = 1..slots).
+// NDOTS > 0: ndots fixed (<= kMaxStaticK), every load of a fragment issued
+// before the math. NDOTS == 0: any ndots, in groups of kDotGroup; the block
+// walks its chunk once per group (the later walks hit L2).
+template <typename T, int NDOTS>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) grad_dots_kernel(const GradDotsLaunch p) {
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
-  __shared__ int64_t off[kDotGroup];
-  const int d0 = static_cast<int>(blockIdx.y) * kDotGroup;
-  const int64_t count = *p.count;
-  if (threadIdx.x < kDotGroup) {
-    const int d = d0 + static_cast<int>(threadIdx.x);
-    off[threadIdx.x] = (d >= 1 && d < p.ndots) ? ring_slot(count, d, p.slots) * p.row_elems : 0;
-  }
-  __syncthreads();
-
+  constexpr int G = NDOTS > 0 ? NDOTS : kDotGroup;  // dots per walk
   const Work w = block_work(p.table);
+  const int64_t count = *p.count;
   const C sign = p.maximize ? C(-1) : C(1);
   const C wd = static_cast<C>(p.weight_decay);
   const bool has_wd = p.weight_decay != 0.0;
-  const bool store = p.store && blockIdx.y == 0;
   const int64_t woff = p.store ? ring_slot(count, 0, p.slots) * p.row_elems : 0;  // read-only: slots may be 0
   const T* param = reinterpret_cast<const T*>(w.a);
   const T* grad = reinterpret_cast<const T*>(w.b);
   T* gr = reinterpret_cast<T*>(p.g_ring) + w.col;
+  const int ndots = NDOTS > 0 ? NDOTS : p.ndots;
+  const bool base_vec = aligned16(grad) && (!has_wd || aligned16(param)) && aligned16(gr + woff) && w.len % N == 0;
 
-  C dots[kDotGroup];
+  for (int d0 = 0; d0 < ndots; d0 += G) {
+    const int nd = ndots - d0 < G ? ndots - d0 : G;
+    // Row of each dot of the group; dot 0 (<g0, g0>) and the dots past the end
+    // read the group's first ring row again (an L1 hit, never used).
+    int64_t off[G];
+    const int first_ring = d0 == 0 ? 1 : d0;
+    const int64_t off_first = first_ring < ndots ? ring_slot(count, first_ring, p.slots) * p.row_elems : 0;
+    bool vec = base_vec && aligned16(gr + off_first);
 #pragma unroll
-  for (int d = 0; d < kDotGroup; ++d) dots[d] = C(0);
-
-  for_each_frag<T>(w, [&](int64_t i, int n) {
-    C g0[N], x[N], h[N];
-    load_frag<T, N>(grad + i, n, w.vec, g0);
-    if (has_wd) {
-      load_frag<T, N>(param + i, n, w.vec, x);
-    } else {
-#pragma unroll
-      for (int e = 0; e < N; ++e) x[e] = C(0);
-    }
-#pragma unroll
-    for (int e = 0; e < N; ++e) g0[e] = effective_grad(g0[e], x[e], sign, wd, has_wd);
-    if (store) store_frag<T, N>(gr + woff + i, n, w.vec, g0);
-#pragma unroll
-    for (int dl = 0; dl < kDotGroup; ++dl) {
+    for (int dl = 0; dl < G; ++dl) {
       const int d = d0 + dl;
-      if (d < p.ndots) {
-        if (d == 0) {
+      off[dl] = (d >= 1 && dl < nd) ? ring_slot(count, d, p.slots) * p.row_elems : off_first;
+      vec = vec && aligned16(gr + off[dl]);
+    }
+    const bool store = p.store && d0 == 0;
+    double dots[G];
 #pragma unroll
-          for (int e = 0; e < N; ++e) dots[dl] += g0[e] * g0[e];
-        } else {
-          load_frag<T, N>(gr + off[dl] + i, n, w.vec, h);
+    for (int d = 0; d < G; ++d) dots[d] = 0.0;
+
+    for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
+      constexpr bool V = decltype(v)::value;
+      const uint4 rg = ld_frag<T, V>(grad + i, n);
+      const uint4 rx = has_wd ? ld_frag<T, V>(param + i, n) : make_uint4(0, 0, 0, 0);
+      uint4 rh[G];
+      const bool loads = ndots > 1;  // k = 1: no ring row at all
 #pragma unroll
-          for (int e = 0; e < N; ++e) dots[dl] += g0[e] * h[e];
+      for (int dl = 0; dl < G; ++dl) {
+        rh[dl] = (loads && d0 + dl != 0) ? ld_frag<T, V>(gr + off[dl] + i, n) : make_uint4(0, 0, 0, 0);
+      }
+      C g0[N], x[N], h[N];
+      unpack<T>(rg, g0);
+      unpack<T>(rx, x);
+#pragma unroll
+      for (int e = 0; e < N; ++e) g0[e] = effective_grad(g0[e], x[e], sign, wd, has_wd);
+      if (store) st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
+#pragma unroll
+      for (int dl = 0; dl < G; ++dl) {
+        if (dl < nd) {
+          if (d0 + dl == 0) {
+            dot_acc<N>(dots[dl], g0, g0);
+          } else {
+            unpack<T>(rh[dl], h);
+            dot_acc<N>(dots[dl], g0, h);
+          }
         }
       }
-    }
-  });
+    });
+    block_partials<G>(dots, nd, d0, p.table.nblocks, p.partials);
+  }
+}
 
-  const int nd = p.ndots - d0 < kDotGroup ? p.ndots - d0 : kDotGroup;
-  block_partials<C, kDotGroup>(
-      dots, nd, p.partials + (static_cast<int64_t>(blockIdx.y) * p.table.nblocks + blockIdx.x) * kDotGroup);
+template <typename T, int K>
+void combine_static(const CombineLaunch& p, dim3 grid, cudaStream_t stream) {
+  if (p.partials) {
+    combine_kernel<T, K, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    combine_kernel<T, K, false><<<grid, kThreads, 0, stream>>>(p);
+  }
 }
 
 template <typename T>
 cudaError_t combine_typed(const CombineLaunch& p, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(p.k) * (sizeof(int64_t) + sizeof(compute_t<T>));
   const dim3 grid(static_cast<unsigned>(p.table.nblocks));
-  if (p.partials) {
-    combine_kernel<T, true><<<grid, kThreads, smem, stream>>>(p);
-  } else {
-    combine_kernel<T, false><<<grid, kThreads, smem, stream>>>(p);
+  switch (p.k) {
+    case 1: combine_static<T, 1>(p, grid, stream); break;
+    case 2: combine_static<T, 2>(p, grid, stream); break;
+    case 3: combine_static<T, 3>(p, grid, stream); break;
+    case 4: combine_static<T, 4>(p, grid, stream); break;
+    default: {
+      static_assert(kMaxStaticK == 4, "combine_typed dispatches k = 1..4 statically");
+      const size_t smem = static_cast<size_t>(p.k) * (sizeof(int64_t) + sizeof(compute_t<T>));
+      if (p.partials) {
+        combine_any_kernel<T, true><<<grid, kThreads, smem, stream>>>(p);
+      } else {
+        combine_any_kernel<T, false><<<grid, kThreads, smem, stream>>>(p);
+      }
+    }
   }
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t grad_dots_typed(const GradDotsLaunch& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.table.nblocks), static_cast<unsigned>(dot_groups(p.ndots)));
-  grad_dots_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(p.table.nblocks));
+  switch (p.ndots) {
+    case 1: grad_dots_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: grad_dots_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p); break;
+    case 3: grad_dots_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: grad_dots_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p); break;
+    default: grad_dots_kernel<T, 0><<<grid, kThreads, 0, stream>>>(p); break;
+  }
   return cudaGetLastError();
 }
 

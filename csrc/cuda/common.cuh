@@ -1,9 +1,13 @@
 // Device helpers shared by the .cu files: what a block works on, 16-byte
-// vector fragments with a scalar fallback, and the deterministic block
-// reduction of dot-product partials.
+// fragments held raw in a uint4 (one LDG.E.128 / STG.E.128 each on the vector
+// path, element accesses on the tail path), and the deterministic block
+// reduction of float64 dot-product partials.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -19,108 +23,146 @@ struct alignas(16) Pack {
   T v[N];
 };
 
-// The chunk of one tensor this block owns.
+// The chunk this block owns: pointers already at its first element.
 struct Work {
   char* a;
   const char* b;
+  int64_t len;
   int64_t col;
-  int64_t begin;
-  int64_t end;
-  bool vec;
 };
 
 __device__ __forceinline__ Work block_work(const Table& t) {
-  const int64_t blk = blockIdx.x;
-  const int64_t* e = t.tensors + t.block_of[blk] * kFields;
-  Work w;
-  w.a = reinterpret_cast<char*>(e[kA]);
-  w.b = reinterpret_cast<const char*>(e[kB]);
-  w.col = e[kCol];
-  w.begin = (blk - e[kFirstBlock]) * kChunk;
-  const int64_t numel = e[kNumel];
-  w.end = w.begin + kChunk < numel ? w.begin + kChunk : numel;
-  w.vec = (e[kFlags] & kFlagVector) != 0;
-  return w;
+  // Two independent 16-byte loads of the block's record.
+  const longlong2* e = reinterpret_cast<const longlong2*>(t.blocks + static_cast<int64_t>(blockIdx.x) * kFields);
+  const longlong2 ab = e[0];
+  const longlong2 lc = e[1];
+  return {reinterpret_cast<char*>(ab.x), reinterpret_cast<const char*>(ab.y), lc.x, lc.y};
 }
 
-// Loads n <= N elements at p as compute values (missing ones are zero, so they
-// add nothing to a dot product). One 16-byte access when the tensor is
-// aligned and the fragment is full; element accesses otherwise (the tail of a
-// tensor, or a tensor whose pointers are not 16-byte aligned).
-template <typename T, int N>
-__device__ __forceinline__ void load_frag(const T* p, int n, bool vec, compute_t<T> (&out)[N]) {
-  if (vec && n == N) {
-    const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = load_c(&pk.v[i]);
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// A 16-byte fragment at p: one 128-bit load when VEC (p aligned, n == N),
+// else n <= N element loads with zeros for the missing ones (they add nothing
+// to a dot product and are never stored).
+template <typename T, bool VEC>
+__device__ __forceinline__ uint4 ld_frag(const T* p, int n) {
+  if constexpr (VEC) {
+    // Explicitly global: pointers read from the tables and launch structs are
+    // generic to nvcc, which would emit LD.E.128 (a generic access) for them.
+    uint4 r;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
   } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = i < n ? load_c(p + i) : compute_t<T>(0);
-  }
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_frag(T* p, int n, bool vec, const compute_t<T> (&v)[N]) {
-  if (vec && n == N) {
+    constexpr int N = Frag<T>::N;
     Pack<T, N> pk;
 #pragma unroll
-    for (int i = 0; i < N; ++i) store_c(&pk.v[i], v[i]);
-    *reinterpret_cast<Pack<T, N>*>(p) = pk;
+    for (int i = 0; i < N; ++i) {
+      if (i < n) {
+        pk.v[i] = p[i];
+      } else {
+        std::memset(&pk.v[i], 0, sizeof(T));
+      }
+    }
+    uint4 u;
+    std::memcpy(&u, &pk, sizeof(u));
+    return u;
+  }
+}
+
+// Stores the first n elements of a raw fragment: one 128-bit store when VEC.
+template <typename T, bool VEC>
+__device__ __forceinline__ void st_frag(T* p, int n, const uint4& u) {
+  if constexpr (VEC) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+                 : "memory");
   } else {
+    constexpr int N = Frag<T>::N;
+    Pack<T, N> pk;
+    std::memcpy(&pk, &u, sizeof(u));
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      if (i < n) store_c(p + i, v[i]);
+      if (i < n) p[i] = pk.v[i];
     }
   }
 }
 
-// Bit-exact copy (a snapshot must be the recorded value, NaN payloads included).
-template <typename T, int N>
-__device__ __forceinline__ void copy_frag(T* dst, const T* src, int n, bool vec) {
-  if (vec && n == N) {
-    *reinterpret_cast<Pack<T, N>*>(dst) = *reinterpret_cast<const Pack<T, N>*>(src);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if (i < n) dst[i] = src[i];
-    }
-  }
-}
-
-// The element loop of a block: fn(i, n) for the fragments [i, i + n) of
-// this block's chunk, each thread taking every kThreads-th fragment.
-template <typename T, typename Fn>
-__device__ __forceinline__ void for_each_frag(const Work& w, Fn&& fn) {
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& u, compute_t<T> (&out)[Frag<T>::N]) {
   constexpr int N = Frag<T>::N;
-  for (int64_t i = w.begin + static_cast<int64_t>(threadIdx.x) * N; i < w.end;
-       i += static_cast<int64_t>(kThreads) * N) {
-    const int64_t left = w.end - i;
-    fn(i, left < N ? static_cast<int>(left) : N);
+  Pack<T, N> pk;
+  std::memcpy(&pk, &u, sizeof(u));
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = load_c(&pk.v[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack(const compute_t<T> (&v)[Frag<T>::N]) {
+  constexpr int N = Frag<T>::N;
+  Pack<T, N> pk;
+#pragma unroll
+  for (int i = 0; i < N; ++i) store_c(&pk.v[i], v[i]);
+  uint4 u;
+  std::memcpy(&u, &pk, sizeof(u));
+  return u;
+}
+
+// acc += a * b per element in float64 (D3: the product of two fp32 values is
+// exact in float64, so a dot depends on the summation order only at float64
+// rounding).
+template <int N, typename C>
+__device__ __forceinline__ void dot_acc(double& acc, const C (&a)[N], const C (&b)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) acc = fma(static_cast<double>(a[e]), static_cast<double>(b[e]), acc);
+}
+
+// The element loop of a block over its chunk: body(i, n) for the fragments
+// [i, i + n), thread t taking fragments t, t + kThreads, ... The vector path
+// (every pointer of the block 16-byte aligned, length a multiple of N) is
+// chosen once per block, so its body has no per-fragment branch.
+template <typename T, typename Body>
+__device__ __forceinline__ void for_each_frag(int64_t len, bool vec, Body&& body) {
+  constexpr int N = Frag<T>::N;
+  if (vec) {
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < len; i += static_cast<int64_t>(kThreads) * N) {
+      body(std::integral_constant<bool, true>{}, i, N);
+    }
+  } else {
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < len; i += static_cast<int64_t>(kThreads) * N) {
+      const int64_t left = len - i;
+      body(std::integral_constant<bool, false>{}, i, left < N ? static_cast<int>(left) : N);
+    }
   }
 }
 
-// Block sum of each of the first `nd` accumulators, written as float64 to
-// out[0..nd). A fixed butterfly within each warp, then the warps in order:
-// the same bits on every run.
-template <typename C, int ND>
-__device__ __forceinline__ void block_partials(const C (&acc)[ND], int nd, double* out) {
-  __shared__ C red[kThreads / 32][ND];
+// Block sums of dots[0..nd) (float64), dot d written to
+// partials[((d0 + d) / kDotGroup * nblocks + blockIdx.x) * kDotGroup + (d0 + d) % kDotGroup],
+// the layout launch_reduce reads. A fixed butterfly within each warp, then the
+// warps in order: the same bits on every run. Ends with a barrier so that the
+// caller may reduce again.
+template <int ND>
+__device__ __forceinline__ void block_partials(const double (&acc)[ND], int nd, int d0, int64_t nblocks,
+                                               double* partials) {
+  __shared__ double red[kThreads / 32][ND];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 #pragma unroll
   for (int d = 0; d < ND; ++d) {
-    C v = acc[d];
+    double v = acc[d];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
     if (lane == 0) red[warp][d] = v;
   }
   __syncthreads();
   if (static_cast<int>(threadIdx.x) < nd) {
-    C s = C(0);
+    double s = 0.0;
 #pragma unroll
     for (int w = 0; w < kThreads / 32; ++w) s += red[w][threadIdx.x];
-    out[threadIdx.x] = static_cast<double>(s);
+    const int d = d0 + static_cast<int>(threadIdx.x);
+    partials[(static_cast<int64_t>(d / kDotGroup) * nblocks + blockIdx.x) * kDotGroup + d % kDotGroup] = s;
   }
+  __syncthreads();
 }
 
 }  // namespace interp::cuda

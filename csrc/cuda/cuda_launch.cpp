@@ -20,26 +20,22 @@ void check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "interpolatron: launching ", what, " failed: ", cudaGetErrorString(err));
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// The device table of this op for these tensors: rebuilt (one pinned host
-// buffer, one asynchronous copy) only when a pointer, size, column or
-// alignment changed since the last call.
-cuda::Table device_table(TableCache& cache, const std::vector<Seg>& segs, const std::vector<at::Tensor>& rings,
-                         const at::Device& device) {
+// The device table of this op for these tensors: one 32-byte record per block
+// (pointers at the block's first element, length, ring column), rebuilt (one
+// pinned host buffer, one asynchronous copy) only when a pointer, size or
+// column changed since the last call. Vector accesses are decided per block
+// in the kernel, from the actual addresses (ring rows included), so an odd
+// ring width never turns them off for a whole bucket.
+cuda::Table device_table(TableCache& cache, const std::vector<Seg>& segs, DType dtype, const at::Device& device) {
+  const int64_t chunk = cuda::chunk_elems(dtype);
+  const int64_t es = cuda::elem_size(dtype);
   std::vector<int64_t> key;
-  key.reserve(segs.size() * cuda::kFields);
+  key.reserve(segs.size() * 4 + 1);
+  key.push_back(chunk);
   int64_t nblocks = 0;
   for (const Seg& s : segs) {
-    bool vec = aligned16(s.a) && (s.b == nullptr || aligned16(s.b));
-    for (const at::Tensor& ring : rings) {
-      const int64_t es = ring.element_size();
-      vec = vec && (ring.size(1) * es) % 16 == 0 &&
-            aligned16(static_cast<const char*>(ring.data_ptr()) + s.col * es);
-    }
-    key.insert(key.end(), {reinterpret_cast<int64_t>(s.a), reinterpret_cast<int64_t>(s.b), s.numel, s.col,
-                           nblocks, vec ? cuda::kFlagVector : int64_t{0}});
-    nblocks += (s.numel + cuda::kChunk - 1) / cuda::kChunk;
+    key.insert(key.end(), {reinterpret_cast<int64_t>(s.a), reinterpret_cast<int64_t>(s.b), s.numel, s.col});
+    nblocks += (s.numel + chunk - 1) / chunk;
   }
   TORCH_CHECK(nblocks <= INT32_MAX, "interpolatron: bucket too large for one launch (", nblocks, " blocks)");
 
@@ -51,15 +47,24 @@ cuda::Table device_table(TableCache& cache, const std::vector<Seg>& segs, const 
                 "interpolatron: the bucket's tensors are new or changed storage while a CUDA graph is being "
                 "captured; run the step once outside the capture (warm-up) so that its device tables exist, "
                 "and keep the gradients' storages fixed (zero_grad(set_to_none=False)) while replaying");
-    const int64_t n = static_cast<int64_t>(key.size()) + nblocks;
+    const int64_t n = std::max<int64_t>(1, nblocks * cuda::kFields);
     at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
     int64_t* h = host.data_ptr<int64_t>();
-    std::copy(key.begin(), key.end(), h);
-    int64_t* block_of = h + key.size();
-    for (size_t t = 0; t < segs.size(); ++t) {
-      const int64_t first = key[t * cuda::kFields + cuda::kFirstBlock];
-      const int64_t blocks = (segs[t].numel + cuda::kChunk - 1) / cuda::kChunk;
-      std::fill(block_of + first, block_of + first + blocks, static_cast<int64_t>(t));
+    for (const Seg& s : segs) {
+      for (int64_t begin = 0; begin < s.numel; begin += chunk) {
+        h[cuda::kA] = reinterpret_cast<int64_t>(static_cast<char*>(s.a) + begin * es);
+        h[cuda::kB] = s.b ? reinterpret_cast<int64_t>(static_cast<const char*>(s.b) + begin * es) : 0;
+        h[cuda::kLen] = std::min(chunk, s.numel - begin);
+        h[cuda::kCol] = s.col + begin;
+        h += cuda::kFields;
+      }
+    }
+    // A CUDA graph captured with the old table keeps its address: the old
+    // table stays alive (the newest kRetiredTables of them) instead of going
+    // back to the allocator, where a replay would read whatever reused it.
+    if (cache.table.defined()) {
+      cache.retired.push_back(cache.table);
+      if (cache.retired.size() > TableCache::kRetiredTables) cache.retired.erase(cache.retired.begin());
     }
     // The pinned buffer stays valid until the copy ran: the caching host
     // allocator records the copy's stream before reusing it.
@@ -68,8 +73,7 @@ cuda::Table device_table(TableCache& cache, const std::vector<Seg>& segs, const 
     cache.nblocks = nblocks;
     ++cache.uploads;
   }
-  const int64_t* base = cache.table.data_ptr<int64_t>();
-  return {base, base + segs.size() * cuda::kFields, cache.nblocks};
+  return {cache.table.data_ptr<int64_t>(), cache.nblocks};
 }
 
 at::Tensor partial_buffer(int64_t nblocks, int ndots, const at::Device& device) {
@@ -77,20 +81,12 @@ at::Tensor partial_buffer(int64_t nblocks, int ndots, const at::Device& device) 
   return at::empty({n}, at::TensorOptions().dtype(at::kDouble).device(device));
 }
 
-std::vector<at::Tensor> nonempty(std::initializer_list<at::Tensor> rings) {
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& r : rings) {
-    if (r.size(0) > 0) out.push_back(r);
-  }
-  return out;
-}
-
 }  // namespace
 
 void combine_cuda(const CombineCall& call, TableCache& cache) {
   const at::Device device = call.x_hist.device();
   const c10::cuda::CUDAGuard guard(device);
-  const cuda::Table table = device_table(cache, call.segs, nonempty({call.x_hist, call.g_hist}), device);
+  const cuda::Table table = device_table(cache, call.segs, call.dtype, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int k = call.k;
   // The Gram row rides along with the update when its dots fit one register
@@ -140,7 +136,7 @@ void combine_cuda(const CombineCall& call, TableCache& cache) {
 void gram_row_cuda(const GramCall& call, TableCache& cache) {
   const at::Device device = call.g_hist.device();
   const c10::cuda::CUDAGuard guard(device);
-  const cuda::Table table = device_table(cache, call.segs, nonempty({call.g_hist}), device);
+  const cuda::Table table = device_table(cache, call.segs, call.dtype, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int slots = static_cast<int>(call.g_hist.size(0));
   const int k = call.store ? slots : slots + 1;  // dots of ages 0..k-1; the ring holds ages 1..k-1
@@ -166,7 +162,7 @@ void gram_row_cuda(const GramCall& call, TableCache& cache) {
 void rna_record_cuda(const RecordCall& call, TableCache& cache) {
   const at::Device device = call.window.device();
   const c10::cuda::CUDAGuard guard(device);
-  const cuda::Table table = device_table(cache, call.segs, nonempty({call.window}), device);
+  const cuda::Table table = device_table(cache, call.segs, call.dtype, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int slots = static_cast<int>(call.window.size(0));
   const int ndots = call.out ? slots - 1 : 0;
@@ -192,7 +188,7 @@ void rna_record_cuda(const RecordCall& call, TableCache& cache) {
 void rna_extrapolate_cuda(const ExtrapCall& call, TableCache& cache) {
   const at::Device device = call.window.device();
   const c10::cuda::CUDAGuard guard(device);
-  const cuda::Table table = device_table(cache, call.segs, nonempty({call.window}), device);
+  const cuda::Table table = device_table(cache, call.segs, call.dtype, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cuda::ExtrapLaunch p{};
   p.dtype = call.dtype;

@@ -3,12 +3,11 @@
 // that every .cu compiles with nvcc alone (csrc/check_cuda_compile.sh).
 //
 // Work decomposition (the multi-tensor apply): the active tensors of a bucket
-// are described by a device table of int64 entries, kFields per tensor, and
-// every tensor is cut into chunks of kChunk elements; one thread block takes
-// one chunk, and the block -> tensor map tells it which tensor. One launch
-// therefore covers the whole bucket whatever its number of tensors, and the
-// block partials of a dot product are always cut at the same places (the
-// reduction is deterministic).
+// are cut into chunks of chunk_elems(dtype) elements (kChunkBytes), one thread
+// block per chunk, and a device table holds one record per block (kFields
+// int64: pointers, length, ring column). One launch therefore covers the whole
+// bucket whatever its number of tensors, and the block partials of a dot
+// product are always cut at the same places (the reduction is deterministic).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,30 +20,44 @@ namespace interp::cuda {
 
 constexpr int kThreads = 256;
 // Resident blocks per SM the kernels are compiled for (__launch_bounds__): caps
-// registers at 65536 / (2 * 256) = 128 per thread. Without it ptxas may pick a
-// tighter cap and spill the 16-byte fragments of the 16-bit dtypes.
-constexpr int kMinBlocksPerSM = 2;
-constexpr int64_t kChunk = 4096;  // elements per block
-constexpr int kDotGroup = 8;      // dot products accumulated in registers per block (grid.y splits more)
+// registers at 65536 / (4 * 256) = 64 per thread, so four blocks (1024 threads,
+// 16 x 16-byte loads in flight per thread group at k = 2) share an SM. The
+// SASS test (tests/test_cuda_sass.py) checks that nothing spills at this cap.
+constexpr int kMinBlocksPerSM = 4;
+// Kernels that hold more fragments at once take fewer blocks, never spills:
+// the 16-bit combine at k >= 3 and the run-time sized kernels (8 ring rows of
+// a dot group in flight) take 2 blocks (128 registers).
+template <int ElemBytes, int K>
+constexpr int min_blocks() {
+  return (K == 0 || (ElemBytes == 2 && K >= 3)) ? 2 : kMinBlocksPerSM;
+}
+// Bytes of each stream one block covers: 8 vector iterations of 256 threads
+// x 16 bytes, whatever the dtype (fp32 8192 elements, bf16 16384, fp64 4096).
+constexpr int64_t kChunkBytes = 32768;
+constexpr int kDotGroup = 8;  // dot products accumulated in registers at once (a block loops over groups)
 
-// Per-tensor entry of the device table.
+inline int64_t elem_size(DType d) {
+  switch (d) {
+    case DType::kFloat64: return 8;
+    case DType::kFloat32: return 4;
+    default: return 2;
+  }
+}
+inline int64_t chunk_elems(DType d) { return kChunkBytes / elem_size(d); }
+
+// Per-block entry of the device table (multi-tensor apply): everything a block
+// needs in one 32-byte record, so that its first loads do not depend on each
+// other (block -> entry -> data, two levels).
 enum Field : int {
-  kA = 0,       // param / source / out pointer
-  kB = 1,       // grad pointer (0 if none)
-  kNumel = 2,
-  kCol = 3,     // first ring column
-  kFirstBlock = 4,
-  kFlags = 5,
-  kFields = 6,
+  kA = 0,    // param / source / out pointer at the block's first element
+  kB = 1,    // grad pointer at the block's first element (0 if none)
+  kLen = 2,  // elements of this block (<= chunk_elems)
+  kCol = 3,  // ring column of the block's first element
+  kFields = 4,
 };
-// Every pointer this tensor's elements are read from or written to is
-// 16-byte aligned at the tensor's start (ring rows included): the blocks of
-// this tensor may use 16-byte vector accesses.
-constexpr int64_t kFlagVector = 1;
 
 struct Table {
-  const int64_t* tensors;   // kFields per tensor
-  const int64_t* block_of;  // tensor index of each block
+  const int64_t* blocks;  // kFields per block
   int64_t nblocks;
 };
 
@@ -67,7 +80,8 @@ struct CombineLaunch {
 // <g0, g(age j)>, j = 0..ndots-1, with g0 the effective gradient and the ring
 // of `slots` slots holding ages 1..ndots-1; with `store` also stores g0 into
 // slot count mod slots (then ndots == slots; read-only: ndots == slots + 1).
-// grid.y = ceil(ndots / kDotGroup).
+// A block covers every dot group of its chunk (the re-reads of the gradient for
+// groups after the first hit L2, not DRAM).
 struct GradDotsLaunch {
   DType dtype;
   Table table;
@@ -106,7 +120,7 @@ struct ExtrapLaunch {
   const int64_t* count;
 };
 
-// Number of grid.y groups for `ndots` dots (at least one).
+// Number of dot groups of kDotGroup for `ndots` dots (at least one).
 inline int dot_groups(int ndots) { return ndots <= kDotGroup ? 1 : (ndots + kDotGroup - 1) / kDotGroup; }
 
 cudaError_t launch_combine(const CombineLaunch& p, cudaStream_t stream);

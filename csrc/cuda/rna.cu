@@ -1,75 +1,96 @@
 // RNA: recording a snapshot into the window (optionally with the residual dot
 // products <r_0, r_j>, r_j = y(age j) - y(age j + 1), differences taken
 // elementwise before the product) and the extrapolation sum_a c_a y(age a).
+// Every fragment issues the loads of its dot group (or of four snapshots in
+// extrapolate) before the math.
 #include "common.cuh"
 
 namespace interp::cuda {
 namespace {
 
-// Copies the sources into slot count mod slots (the first dot group only) and
-// writes the block partials of the dots of this block's group (blockIdx.y).
-// No group reads slot count mod slots, so the copy races with nothing.
-template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) record_kernel(const RecordLaunch p) {
+constexpr int kExtrapGroup = 4;  // snapshots loaded at once by extrapolate
+
+// Copies the sources into slot count mod slots and writes the block partials
+// of the dots. NDOTS > 0: that many dots (<= 4); NDOTS == 0: any number, in
+// groups of kDotGroup, the block walking its chunk once per group (the source
+// re-reads hit L2). No dot reads slot count mod slots, so the copy (in the
+// first walk) races with nothing. 2 blocks per SM: the group's G + 2
+// fragments in flight need more than 64 registers (record is not per step).
+template <typename T, int NDOTS>
+__global__ void __launch_bounds__(kThreads, 2) record_kernel(const RecordLaunch p) {
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
-  // Row offsets of the snapshots of ages d0 .. d0 + kDotGroup (age 0 is the source).
-  __shared__ int64_t off[kDotGroup + 1];
-  const int d0 = static_cast<int>(blockIdx.y) * kDotGroup;
-  const int64_t count = *p.count;
-  if (threadIdx.x <= kDotGroup) {
-    const int a = d0 + static_cast<int>(threadIdx.x);
-    off[threadIdx.x] = (a >= 1 && a < p.slots) ? ring_slot(count, a, p.slots) * p.row_elems : 0;
-  }
-  __syncthreads();
-
+  constexpr int G = NDOTS > 0 ? NDOTS : kDotGroup;
   const Work w = block_work(p.table);
+  const int64_t count = *p.count;
   const T* src = reinterpret_cast<const T*>(w.a);
   T* win = reinterpret_cast<T*>(p.window) + w.col;
-  const bool copy = blockIdx.y == 0;
   const int64_t woff = ring_slot(count, 0, p.slots) * p.row_elems;
-  const int64_t off1 = p.slots > 1 ? ring_slot(count, 1, p.slots) * p.row_elems : 0;
+  const int ndots = NDOTS > 0 ? NDOTS : p.ndots;
+  const bool base_vec = aligned16(src) && aligned16(win + woff) && w.len % N == 0;
 
-  C dots[kDotGroup];
+  if (ndots == 0) {  // copy only
+    for_each_frag<T>(w.len, base_vec, [&](auto v, int64_t i, int n) {
+      constexpr bool V = decltype(v)::value;
+      st_frag<T, V>(win + woff + i, n, ld_frag<T, V>(src + i, n));
+    });
+    return;
+  }
+  const int64_t off1 = ring_slot(count, 1, p.slots) * p.row_elems;
+  for (int d0 = 0; d0 < ndots; d0 += G) {
+    const int nd = ndots - d0 < G ? ndots - d0 : G;
+    // Rows of ages d0 .. d0 + G (age 0 is the source: row offset unused);
+    // ages past the group's end repeat its last valid row (L1 hits, unused).
+    int64_t off[G + 1];
+    bool vec = base_vec && aligned16(win + off1);
 #pragma unroll
-  for (int d = 0; d < kDotGroup; ++d) dots[d] = C(0);
+    for (int a = 0; a <= G; ++a) {
+      const int age = d0 + (a <= nd ? a : nd);
+      off[a] = age >= 1 ? ring_slot(count, age, p.slots) * p.row_elems : off1;
+      vec = vec && aligned16(win + off[a]);
+    }
+    double dots[G];
+#pragma unroll
+    for (int d = 0; d < G; ++d) dots[d] = 0.0;
+    const bool copy = d0 == 0;
 
-  for_each_frag<T>(w, [&](int64_t i, int n) {
-    if (copy) copy_frag<T, N>(win + woff + i, src + i, n, w.vec);
-    if (p.ndots > 0) {
-      C y0[N], r0[N], prev[N], next[N];
-      load_frag<T, N>(src + i, n, w.vec, y0);
-      load_frag<T, N>(win + off1 + i, n, w.vec, next);
+    for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
+      constexpr bool V = decltype(v)::value;
+      const uint4 ry0 = ld_frag<T, V>(src + i, n);
+      const uint4 ry1 = ld_frag<T, V>(win + off1 + i, n);
+      uint4 rs[G + 1];
 #pragma unroll
-      for (int e = 0; e < N; ++e) r0[e] = y0[e] - next[e];
-      if (d0 == 0) {
-#pragma unroll
-        for (int e = 0; e < N; ++e) prev[e] = y0[e];
-      } else {
-        load_frag<T, N>(win + off[0] + i, n, w.vec, prev);
+      for (int a = 0; a <= G; ++a) {
+        const int age = d0 + a;
+        rs[a] = age == 0 ? ry0 : age == 1 ? ry1 : ld_frag<T, V>(win + off[a] + i, n);
       }
+      if (copy) st_frag<T, V>(win + woff + i, n, ry0);
+      C r0[N], prev[N], next[N];
+      unpack<T>(ry0, r0);
+      unpack<T>(ry1, next);
 #pragma unroll
-      for (int dl = 0; dl < kDotGroup; ++dl) {
-        if (d0 + dl < p.ndots) {
-          load_frag<T, N>(win + off[dl + 1] + i, n, w.vec, next);
+      for (int e = 0; e < N; ++e) r0[e] -= next[e];
+      unpack<T>(rs[0], prev);
+#pragma unroll
+      for (int dl = 0; dl < G; ++dl) {
+        unpack<T>(rs[dl + 1], next);
+        if (dl < nd) {
 #pragma unroll
           for (int e = 0; e < N; ++e) {
-            dots[dl] += r0[e] * (prev[e] - next[e]);
-            prev[e] = next[e];
+            prev[e] -= next[e];
+            dots[dl] = fma(static_cast<double>(r0[e]), static_cast<double>(prev[e]), dots[dl]);
           }
         }
+#pragma unroll
+        for (int e = 0; e < N; ++e) prev[e] = next[e];
       }
-    }
-  });
-
-  if (p.ndots > 0) {
-    const int nd = p.ndots - d0 < kDotGroup ? p.ndots - d0 : kDotGroup;
-    block_partials<C, kDotGroup>(
-        dots, nd, p.partials + (static_cast<int64_t>(blockIdx.y) * p.table.nblocks + blockIdx.x) * kDotGroup);
+    });
+    block_partials<G>(dots, nd, d0, p.table.nblocks, p.partials);
   }
 }
 
-// out = sum_a coefs[a] * y(age a), y(age a) in slot (count - 1 - a) mod slots.
+// out = sum_a coefs[a] * y(age a), y(age a) in slot (count - 1 - a) mod slots,
+// kExtrapGroup snapshots loaded at once.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) extrapolate_kernel(const ExtrapLaunch p) {
   using C = compute_t<T>;
@@ -87,26 +108,50 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) extrapolate_kernel(
   const Work w = block_work(p.table);
   T* out = reinterpret_cast<T*>(w.a);
   const T* win = reinterpret_cast<const T*>(p.window) + w.col;
-  for_each_frag<T>(w, [&](int64_t i, int n) {
+  bool vec = aligned16(out) && w.len % N == 0;
+  for (int a = 0; a < p.m; ++a) vec = vec && aligned16(win + off[a]);
+  const int m = p.m;
+  for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
+    constexpr bool V = decltype(v)::value;
     C acc[N], y[N];
-    load_frag<T, N>(win + off[0] + i, n, w.vec, acc);
-    const C c0 = coef[0];
 #pragma unroll
-    for (int e = 0; e < N; ++e) acc[e] *= c0;
-    for (int a = 1; a < p.m; ++a) {
-      const C ca = coef[a];
-      load_frag<T, N>(win + off[a] + i, n, w.vec, y);
+    for (int e = 0; e < N; ++e) acc[e] = C(0);
+    for (int a0 = 0; a0 < m; a0 += kExtrapGroup) {
+      uint4 ry[kExtrapGroup];
 #pragma unroll
-      for (int e = 0; e < N; ++e) acc[e] += ca * y[e];
+      for (int q = 0; q < kExtrapGroup; ++q) {
+        const int a = a0 + q < m ? a0 + q : m - 1;
+        ry[q] = ld_frag<T, V>(win + off[a] + i, n);
+      }
+#pragma unroll
+      for (int q = 0; q < kExtrapGroup; ++q) {
+        if (a0 + q < m) {
+          const C ca = coef[a0 + q];
+          unpack<T>(ry[q], y);
+          if (a0 + q == 0) {
+#pragma unroll
+            for (int e = 0; e < N; ++e) acc[e] = ca * y[e];
+          } else {
+#pragma unroll
+            for (int e = 0; e < N; ++e) acc[e] += ca * y[e];
+          }
+        }
+      }
     }
-    store_frag<T, N>(out + i, n, w.vec, acc);
+    st_frag<T, V>(out + i, n, pack<T>(acc));
   });
 }
 
 template <typename T>
 cudaError_t record_typed(const RecordLaunch& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.table.nblocks), static_cast<unsigned>(dot_groups(p.ndots)));
-  record_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(p.table.nblocks));
+  switch (p.ndots) {
+    case 1: record_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: record_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p); break;
+    case 3: record_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: record_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p); break;
+    default: record_kernel<T, 0><<<grid, kThreads, 0, stream>>>(p); break;  // 0 (copy only) or > 4
+  }
   return cudaGetLastError();
 }
 

@@ -1,4 +1,5 @@
-"""Backend dispatch: ``"auto" | "torch" | "triton" | "cuda"``.
+"""Backend dispatch: ``"auto" | "torch" | "triton" | "native"`` (``"cuda"``, the
+old name of ``"native"``, still works with a FutureWarning).
 
 Each backend lives in a module of this package exposing ``BACKEND`` (an object
 implementing :class:`~interpolatron.backends.base.Backend`) and
@@ -9,22 +10,37 @@ by being listed in ``_MODULES``; the optimizers never name one.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
 from .base import SUPPORTED_DTYPES, Backend, compute_dtype
 
-__all__ = ["Backend", "BackendUnavailable", "BACKEND_NAMES", "availability", "resolve",
+__all__ = ["Backend", "BackendUnavailable", "BACKEND_NAMES", "availability", "resolve", "canonical_name",
            "compute_dtype", "SUPPORTED_DTYPES"]
 
 _MODULES = {
     "torch": "interpolatron.backends.torch_backend",
     "triton": "interpolatron.backends.triton_backend",
-    "cuda": "interpolatron.backends.cuda_backend",
+    "native": "interpolatron.backends.native_backend",
 }
 BACKEND_NAMES = tuple(_MODULES)
 # "auto" tries these in order; the first one that can serve the bucket wins.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cuda", "torch")}
+_AUTO_ORDER = {"cuda": ("native", "triton", "torch"), "cpu": ("native", "torch")}
+
+
+# Old backend names and what they are called now.
+_RENAMED = {"cuda": "native"}
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with a renamed backend replaced by its new name (FutureWarning)."""
+    new = _RENAMED.get(name)
+    if new is None:
+        return name
+    warnings.warn(f"backend={name!r} is now named {new!r} (the C++ extension serves CPU and CUDA tensors); "
+                  f"use backend={new!r}", FutureWarning, stacklevel=3)
+    return new
 
 
 class BackendUnavailable(RuntimeError):
@@ -58,6 +74,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         raise TypeError(f"interpolatron supports {', '.join(map(str, SUPPORTED_DTYPES))} "
                         f"parameters, got {dtype}")
     device = torch.device(device)
+    name = canonical_name(name)
     if name == "auto":
         order = _AUTO_ORDER.get(device.type, ("torch",))
         for candidate in order:

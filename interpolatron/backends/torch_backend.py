@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..layout import align_elems, round_up
 from .base import compute_dtype
 
 # How many column sets a bucket's cache keeps (least recently used dropped):
@@ -24,32 +25,60 @@ from .base import compute_dtype
 COLUMN_CACHE_ENTRIES = 4
 
 
-def _columns(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tensor, cache: dict):
-    """None when the tensors cover the ring's columns in order (the usual case),
-    else a device index of the columns they own (an LRU of a few sets)."""
+def _column_layout(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tensor,
+                   cache: dict) -> tuple[Tensor | None, tuple | None]:
+    """(columns, splits) of these tensors in the ring, from an LRU of a few sets.
+
+    ``columns`` is None when the tensors cover the ring's columns in order (the
+    usual case), else a device index of the columns they own. "In order" allows
+    the padding of the bucket layout (:mod:`interpolatron.layout`): each tensor
+    starting at the next 128-byte boundary after the previous one, the row
+    ending at the next boundary after the last. The flat work buffers then take
+    the ring's layout, gaps included: ``splits`` are the sizes of
+    ``[gap, tensor, gap, tensor, ..., tail]`` (None without any gap). The gaps
+    hold zeros there and in the rings, so they add nothing to a dot and are
+    never scattered back."""
     numels = tuple(t.numel() for t in tensors)
-    key = (tuple(offsets), numels)
+    key = (tuple(offsets), numels, ring.shape[1], ring.element_size())
     lru = cache.get("columns")
     if lru is None:
         lru = cache["columns"] = OrderedDict()
     if key in lru:
         lru.move_to_end(key)
         return lru[key]
-    pos, contiguous = 0, True
+    a = align_elems(ring.element_size())
+    pos, contiguous, pieces = 0, True, []
     for off, n in zip(offsets, numels):
-        contiguous &= off == pos
-        pos += n
-    contiguous &= pos == ring.shape[1]
+        if off != pos:
+            contiguous &= off == round_up(pos, a)
+            pieces.append(off - pos)  # a gap
+        else:
+            pieces.append(0)
+        pieces.append(n)
+        pos = off + n
+    width = ring.shape[1]
+    contiguous &= width == pos or width == round_up(pos, a)
+    pieces.append(width - pos)
     if contiguous:
-        cols = None
+        entry = (None, tuple(pieces) if any(pieces[0::2]) else None)
     else:
         parts = [torch.arange(off, off + n, dtype=torch.long) for off, n in zip(offsets, numels)]
         cols = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-        cols = cols.to(ring.device)
-    lru[key] = cols
+        entry = (cols.to(ring.device), None)
+    lru[key] = entry
     while len(lru) > COLUMN_CACHE_ENTRIES:
         lru.popitem(last=False)
-    return cols
+    return entry
+
+
+def _columns(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tensor, cache: dict):
+    """The column index of :func:`_column_layout` (None: in order)."""
+    return _column_layout(tensors, offsets, ring, cache)[0]
+
+
+def _splits(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tensor, cache: dict):
+    """The gap layout of :func:`_column_layout` (None: no gaps, or an index)."""
+    return _column_layout(tensors, offsets, ring, cache)[1]
 
 
 def _read(ring: Tensor, cols: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -79,13 +108,28 @@ def _buffer(cache: dict, name: str, n: int, dtype: torch.dtype, device: torch.de
     return buf[:n]
 
 
+def _zeros(cache: dict | None, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = ("zeros", dtype, device)
+    z = cache.get(key) if cache is not None else None
+    if z is None or z.numel() < n:
+        z = torch.zeros(max(n, 64), dtype=dtype, device=device)
+        if cache is not None:
+            cache[key] = z
+    return z[:n]
+
+
 def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device,
-          cache: dict | None = None, name: str = "") -> Tensor:
-    n = sum(t.numel() for t in tensors)
+          cache: dict | None = None, name: str = "", splits: tuple | None = None) -> Tensor:
+    """The tensors back to back, or laid out as the ring with zero gaps (``splits``)."""
+    n = sum(splits) if splits else sum(t.numel() for t in tensors)
     out = (_buffer(cache, name, n, dtype, device) if cache is not None
            else torch.empty(n, dtype=dtype, device=device))
     if tensors:
         pieces = [t.reshape(-1) for t in tensors]
+        if splits:
+            zeros = _zeros(cache, max(splits[0::2]), tensors[0].dtype, device)
+            gaps = [zeros[:g] for g in splits[0::2]]
+            pieces = [piece for pair in zip(gaps, pieces) for piece in pair] + [gaps[-1]]
         if tensors[0].dtype == dtype:
             torch.cat(pieces, out=out)
         else:
@@ -93,13 +137,14 @@ def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device,
     return out
 
 
-def _effective_grad(params, grads, weight_decay, maximize, dtype, device, cache=None, x=None) -> Tensor:
+def _effective_grad(params, grads, weight_decay, maximize, dtype, device, cache=None, x=None,
+                    splits=None) -> Tensor:
     """``sign * grad + weight_decay * param``, flat (in a scratch buffer if ``cache``)."""
-    g = _flat(grads, dtype, device, cache, "g")
+    g = _flat(grads, dtype, device, cache, "g", splits)
     if maximize:
         g.neg_()
     if weight_decay != 0:
-        g.add_(x if x is not None else _flat(params, dtype, device), alpha=weight_decay)
+        g.add_(x if x is not None else _flat(params, dtype, device, splits=splits), alpha=weight_decay)
     return g
 
 
@@ -145,10 +190,10 @@ def _slot_dots(new: Tensor, ring: Tensor, cache: dict) -> Tensor:
     return torch.stack([_dot64(new, ring[s], cache) for s in range(ring.shape[0])])
 
 
-def _scatter_back(targets: Sequence[Tensor], flat: Tensor) -> None:
+def _scatter_back(targets: Sequence[Tensor], flat: Tensor, splits: tuple | None = None) -> None:
     if not targets:
         return
-    pieces = flat.split([t.numel() for t in targets])
+    pieces = flat.split(list(splits))[1::2] if splits else flat.split([t.numel() for t in targets])
     torch._foreach_copy_(list(targets), [v.view_as(t) for v, t in zip(pieces, targets)])
 
 
@@ -178,15 +223,16 @@ class TorchBackend:
         dtype = params[0].dtype if params else x_hist.dtype
         cd = compute_dtype(dtype)
         device = x_hist.device
-        x = _flat(params, cd, device, cache, "x")
         cx = _columns(params, offsets, x_hist, cache)
+        sp = _splits(params, offsets, x_hist, cache)
+        x = _flat(params, cd, device, cache, "x", sp)
         lr_c, a0 = lr.to(cd), coefs[0].to(cd)
         new = _buffer(cache, "new", x.numel(), cd, device)
         torch.mul(x, a0, out=new)
         if k > 1:  # + sum over the stored iterates, weighted per slot
             new.addmv_(_read(x_hist, cx, cd).t(), _slot_weights(coefs, count, k - 1, 1, cd))
         step = _buffer(cache, "step", x.numel(), cd, device)
-        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache, x)
+        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache, x, sp)
         gh = _read(g_hist, cx, cd) if k > 1 else None
         torch.mul(g, a0, out=step)
         if k > 1:
@@ -202,7 +248,7 @@ class TorchBackend:
             slot = torch.remainder(count, k - 1)
             _write_slot(x_hist, cx, slot, x)
             _write_slot(g_hist, cx, slot, g)
-        _scatter_back(params, new if dtype == cd else new.to(dtype))
+        _scatter_back(params, new if dtype == cd else new.to(dtype), sp)
 
     def gram_row(self, params, grads, offsets, g_hist, count, weight_decay, maximize,
                  out, cache, store=True) -> None:
@@ -213,7 +259,8 @@ class TorchBackend:
         device = g_hist.device
         cd = compute_dtype(g_hist.dtype)
         cols = _columns(grads, offsets, g_hist, cache)
-        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache)
+        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache,
+                            splits=_splits(grads, offsets, g_hist, cache))
         row = [_dot64(g, g, cache).view(1)]
         if k > 1:
             by_age = _age_slots(count, torch.arange(1, k, device=device), slots)
@@ -227,7 +274,7 @@ class TorchBackend:
         device = window.device
         cd = compute_dtype(window.dtype)
         cols = _columns(sources, offsets, window, cache)
-        y0 = _flat(sources, cd, device, cache, "x")
+        y0 = _flat(sources, cd, device, cache, "x", _splits(sources, offsets, window, cache))
         if out is not None and slots > 1:
             # One residual at a time (two snapshot rows live), not the whole window.
             def snapshot(age: int) -> Tensor:
@@ -251,7 +298,7 @@ class TorchBackend:
         cols = _columns(outs, offsets, window, cache)
         ages = torch.arange(m, device=window.device)
         snaps = _read(window, cols, cd).index_select(0, _age_slots(count - 1, ages, slots))
-        _scatter_back(outs, (coefs.to(cd) @ snaps).to(window.dtype))
+        _scatter_back(outs, (coefs.to(cd) @ snaps).to(window.dtype), _splits(outs, offsets, window, cache))
 
 
 BACKEND = TorchBackend()

@@ -10,6 +10,7 @@ Triton installed, so that dispatch can say why the backend is unavailable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -46,6 +47,14 @@ def _interpret_requested() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _on(device: torch.device):
+    """Launch on the bucket's device: Triton launches on the current device and
+    its current stream, so a bucket on cuda:1 needs cuda:1 current."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 class TritonBackend:
     name = "triton"
 
@@ -53,21 +62,25 @@ class TritonBackend:
                 offsets: Sequence[int], x_hist: Tensor, g_hist: Tensor, coefs: Tensor, lr: Tensor,
                 count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
                 cache: dict) -> None:
-        _combine.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count,
-                         weight_decay, maximize, gram, cache)
+        with _on(x_hist.device):
+            _combine.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count,
+                             weight_decay, maximize, gram, cache)
 
     def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
                  g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
                  cache: dict, store: bool = True) -> None:
-        _gram.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache, store)
+        with _on(g_hist.device):
+            _gram.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache, store)
 
     def rna_record(self, sources: Sequence[Tensor], offsets: Sequence[int], window: Tensor,
                    count: Tensor, out: Tensor | None, cache: dict) -> None:
-        _rna.rna_record(sources, offsets, window, count, out, cache)
+        with _on(window.device):
+            _rna.rna_record(sources, offsets, window, count, out, cache)
 
     def rna_extrapolate(self, window: Tensor, offsets: Sequence[int], count: Tensor, coefs: Tensor,
                         outs: Sequence[Tensor], cache: dict) -> None:
-        _rna.rna_extrapolate(window, offsets, count, coefs, outs, cache)
+        with _on(window.device):
+            _rna.rna_extrapolate(window, offsets, count, coefs, outs, cache)
 
 
 BACKEND = TritonBackend()

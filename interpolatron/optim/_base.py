@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..backends import BACKEND_NAMES, resolve
+from ..backends import BACKEND_NAMES, canonical_name, resolve
+from ..layout import padded_offsets
 from ..sharding import (
     as_history,
     check_grad_layout,
@@ -54,10 +55,9 @@ class Bucket:
         self.backend = backend
         self.members = members
         self.sharded = any(is_dtensor(p) for p in members)
-        numels = [local(p).numel() for p in members]
-        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
+        # Each member's columns start on a 128-byte boundary (aligned vector accesses).
+        self.offsets, self.numel = padded_offsets([local(p).numel() for p in members], dtype.itemsize)
         self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
-        self.numel = sum(numels)
         self.x_hist = torch.zeros(x_slots, self.numel, dtype=dtype, device=device)
         self.g_hist = torch.zeros(g_slots, self.numel, dtype=dtype, device=device)
         self.count = count
@@ -145,6 +145,7 @@ class BucketedOptimizer(Optimizer):
     _algorithm = "base"
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str, process_group: Any = None):
+        backend = canonical_name(backend)
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend

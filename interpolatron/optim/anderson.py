@@ -29,7 +29,7 @@ GLOBAL_KEYS = ("anderson_gram", "anderson_steps", "anderson_coefficients", "ande
                "anderson_active")
 
 # The consecutive-fallback warning: checked every FALLBACK_CHECK_EVERY steps
-# (the check reads one device counter: a host sync at that step only), raised
+# (the check reads one device counter without a sync, see _read_streak), raised
 # once when the last FALLBACK_WARN_STREAK steps or more all fell back.
 FALLBACK_CHECK_EVERY = 100
 FALLBACK_WARN_STREAK = 50
@@ -91,7 +91,7 @@ class Anderson(BucketedOptimizer):
         constraint: ``None`` or ``"simplex"``.
         weight_decay: coupled L2 coefficient.
         singular_tol: normalised pivot below which the system counts as singular.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
         process_group: for plain-tensor shards (FSDP1 flat parameters,
             ``ZeroRedundancyOptimizer``), the group whose ranks hold the rest
             of the model: the Gram is summed over it. DTensor parameters
@@ -310,8 +310,8 @@ class Anderson(BucketedOptimizer):
         capturing = fb.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing or torch.compiler.is_compiling():
             return
-        streak = int(self._streak)  # a host sync, once every FALLBACK_CHECK_EVERY steps
-        if streak >= FALLBACK_WARN_STREAK:
+        streak = self._read_streak()
+        if streak is not None and streak >= FALLBACK_WARN_STREAK:
             self._fallback_warned = True
             warnings.warn(
                 f"Anderson fell back to a plain SGD step (coefficients e_1) on each of the last {streak} "
@@ -320,6 +320,24 @@ class Anderson(BucketedOptimizer):
                 f"(nearly) collinear gradients (a one-dimensional or very flat problem); reg > 0 makes "
                 f"near-collinear systems solvable. Anderson.fallbacks counts them. (Warned once.)",
                 RuntimeWarning, stacklevel=3)
+
+    def _read_streak(self) -> int | None:
+        """The streak counter on the host without a device sync: on a GPU the
+        copy started at the previous check is read if it has landed (its event
+        is queried, never waited on), and a new non-blocking copy is started;
+        so the warning comes at most one check period late."""
+        if self._streak.device.type == "cpu":
+            return int(self._streak.numpy())  # host memory: no sync, no aten::item
+        value = None
+        pending = getattr(self, "_streak_copy", None)
+        if pending is not None and pending[1].query():
+            value = int(pending[0].numpy())
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_(self._streak, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._streak_copy = (host, event)
+        return value
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):

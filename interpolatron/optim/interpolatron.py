@@ -56,7 +56,7 @@ class Interpolatron(BucketedOptimizer):
         maximize: ascend instead of descend.
         diagnostics: also produce the Gram row of the gradient window in the
             update pass (free on the fused backends): see :attr:`diagnostics`.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
         process_group: for plain-tensor shards (FSDP1 flat parameters,
             ``ZeroRedundancyOptimizer``), the group holding the other shards;
             only the diagnostics use it. DTensor parameters need nothing.
@@ -100,7 +100,11 @@ class Interpolatron(BucketedOptimizer):
             b, group = w.bucket, w.group
             self._sync_lr(b, group)
             if group["alphas"] != b.coefs_seen:
-                b.coefs.copy_(torch.tensor(group["alphas"], dtype=torch.float64))
+                # Pinned + non_blocking: no synchronous pageable host-to-device copy.
+                alphas = torch.tensor(group["alphas"], dtype=torch.float64)
+                if b.coefs.is_cuda:
+                    alphas = alphas.pin_memory()
+                b.coefs.copy_(alphas, non_blocking=True)
                 b.coefs_seen = group["alphas"]
             b.backend.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, b.coefs, b.lr,
                               b.count, group["weight_decay"], group["maximize"],

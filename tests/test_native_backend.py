@@ -1,4 +1,4 @@
-"""The ``cuda`` backend (the C++/CUDA extension interpolatron._C) against the
+"""The ``native`` backend (the C++/CUDA extension interpolatron._C) against the
 torch backend (the oracle), op by op, then whole optimizers.
 
 The CPU kernels run everywhere the extension is built; the tests marked
@@ -15,13 +15,13 @@ import torch
 from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_bucket, tol
 from torch import Tensor
 
-from interpolatron.backends import cuda_backend
+from interpolatron.backends import native_backend
 from interpolatron.backends.torch_backend import BACKEND as ORACLE
 
-_C = cuda_backend._C
+_C = native_backend._C
 pytestmark = pytest.mark.skipif(
-    _C is None, reason=str(cuda_backend.unavailable_reason(torch.device("cpu"), torch.float32)))
-EXT = cuda_backend.BACKEND
+    _C is None, reason=str(native_backend.unavailable_reason(torch.device("cpu"), torch.float32)))
+EXT = native_backend.BACKEND
 
 NAN = float("nan")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -30,7 +30,7 @@ KS = (1, 2, 3, 4)
 CPU_CHUNK = _C.CPU_CHUNK if _C is not None else 8192
 needs_cuda_kernels = pytest.mark.skipif(
     _C is None or not _C.has_cuda(),
-    reason=str(cuda_backend.extension_status()["cuda_reason"]))
+    reason=str(native_backend.extension_status()["cuda_reason"]))
 
 
 # --------------------------------------------------------------------------- bucket layouts
@@ -98,9 +98,9 @@ def cpu_variant(request):
     """Runs a test with each instruction-set variant of the CPU kernels this
     machine can run, then restores the default choice."""
     before = _C.cpu_kernels()
-    assert cuda_backend.select_cpu_kernels(request.param) == request.param
+    assert native_backend.select_cpu_kernels(request.param) == request.param
     yield request.param
-    cuda_backend.select_cpu_kernels(before)
+    native_backend.select_cpu_kernels(before)
 
 
 # Each combination exercises maximize, weight decay, gram given / None and a
@@ -347,7 +347,7 @@ def test_non_contiguous_falls_back_to_the_reference():
     mine = [p.clone().t().contiguous().t()]  # same strides as p
     assert not mine[0].is_contiguous()
     xh, gh = x_hist.clone(), g_hist.clone()
-    with pytest.warns(RuntimeWarning, match="non-contiguous") if not cuda_backend._warned_fallback else \
+    with pytest.warns(RuntimeWarning, match="non-contiguous") if not native_backend._warned_fallback else \
             contextlib.nullcontext():
         EXT.combine(mine, [g], [0], xh, gh, coefs, lr, count, 0.0, False, None, {})
     ref = [p.clone()]
@@ -407,17 +407,17 @@ def test_bad_layout_raises():
 
 
 def test_status_and_reasons():
-    st = cuda_backend.extension_status()
+    st = native_backend.extension_status()
     assert st["loaded"] and st["cpu_kernels"] and st["reason"] is None
     assert st["cpu_variant"] in st["cpu_variants_available"]
-    assert cuda_backend.unavailable_reason(torch.device("cpu"), torch.float32) is None
-    assert "int32" in cuda_backend.unavailable_reason(torch.device("cpu"), torch.int32)
+    assert native_backend.unavailable_reason(torch.device("cpu"), torch.float32) is None
+    assert "int32" in native_backend.unavailable_reason(torch.device("cpu"), torch.int32)
     if not _C.has_cuda():
         assert st["cuda_kernels"] is False
-        why = cuda_backend.unavailable_reason(torch.device("cuda"), torch.float32)
+        why = native_backend.unavailable_reason(torch.device("cuda"), torch.float32)
         assert "without CUDA kernels" in why and "pip install --no-build-isolation -e ." in why
         assert st["cuda_reason"] == why
-    assert "meta" in cuda_backend.unavailable_reason(torch.device("meta"), torch.float32)
+    assert "meta" in native_backend.unavailable_reason(torch.device("meta"), torch.float32)
     with pytest.raises(ValueError, match="CPU and CUDA"):
         _C.combine([], [], [], torch.zeros(0, 0, device="meta"), torch.zeros(0, 0, device="meta"),
                    torch.ones(1, dtype=torch.float64), torch.ones((), dtype=torch.float64),
@@ -428,7 +428,7 @@ def test_dispatch_prefers_the_extension_on_cpu():
     from interpolatron.backends import resolve
 
     assert resolve("auto", torch.device("cpu"), torch.float32) is EXT
-    assert resolve("cuda", torch.device("cpu"), torch.bfloat16) is EXT
+    assert resolve("native", torch.device("cpu"), torch.bfloat16) is EXT
 
 
 # --------------------------------------------------------------------------- CUDA kernels
@@ -494,7 +494,7 @@ def test_cuda_tables_are_cached_and_rebuilt():
     x_hist, g_hist, cache = b.ring(1), b.ring(1), {}
     for _ in range(3):
         EXT.combine(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.0, False, None, cache)
-    tables = cache[("cuda_backend.tables", "combine")]
+    tables = cache[("native_backend.tables", "combine")]
     assert tables.uploads == 1
     b.grads[0] = b.grads[0].clone()  # a new storage: the table must follow it
     EXT.combine(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.0, False, None, cache)
@@ -604,7 +604,7 @@ def test_interpolatron_trajectory(alphas, wd, maximize, device):
         return ip.Interpolatron(params, lr=0.05, alphas=alphas, weight_decay=wd, maximize=maximize,
                                 backend=backend)
 
-    torch.testing.assert_close(_train(make, "cuda", device=device), _train(make, "torch", device=device),
+    torch.testing.assert_close(_train(make, "native", device=device), _train(make, "torch", device=device),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -621,7 +621,7 @@ def test_anderson_trajectory(history, constraint, device):
 
     # The coefficients are refit from Gram rows whose last bits differ between
     # the kernels' float32-per-chunk and the oracle's float64 dot products.
-    torch.testing.assert_close(_train(make, "cuda", device=device), _train(make, "torch", device=device),
+    torch.testing.assert_close(_train(make, "native", device=device), _train(make, "torch", device=device),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -637,7 +637,7 @@ def test_rna_trajectory(residual, mode, device):
     if not hasattr(ip, "RNA"):
         pytest.skip("interpolatron.RNA is not there yet")
     results = {}
-    for backend in ("cuda", "torch"):
+    for backend in ("native", "torch"):
         model = _model(device=device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         rna = ip.RNA(model, window=4, residual=residual, mode=mode, optimizer=opt, backend=backend)
@@ -655,4 +655,4 @@ def test_rna_trajectory(residual, mode, device):
         results[backend] = torch.stack(traj)
     # The coefficients come from a small solve on Gram entries whose last bits
     # differ (float32 per chunk in the kernels, float64 in the oracle).
-    torch.testing.assert_close(results["cuda"], results["torch"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results["native"], results["torch"], rtol=1e-4, atol=1e-5)
