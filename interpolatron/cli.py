@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--only", nargs="+", help="a subset of the optimizers, by name")
+    demo.add_argument("--rates", choices=("tuned", "paper"), default="tuned",
+                      help="learning rates: tuned for this demo by bench/convergence/lr_sweep.py (default), "
+                           "or the papers'")
     sub.add_parser("info", help="backends available here, and why not")
     sub.add_parser("bench", help="time one optimizer step of every optimizer and backend "
                                  "(see `interpolatron bench -h`)")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run
 
-        run(args.device, args.epochs, args.out, args.batch, args.seed, args.only)
+        run(args.device, args.epochs, args.out, args.batch, args.seed, args.only, rates=args.rates)
     else:
         info()
     return 0

@@ -56,7 +56,36 @@ class RNA:
     the model with :meth:`swapped` for evaluation. ``mode="online"`` writes it
     into the model at every record. ``residual="gradients"`` uses the average
     gradient between records as the residual (the paper's CNN variant; needs
-    the wrapped ``optimizer``, whose ``step`` it follows).
+    the wrapped ``optimizer``, whose ``step`` it follows). That gradient is the
+    gradient of what the base optimizer minimises: with coupled weight decay
+    (torch's SGD and Adam ``weight_decay``, Interpolatron's and Anderson's) it
+    is ``p.grad + weight_decay * p`` (negated first for ``maximize``),
+    recorded before the base step, so the residuals vanish at the regularised
+    optimum. Decoupled decay (``torch.optim.AdamW``, ``Adam(...,
+    decoupled_weight_decay=True)``) is not a gradient of the objective and is
+    left out: the residual is ``p.grad``, which does not vanish at AdamW's
+    fixed point; prefer iterate residuals there.
+
+    Batch-norm statistics: floating buffers are extrapolated with the same
+    weights, but the weights can be negative, and a variance extrapolated
+    past its snapshots can go negative (NaN losses). Every buffer in
+    ``positive_buffers`` (default: the ``running_var`` of every batch and
+    instance norm module) is therefore clamped elementwise to the
+    range ``[min, max]`` its snapshots combined by the extrapolation span.
+    The recommended path for batch norm is to recompute the statistics of the
+    extrapolated weights from data: ``extrapolate(into=shadow,
+    bn_loader=loader)`` or ``swapped(bn_loader=loader)``.
+
+    Adaptive :math:`\lambda` (``objective`` given; the reference code's
+    ``adaptive_rna``): every :math:`\lambda` of the grid is tried and the best
+    extrapolation :math:`x_e` kept; then a line search along
+    :math:`x_0 + t (x_e - x_0)` from the OLDEST snapshot :math:`x_0`
+    doubles :math:`t = 1, 2, 4, \dots` while the objective decreases and
+    keeps the best point; if no point tried beats the newest snapshot, the
+    result is the newest snapshot. :attr:`reg_used`, :attr:`step_used`
+    (:math:`t`, 0 after the fall-back) and :attr:`fell_back` say what
+    happened, and :attr:`coefficients` then weighs every snapshot of the
+    window, the oldest included.
 
     Args:
         model: an ``nn.Module`` (parameters and floating buffers are
@@ -71,8 +100,12 @@ class RNA:
             ``reset_optimizer``).
         objective: a callable on the model returning a loss; if given,
             :math:`\lambda` is chosen from :math:`\{0\} \cup
-            \text{logspace}(-15, 1, k)` (and ``reg`` itself) by evaluating the extrapolations.
+            \text{logspace}(-15, 1, k)` (and ``reg`` itself) by evaluating the
+            extrapolations, followed by the line search above (offline
+            extrapolations only; online records use ``reg``).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
+        positive_buffers: names of floating buffers clamped to their
+            snapshots' range; ``None``: every norm layer's ``running_var``.
         process_group: for plain-tensor parameter shards (FSDP1 flat
             parameters), the group holding the other shards; buffers count as
             whole on every rank. DTensor parameters (FSDP2) need nothing.
@@ -83,10 +116,15 @@ class RNA:
     for the same coefficients, the single-process ones to float64 rounding.
     """
 
+    #: Line-search doublings at most (t <= 2**MAX_DOUBLINGS): an objective
+    #: unbounded below would otherwise never stop the search.
+    MAX_DOUBLINGS = 30
+
     def __init__(self, model: nn.Module | Iterable[Tensor], window: int = 10, reg: float = 1e-8,
                  residual: str = "iterates", mode: str = "offline", optimizer=None,
                  objective: Callable[..., float] | None = None, backend: str = "auto",
-                 reset_optimizer: bool = False, process_group: Any = None):
+                 reset_optimizer: bool = False, positive_buffers: Iterable[str] | None = None,
+                 process_group: Any = None):
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1, got {window!r}")
         if reg < 0:
@@ -123,8 +161,12 @@ class RNA:
         self._latest_ints: dict[str, Tensor] = {}
         self._coefficients: Tensor | None = None
         self.reg_used: float | None = None
+        self.step_used: float | None = None
+        self.fell_back = False
+        self._clamped = self._positive_buffers(model, positive_buffers, floats)
         if residual == "gradients":
             self._acc = {n: torch.zeros_like(floats[n]) for n in self._params}
+            self._names_by_id = {id(self._named[n]): n for n in self._params}
             self._steps_since = 0
             self._hook = optimizer.register_step_pre_hook(self._accumulate)
 
@@ -139,6 +181,23 @@ class RNA:
         if not named:
             raise ValueError("RNA needs at least one tensor to track")
         return named
+
+    @staticmethod
+    def _positive_buffers(model, names: Iterable[str] | None, floats: dict[str, Tensor]) -> set[str]:
+        """The buffers clamped to their snapshots' range (see the class docstring)."""
+        if names is not None:
+            chosen = set(names)
+            unknown = sorted(chosen - set(floats))
+            if unknown:
+                raise ValueError(f"positive_buffers names no floating tensor RNA tracks: {unknown[:5]}")
+            return chosen
+        if not isinstance(model, nn.Module):
+            return set()
+        norms = (nn.modules.batchnorm._NormBase,)
+        return {f"{prefix}.running_var" if prefix else "running_var"
+                for prefix, mod in model.named_modules()
+                if isinstance(mod, norms) and isinstance(getattr(mod, "running_var", None), Tensor)
+                and (f"{prefix}.running_var" if prefix else "running_var") in floats}
 
     def _make_buckets(self, tensors: dict[str, Tensor], slots: int) -> list[_Bucket]:
         groups: dict[tuple, list[str]] = defaultdict(list)
@@ -156,13 +215,28 @@ class RNA:
 
     # -- gradients between records ---------------------------------------
     def _accumulate(self, optimizer, args, kwargs) -> None:
+        """Adds the gradient of the base optimizer's objective (coupled weight
+        decay included, see the class docstring) before its step."""
         check = getattr(optimizer, "_check_step", None)
         if check is not None:
             check()  # a step our optimizer will refuse must not reach the averages either
-        grads = [(self._acc[n], p.grad) for n in self._params
-                 if (p := self._named[n]).grad is not None]
-        if grads:
-            torch._foreach_add_([a for a, _ in grads], [g for _, g in grads])
+        names = self._names_by_id
+        decoupled_cls = isinstance(optimizer, torch.optim.AdamW)
+        for group in optimizer.param_groups:
+            pairs = [(self._acc[names[id(p)]], p) for p in group["params"]
+                     if id(p) in names and p.grad is not None]
+            if not pairs:
+                continue
+            accs, params = [a for a, _ in pairs], [p for _, p in pairs]
+            grads = [p.grad for p in params]
+            if group.get("maximize", False):
+                torch._foreach_sub_(accs, grads)
+            else:
+                torch._foreach_add_(accs, grads)
+            wd = group.get("weight_decay", 0.0)
+            decoupled = decoupled_cls or group.get("decoupled_weight_decay", False)
+            if not decoupled and (isinstance(wd, Tensor) or wd != 0):
+                torch._foreach_add_(accs, [p.detach() for p in params], alpha=float(wd))
         self._steps_since += 1
 
     def close(self) -> None:
@@ -261,7 +335,10 @@ class RNA:
     @property
     def coefficients(self) -> Tensor:
         """The extrapolation weights of the last extrapolation (age order: the
-        newest snapshot first; float64, on the device)."""
+        newest snapshot first; float64, on the device). After an adaptive
+        extrapolation they weigh every snapshot of the window (the line search
+        moves along the oldest one); before any extrapolation since the last
+        record, the fixed-``reg`` weights of the newest ``residuals`` snapshots."""
         if self._coefficients is None:
             self._coefficients = self.coefficients_for(self.reg if self.reg_used is None else self.reg_used)
         return self._coefficients
@@ -280,27 +357,93 @@ class RNA:
                                      f"{src.dtype}, {src.device}) into a tensor of shape "
                                      f"{tuple(t.shape)}, {t.dtype}, {t.device}")
             b.backend.rna_extrapolate(b.window, b.offsets, b.count, coefs.to(b.device), targets, b.cache)
+            self._clamp(b, targets, coefs.numel())
         for n in self._ints:
             outs[n].copy_(self._latest_ints[n])
 
+    def _clamp(self, b: _Bucket, targets: list[Tensor], ages: int) -> None:
+        """Clamps the positive buffers of bucket ``b`` elementwise to the range
+        of the ``ages`` newest snapshots (those the weights combine); on the
+        device, no host sync."""
+        for name, t, off in zip(b.names, targets, b.offsets):
+            if name not in self._clamped:
+                continue
+            slots = torch.remainder(b.count - 1 - torch.arange(ages, device=b.device), b.slots)
+            snaps = b.window.index_select(0, slots)[:, off:off + t.numel()]
+            lo, hi = snaps.amin(0).view_as(t).to(t.dtype), snaps.amax(0).view_as(t).to(t.dtype)
+            torch.maximum(t, lo, out=t)
+            torch.minimum(t, hi, out=t)
+
+    def _oldest_age(self) -> int:
+        """Age of the oldest snapshot the window holds now."""
+        return self.residuals if self.residual == "iterates" else self.residuals - 1
+
     @torch.no_grad()
-    def _choose_reg(self) -> float:
-        """Adaptive lambda: the grid value whose extrapolation the objective likes best."""
+    def _choose(self) -> Tensor:
+        """The weights of the extrapolation (age order). Without an objective:
+        the fixed-``reg`` solve. With one: adaptive lambda, the line search from
+        the oldest snapshot and the fall-back to the newest (class docstring)."""
+        self.step_used, self.fell_back = None, False
         if self.objective is None:
-            return self.reg
+            self.reg_used = self.reg
+            return self.coefficients_for(self.reg)
         if self.model is None:
             raise RuntimeError("an objective needs RNA to wrap an nn.Module")
+        self.coefficients_for(self.reg)  # the clear error when there are too few records
+        ages = self._oldest_age() + 1
+        home = self._gram.device
+
+        def padded(c: Tensor) -> Tensor:
+            return torch.cat([c, c.new_zeros(ages - c.numel())])
+
+        oldest = torch.zeros(ages, dtype=torch.float64, device=home)
+        oldest[-1] = 1.0
+        newest = torch.zeros(ages, dtype=torch.float64, device=home)
+        newest[0] = 1.0
         # The paper's grid, plus the configured reg so the choice is never
         # worse than not searching.
         grid = [0.0] + torch.logspace(-15, 1, self.window, dtype=torch.float64).tolist()
         grid += [] if self.reg in grid else [self.reg]
-        best, best_value = self.reg, float("inf")
-        for lam in grid:
-            with self._swapped_with(self.coefficients_for(lam)):
-                value = float(self.objective(self.model))
-            if value < best_value:
-                best, best_value = lam, value
-        return best
+        with self._evaluator() as value_of:
+            best_lam, best_value, best_c = self.reg, float("inf"), None
+            for lam in grid:
+                c = padded(self.coefficients_for(lam))
+                value = value_of(c)
+                if value < best_value:
+                    best_lam, best_value, best_c = lam, value, c
+            self.reg_used = best_lam
+            chosen, chosen_value, t = best_c, best_value, 1.0
+            if best_c is not None:
+                direction = best_c - oldest  # x_e - x_0, as weights over snapshots
+                for _ in range(self.MAX_DOUBLINGS):
+                    c = oldest + (2 * t) * direction
+                    value = value_of(c)
+                    if not value < chosen_value:
+                        break
+                    chosen, chosen_value, t = c, value, 2 * t
+            if not chosen_value < value_of(newest):
+                self.fell_back, self.step_used = True, 0.0
+                return newest
+        self.step_used = t
+        return chosen
+
+    @contextlib.contextmanager
+    def _evaluator(self) -> Iterator[Callable[[Tensor], float]]:
+        """``value_of(weights)``: the objective at that combination of snapshots,
+        written into the model; the model is restored exactly on exit."""
+        originals = {n: t.detach().clone() for n, t in self._named.items()}
+        targets = self._named_outputs(self._named)
+
+        def value_of(coefs: Tensor) -> float:
+            self._write(targets, coefs)
+            return float(self.objective(self.model))
+
+        try:
+            yield value_of
+        finally:
+            with torch.no_grad():
+                for n, t in self._named.items():
+                    t.copy_(originals[n])
 
     @torch.no_grad()
     def extrapolate(self, into: nn.Module | None = None, bn_loader: Iterable | None = None):
@@ -309,10 +452,11 @@ class RNA:
         Returns a ``{name: tensor}`` dict (for a module; a list for tensors),
         or writes into the shadow module ``into`` (same names and shapes) and
         returns it. ``bn_loader``: recompute batch-norm statistics of the
-        result from this data instead of extrapolating them.
+        result from this data instead of extrapolating them (recommended for
+        batch norm: extrapolated statistics are only clamped, see the class
+        docstring).
         """
-        self.reg_used = self._choose_reg()
-        self._coefficients = self.coefficients_for(self.reg_used)
+        self._coefficients = self._choose()
         if into is None:
             outs = {n: torch.empty_like(t) for n, t in self._named.items()}
             self._write(outs, self._coefficients)
@@ -343,9 +487,9 @@ class RNA:
     @contextlib.contextmanager
     def swapped(self, bn_loader: Iterable | None = None) -> Iterator[None]:
         """Temporarily put the extrapolation into the model (restored exactly on
-        exit, also after an exception)."""
-        self.reg_used = self._choose_reg()
-        self._coefficients = self.coefficients_for(self.reg_used)
+        exit, also after an exception). ``bn_loader``: recompute the batch-norm
+        statistics of the extrapolation from this data (recommended)."""
+        self._coefficients = self._choose()
         with self._swapped_with(self._coefficients):
             if bn_loader is not None:
                 if self.model is None:
