@@ -2,7 +2,10 @@
 
 Every backend returns a bucket's partial dot products; the optimizer's ``x``
 is the concatenation of all buckets, so the Gram row is their sum. Sharded
-(distributed) parameters will all-reduce the summed row here, and only here.
+parameters (:mod:`interpolatron.sharding`) hold only part of ``x`` on each
+rank: their partials are summed over the ranks here, and only here, by one
+all-reduce (float64, SUM) per reduction key and step, on device tensors
+(no host synchronisation).
 """
 
 from __future__ import annotations
@@ -12,13 +15,60 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .sharding import ReductionKey
 
-def reduce_gram(partials: Sequence[Tensor], device: torch.device) -> Tensor:
-    """Sum of the buckets' float64 partials, in bucket order, on ``device``."""
-    total = partials[0].to(device, torch.float64, copy=True)
-    for part in partials[1:]:
-        total += part.to(device, torch.float64)
+
+def all_reduce_sum(t: Tensor, key: ReductionKey) -> Tensor:
+    """``t`` summed in place over the ranks of every process group in ``key``."""
+    if key:
+        import torch.distributed as dist
+
+        for group in key:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def reduce_sharded(parts: dict[ReductionKey, Tensor], reductions: Sequence[ReductionKey],
+                   like: Tensor) -> Tensor:
+    """The sum over ranks of float64 partials grouped by reduction key.
+
+    ``parts[key]`` is this rank's partial over the parameters with that key
+    (the parameters with key ``()`` are complete on every rank and summed
+    locally). Every key of ``reductions`` (the same list, in the same order,
+    on every rank) is all-reduced once, with zeros where this rank has no
+    partial, so every rank issues the same collectives. ``parts`` must be
+    float64 tensors shaped like ``like`` and are summed into a new tensor."""
+    total = parts[()].clone() if () in parts else torch.zeros_like(like, dtype=torch.float64)
+    for key in reductions:
+        part = parts.get(key)
+        part = part.clone() if part is not None else torch.zeros_like(total)
+        total += all_reduce_sum(part, key)
     return total
+
+
+def reduce_gram(partials: Sequence[Tensor], device: torch.device,
+                keys: Sequence[ReductionKey] | None = None,
+                reductions: Sequence[ReductionKey] = (), length: int | None = None) -> Tensor:
+    """Sum of the buckets' float64 partials, in bucket order, on ``device``.
+
+    With ``keys`` (each partial's reduction key) and ``reductions`` (every key
+    of the optimizer, the same on every rank), the partials of sharded
+    parameters are also summed over the ranks (:func:`reduce_sharded`); a rank
+    without partials passes ``partials=[]`` and the row ``length``, and adds
+    zeros. The sum over ranks is the whole model's whatever the layout, to
+    float64 rounding."""
+    if not reductions:
+        total = partials[0].to(device, torch.float64, copy=True)
+        for part in partials[1:]:
+            total += part.to(device, torch.float64)
+        return total
+    parts: dict[ReductionKey, Tensor] = {}
+    for part, key in zip(partials, keys if keys is not None else [()] * len(partials)):
+        part = part.to(device, torch.float64)
+        parts[key] = parts[key] + part if key in parts else part.clone()
+    like = (next(iter(parts.values())) if parts
+            else torch.zeros(length, dtype=torch.float64, device=device))
+    return reduce_sharded(parts, reductions, like)
 
 
 def shift_in_row(gram: Tensor, row: Tensor) -> Tensor:

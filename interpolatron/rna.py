@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -13,14 +13,16 @@ from . import ops
 from .backends import layout, resolve
 from .gram import reduce_gram, shift_in_row
 from .layout import padded_offsets
+from .sharding import local, reduction_key
 from .solvers import rna_coefficients
 
 
 class _Bucket:
     """Tracked tensors of one (device, dtype) and their snapshot window."""
 
-    def __init__(self, backend, names: list[str], slots: int, device, dtype):
+    def __init__(self, backend, names: list[str], slots: int, device, dtype, reduction: tuple = ()):
         self.backend = backend
+        self.reduction = reduction
         self.names = names
         self.window = None  # allocated at the first record, when sizes are known
         self.slots = slots
@@ -112,6 +114,14 @@ class RNA:
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
         positive_buffers: names of floating buffers clamped to their
             snapshots' range; ``None``: every norm layer's ``running_var``.
+        process_group: for plain-tensor parameter shards (FSDP1 flat
+            parameters), the group holding the other shards; buffers count as
+            whole on every rank. DTensor parameters (FSDP2) need nothing.
+
+    Sharded models: snapshots and extrapolations are elementwise on each
+    rank's shards; the residuals' Gram row is summed over the ranks that
+    shard the parameters (one all-reduce per record), so every rank solves
+    for the same coefficients, the single-process ones to float64 rounding.
     """
 
     #: Line-search doublings at most (t <= 2**MAX_DOUBLINGS): an objective
@@ -121,7 +131,8 @@ class RNA:
     def __init__(self, model: nn.Module | Iterable[Tensor], window: int = 10, reg: float = 1e-8,
                  residual: str = "iterates", mode: str = "offline", optimizer=None,
                  objective: Callable[..., float] | None = None, backend: str = "auto",
-                 reset_optimizer: bool = False, positive_buffers: Iterable[str] | None = None):
+                 reset_optimizer: bool = False, positive_buffers: Iterable[str] | None = None,
+                 process_group: Any = None):
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1, got {window!r}")
         if reg < 0:
@@ -136,6 +147,7 @@ class RNA:
         self.window, self.reg, self.residual, self.mode = window, reg, residual, mode
         self.optimizer, self.objective, self.reset_optimizer = optimizer, objective, reset_optimizer
         self.backend = backend
+        self.process_group = process_group
         self._named = self._collect(model)
         floats = {n: t for n, t in self._named.items() if t.is_floating_point()}
         for name, t in self._named.items():
@@ -148,6 +160,10 @@ class RNA:
         self._snap = self._make_buckets(floats, slots)
         self._grad_buckets = (self._make_buckets({n: floats[n] for n in self._params}, window)
                               if residual == "gradients" else [])
+        # The process groups the residuals' Gram row is summed over, in an
+        # order every rank shares (the tensors' order).
+        self._reductions = [key for key in dict.fromkeys(b.reduction for b in self._snap + self._grad_buckets)
+                            if key]
         self._gram = torch.zeros(window, window, dtype=torch.float64, device=self._home())
         self._records = 0
         self._latest_ints: dict[str, Tensor] = {}
@@ -194,15 +210,16 @@ class RNA:
     def _make_buckets(self, tensors: dict[str, Tensor], slots: int) -> list[_Bucket]:
         groups: dict[tuple, list[str]] = defaultdict(list)
         for name, t in tensors.items():
-            groups[(t.device, t.dtype)].append(name)
-        return [_Bucket(resolve(self.backend, dev, dt), names, slots, dev, dt)
-                for (dev, dt), names in groups.items()]
+            group = self.process_group if name in self._params else None
+            groups[(t.device, t.dtype, reduction_key(t, group))].append(name)
+        return [_Bucket(resolve(self.backend, dev, dt), names, slots, dev, dt, key)
+                for (dev, dt, key), names in groups.items()]
 
     def _home(self) -> torch.device:
         return (self._snap[0].device if self._snap else torch.device("cpu"))
 
     def _tensors(self, bucket: _Bucket) -> list[Tensor]:
-        return [self._named[n].detach() for n in bucket.names]
+        return [local(self._named[n].detach()) for n in bucket.names]
 
     # -- gradients between records ---------------------------------------
     def _accumulate(self, optimizer, args, kwargs) -> None:
@@ -273,7 +290,7 @@ class RNA:
                 ops.rna_record(tensors, b.offsets, b.window, b.count, None, b.backend.name, b.cache)
             scale = 1.0 / self._steps_since
             for b in self._grad_buckets:
-                means = [self._acc[n].mul_(scale) for n in b.names]
+                means = [local(self._acc[n].mul_(scale)) for n in b.names]
                 if b.window is None:
                     b.allocate(means)
                 out = torch.empty(self.window, dtype=torch.float64, device=b.device)
@@ -284,7 +301,10 @@ class RNA:
                 a.zero_()
             self._steps_since = 0
         if row_parts:
-            self._gram = shift_in_row(self._gram, reduce_gram(row_parts, self._home()))
+            buckets = self._snap if self.residual == "iterates" else self._grad_buckets
+            self._gram = shift_in_row(self._gram, reduce_gram(row_parts, self._home(),
+                                                              [b.reduction for b in buckets],
+                                                              self._reductions, self.window))
         for b in self._snap + self._grad_buckets:
             b.count.add_(1)
         self._records += 1
@@ -351,9 +371,9 @@ class RNA:
     @torch.no_grad()
     def _write(self, outs: dict[str, Tensor], coefs: Tensor) -> None:
         for b in self._snap:
-            targets = [outs[n].detach() for n in b.names]
+            targets = [local(outs[n].detach()) for n in b.names]
             for n, t in zip(b.names, targets):
-                src = self._named[n]
+                src = local(self._named[n])
                 if t.shape != src.shape or t.dtype != src.dtype or t.device != src.device:
                     raise ValueError(f"cannot write the extrapolation of {n} ({tuple(src.shape)}, "
                                      f"{src.dtype}, {src.device}) into a tensor of shape "

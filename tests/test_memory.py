@@ -67,8 +67,9 @@ def test_anderson_k3_first_step_and_membership_change_peak_at_state_plus_a_chunk
 
 
 def test_torch_backend_first_step_peak_is_state_plus_its_work_buffers():
-    """The torch backend (the oracle) also keeps five flat work buffers on the
-    CPU (x, new, step, g, products): 4x state + 5x buffers + a chunk."""
+    """The torch backend (the oracle) also keeps four flat work buffers on the
+    CPU (x, new, step, g) and two float64 dot-product chunks: 4x state + 4x
+    buffers + chunks (bounded by the 5x of the buffers it kept before)."""
     params, pbytes = _model(1 << 21)
     opt = interpolatron.Anderson(params, lr=1e-3, history=3, backend="torch")
     peak, _, method = measure_memory(opt.step, "cpu")

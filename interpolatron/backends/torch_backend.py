@@ -169,21 +169,39 @@ def _effective_grad(params, grads, weight_decay, maximize, dtype, device, cache=
     return g
 
 
-_DOT_CHUNK = 4096
+# Elements per float64 chunk: on the CPU two chunks (2 MiB) stay in cache
+# between their conversion and the dot; on a GPU fewer, larger chunks save launches.
+_DOT_CHUNK = {"cpu": 1 << 17}
+_DOT_CHUNK_DEVICE = 1 << 22
 
 
 def _dot64(a: Tensor, b: Tensor, cache: dict | None = None) -> Tensor:
-    """``<a, b>`` as a float64 0-dim tensor: float64 data exactly; lower
-    precisions as the kernels do it, partial sums over fixed chunks in the
-    compute dtype, then the partials in float64 (no float64 copy of the data)."""
+    """``<a, b>`` as a float64 0-dim tensor, accumulated in float64 per element
+    (ALGORITHMS.md section 6, decision D3): the product of two float32 (or
+    16-bit) values is exact in float64, so the result depends on the order of
+    the elements (the layout of shards, the rank count) only at float64
+    rounding. The data are converted a chunk at a time into float64 work
+    buffers, never copied whole."""
     if a.dtype == torch.float64:
         return torch.dot(a, b)
     n = a.numel()
-    prod = _buffer(cache, "prod", n, a.dtype, a.device) if cache is not None else torch.empty_like(a)
-    torch.mul(a, b, out=prod)
-    whole = n - n % _DOT_CHUNK
-    partials = prod[:whole].view(-1, _DOT_CHUNK).sum(1)
-    return partials.to(torch.float64).sum() + prod[whole:].to(torch.float64).sum()
+    if n == 0:
+        return torch.zeros((), dtype=torch.float64, device=a.device)
+    chunk = min(n, _DOT_CHUNK.get(a.device.type, _DOT_CHUNK_DEVICE))
+    if cache is not None:
+        a64 = _buffer(cache, "dot_a", chunk, torch.float64, a.device)
+        b64 = _buffer(cache, "dot_b", chunk, torch.float64, a.device)
+    else:
+        a64 = torch.empty(chunk, dtype=torch.float64, device=a.device)
+        b64 = torch.empty(chunk, dtype=torch.float64, device=a.device)
+    partials = torch.empty((n + chunk - 1) // chunk, dtype=torch.float64, device=a.device)
+    for i, start in enumerate(range(0, n, chunk)):
+        m = min(chunk, n - start)
+        x, y = a64[:m], b64[:m]
+        x.copy_(a[start:start + m])
+        y.copy_(b[start:start + m])
+        torch.dot(x, y, out=partials[i])
+    return partials.sum()
 
 
 def _slot_dots(new: Tensor, ring: Tensor, cache: dict) -> Tensor:

@@ -20,13 +20,25 @@ from torch.optim import Optimizer
 from .. import ops
 from ..backends import BACKEND_NAMES, canonical_name, layout, resolve
 from ..layout import padded_offsets
+from ..sharding import (
+    as_history,
+    check_grad_layout,
+    group_key,
+    history_placements,
+    is_dtensor,
+    local,
+    reduction_key,
+)
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
 from ._checkpoint import plan_load
 from ._checks import check_grad, check_lr, check_maximize, check_param, check_real
 
 __all__ = ["Bucket", "BucketedOptimizer", "Work", "check_grad", "check_param"]
 
-BucketKey = tuple[int, torch.device, torch.dtype]
+# (group index, device, dtype, reduction key): the reduction key (the process
+# groups that hold the other shards, () for none) keeps parameters whose dot
+# products are summed over different groups in different buckets.
+BucketKey = tuple[int, torch.device, torch.dtype, tuple]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -35,17 +47,21 @@ ROTATE_CHUNK = 1 << 16
 
 
 class Bucket:
-    """The parameters of one (group, device, dtype) and their flat history."""
+    """The parameters of one (group, device, dtype, reduction) and their flat
+    history. The rings hold each member's local shard (the whole tensor when
+    it is not sharded); ``members`` are the optimizer's parameters themselves."""
 
     def __init__(self, key: BucketKey, backend, members: list[Tensor], x_slots: int, g_slots: int,
                  count: Tensor, coef_len: int):
-        _, device, dtype = key
+        device, dtype = key[1], key[2]
         self.key = key
+        self.reduction = key[3] if len(key) > 3 else ()
         self.backend = backend
         self.members = members
         self.device = device
+        self.sharded = any(is_dtensor(p) for p in members)
         # Each member's columns start on a 128-byte boundary (aligned vector accesses).
-        self.offsets, self.numel = padded_offsets([p.numel() for p in members], dtype.itemsize)
+        self.offsets, self.numel = padded_offsets([local(p).numel() for p in members], dtype.itemsize)
         self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
         self.x_hist = torch.zeros(x_slots, self.numel, dtype=dtype, device=device)
         self.g_hist = torch.zeros(g_slots, self.numel, dtype=dtype, device=device)
@@ -62,7 +78,7 @@ class Bucket:
         entry, slot 0 the last's), column chunk by column chunk: the only
         temporary is one chunk, whatever the parameter's size. ``skip`` (a
         device bool, GradScaler's skipped step): the entries stay where they are."""
-        off, n = self.offset_of[id(p)], p.numel()
+        off, n = self.offset_of[id(p)], local(p).numel()
         for ring in (self.x_hist, self.g_hist):
             slots = ring.shape[0]
             if slots < 2:
@@ -78,29 +94,53 @@ class Bucket:
                 cols[0].copy_(last)
 
     def views(self, p: Tensor) -> tuple[Tensor, Tensor]:
-        """The ring slots of ``p`` as ``(S, *p.shape)``, each slot strided like ``p``
-        (a dense non-contiguous parameter keeps its columns in storage order)."""
-        off, n = self.offset_of[id(p)], p.numel()
-        order = layout.dim_order(p)
-        return (layout.ring_view(self.x_hist[:, off:off + n], p, order),
-                layout.ring_view(self.g_hist[:, off:off + n], p, order))
+        """The ring slots of ``p``'s local shard (``p`` itself when it is not
+        sharded) as ``(S, *local_shape)``, each slot strided like the shard (a
+        dense non-contiguous tensor keeps its columns in storage order)."""
+        off, t = self.offset_of[id(p)], local(p)
+        n = t.numel()
+        order = layout.dim_order(t)
+        return (layout.ring_view(self.x_hist[:, off:off + n], t, order),
+                layout.ring_view(self.g_hist[:, off:off + n], t, order))
 
 
 class Work:
     """One bucket's share of a step: the members that have a gradient now
-    (``params``) and those that have none (``idle``: their rings are rotated to
-    stay aligned). It is kept between steps while the set does not change, so
-    that a compiled step guards on one object."""
+    (``keys``, the optimizer's parameters) and those that have none (``idle``:
+    their rings are rotated to stay aligned). ``params`` and ``grads`` are the
+    local shards the backends work on (``keys`` and their gradients when the
+    bucket is not sharded). It is kept between steps while the set does not
+    change, so that a compiled step guards on one object."""
 
-    __slots__ = ("bucket", "group", "params", "offsets", "idle")
+    __slots__ = ("bucket", "group", "keys", "params", "offsets", "idle")
 
-    def __init__(self, bucket: Bucket, group: dict, params: list[Tensor], idle: list[Tensor]):
-        self.bucket, self.group, self.params, self.idle = bucket, group, params, idle
-        self.offsets = [bucket.offset_of[id(p)] for p in params]
+    def __init__(self, bucket: Bucket, group: dict, keys: list[Tensor], idle: list[Tensor]):
+        self.bucket, self.group, self.keys, self.idle = bucket, group, keys, idle
+        # A DTensor's local tensor is a fixed attribute: the list stays valid.
+        self.params = [local(p) for p in keys] if bucket.sharded else keys
+        self.offsets = [bucket.offset_of[id(p)] for p in keys]
 
     @property
     def grads(self) -> list[Tensor]:
+        if self.bucket.sharded:
+            return [local(p.grad) for p in self.keys]
         return [p.grad for p in self.params]
+
+
+def _local_history(saved: Tensor, p: Tensor) -> Tensor:
+    """The local rows of a saved history for ``p``'s shard: a DTensor is first
+    laid out like ``p`` (a checkpoint may come from another layout); a plain
+    tensor saved unsharded is split like ``p``."""
+    if not is_dtensor(p):
+        return local(saved) if not is_dtensor(saved) else saved.full_tensor()
+    from torch.distributed.tensor import distribute_tensor
+
+    target = history_placements(p)
+    if is_dtensor(saved):
+        if saved.device_mesh != p.device_mesh or tuple(saved.placements) != tuple(target):
+            saved = saved.redistribute(p.device_mesh, target)
+        return saved.to_local()
+    return distribute_tensor(saved, p.device_mesh, target).to_local()
 
 
 def scheduler_ready(step):
@@ -136,7 +176,7 @@ class BucketedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str,
-                 master_weights: bool = False):
+                 master_weights: bool = False, process_group: Any = None):
         if not isinstance(master_weights, bool):
             raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
         self.master_weights = master_weights
@@ -144,6 +184,11 @@ class BucketedOptimizer(Optimizer):
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
+        self.process_group = process_group
+        # id(p) -> (p, its reduction key): computed once per parameter (placements
+        # do not change), not per parameter per step.
+        self._reduction_of: dict[int, tuple[Tensor, tuple]] = {}
+        self._has_dtensors = False  # else every parameter's key is the process group's (the fast path)
         self._buckets: dict[BucketKey, Bucket] = {}
         # The settings a saved param group must carry (not what torch adds later).
         self._hyperparameter_keys = tuple(defaults)
@@ -155,6 +200,42 @@ class BucketedOptimizer(Optimizer):
         self._has_grad: list[list[bool]] = []
         self._settled = False
         super().__init__(params, defaults)
+
+    def _reduction(self, p: Tensor) -> tuple:
+        """The process groups ``p``'s dot products are summed over (cached)."""
+        if not getattr(self, "_has_dtensors", True):
+            return self._plain_reduction()
+        cache = self.__dict__.get("_reduction_of")
+        if cache is None:
+            cache = self._reduction_of = {}
+        entry = cache.get(id(p))
+        if entry is None or entry[0] is not p:
+            entry = cache[id(p)] = (p, reduction_key(p, getattr(self, "process_group", None)))
+        return entry[1]
+
+    def _plain_reduction(self) -> tuple:
+        key = self.__dict__.get("_plain_key")
+        if key is None:
+            key = self._plain_key = group_key(getattr(self, "process_group", None))
+        return key
+
+    def _reductions(self) -> list[tuple]:
+        """Every reduction key of this optimizer's parameters, in parameter order
+        (the same on every rank: collectives are issued in this order), plus the
+        ``process_group``'s own (a ZeRO rank may own no parameter, yet it must
+        join the sum)."""
+        if not getattr(self, "_has_dtensors", True):
+            plain = self._plain_reduction()
+            return [plain] if plain else []
+        params = tuple(id(p) for g in self.param_groups for p in g["params"])
+        cached = self.__dict__.get("_reduction_list")
+        if cached is None or cached[0] != params:
+            keys = [self._reduction(p) for g in self.param_groups for p in g["params"]]
+            group = getattr(self, "process_group", None)
+            if group is not None:
+                keys.append(group_key(group))
+            cached = self._reduction_list = (params, [k for k in dict.fromkeys(keys) if k])
+        return cached[1]
 
     # -- subclass hooks -------------------------------------------------
     def _ring_slots(self, group: dict) -> tuple[int, int]:
@@ -185,7 +266,7 @@ class BucketedOptimizer(Optimizer):
         """The groups' settings still fit the histories that exist."""
         for gi, group in enumerate(self.param_groups):
             slots = self._ring_slots(group)
-            for (bgi, _, _), b in self._buckets.items():
+            for (bgi, *_), b in self._buckets.items():
                 if bgi == gi and (b.x_hist.shape[0], b.g_hist.shape[0]) != slots:
                     raise ValueError(f"param group {gi}: the number of steps k cannot change once the "
                                      f"history exists; build a new optimizer instead")
@@ -212,6 +293,9 @@ class BucketedOptimizer(Optimizer):
         try:
             for p in group["params"]:
                 check_param(p)
+                if is_dtensor(p):
+                    reduction_key(p)  # a Partial placement fails now
+                    self._has_dtensors = True
                 resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
             self._validate_group(group)
             self._validate_groups(self.param_groups)
@@ -225,6 +309,7 @@ class BucketedOptimizer(Optimizer):
 
     def _check_step(self) -> None:
         """Everything a step needs, before it writes anything."""
+        has_dtensors = getattr(self, "_has_dtensors", True)
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             try:
@@ -236,6 +321,8 @@ class BucketedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     check_grad(p)
+                    if has_dtensors:
+                        check_grad_layout(p)
         self._validate_groups(self.param_groups)
         self._check_k_unchanged()
 
@@ -393,10 +480,11 @@ class BucketedOptimizer(Optimizer):
                 self._tensor_lr(group)
                 self._lr_checked[gi] = group["lr"]
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
+        plain = None if getattr(self, "_has_dtensors", True) else self._plain_reduction()
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
-                    wanted[(gi, p.device, p.dtype)].append(p)
+                    wanted[(gi, p.device, p.dtype, self._reduction(p) if plain is None else plain)].append(p)
         if torch.compiler.is_compiling():
             for key, active in wanted.items():
                 bucket = self._buckets.get(key)
@@ -475,10 +563,11 @@ class BucketedOptimizer(Optimizer):
             # After load_state_dict every parameter with a saved history is a
             # member again (as it was when saved), gradient or not: its ring
             # stays aligned and the saved Gram stays valid.
-            _, device, dtype = key
+            device, dtype = key[1], key[2]
             for p in group["params"]:
                 st = self.state.get(p)
-                if st and "x_hist" in st and p.device == device and p.dtype == dtype:
+                if (st and "x_hist" in st and p.device == device and p.dtype == dtype
+                        and self._reduction(p) == key[3]):
                     present[id(p)] = p
         present.update({id(p): p for p in active})
         # A new member (a first gradient) changes the optimizer's x; a bucket
@@ -487,7 +576,7 @@ class BucketedOptimizer(Optimizer):
             self._membership_changed = True
         members = sorted(present.values(), key=lambda p: order[id(p)])
         x_slots, g_slots = self._ring_slots(group)
-        _, device, _ = key
+        device = key[1]
         if old is not None:
             count = old.count
         else:
@@ -500,34 +589,35 @@ class BucketedOptimizer(Optimizer):
             st = self.state[p]
             xv, gv = bucket.views(p)
             if "x_hist" in st:
-                xv.copy_(st["x_hist"])
-                gv.copy_(st["g_hist"])
+                xv.copy_(_local_history(st["x_hist"], p))
+                gv.copy_(_local_history(st["g_hist"], p))
             else:  # warm start: every missing slot holds x^(0), g^(0)
                 self._warm_start(p, group, xv, gv, self._amp)
                 if self._amp.may_skip and gv.shape[0]:
                     self._stale_warm.append(StaleWarmStart(p, self._amp.skip(device)))
-            st["step"], st["x_hist"], st["g_hist"] = count, xv, gv
+            st["step"], st["x_hist"], st["g_hist"] = count, as_history(xv, p), as_history(gv, p)
         self._buckets[key] = bucket
         return bucket
 
     @staticmethod
     def _effective_grad_into(out: Tensor, p: Tensor, group: dict, amp: AmpStep) -> None:
         """``out = sign * grad / grad_scale + weight_decay * p`` (as the kernels form it)."""
-        out.copy_(p.grad)
+        out.copy_(local(p.grad))
         inv = amp.inv_scale(p.device, torch.float32 if out.dtype != torch.float64 else torch.float64)
         if inv is not None:
             out.mul_(inv)
         if group["maximize"]:
             out.neg_()
         if group["weight_decay"] != 0:
-            out.add_(p.detach(), alpha=group["weight_decay"])
+            out.add_(local(p).detach(), alpha=group["weight_decay"])
 
     @classmethod
     def _warm_start(cls, p: Tensor, group: dict, xv: Tensor, gv: Tensor, amp: AmpStep = NO_AMP) -> None:
         """Fill every slot with ``x^(0)`` and the effective ``g^(0)``, computed
         in place in the first slot (no parameter-sized temporary)."""
+        x = local(p).detach()
         if xv.shape[0]:
-            xv.copy_(p.detach().unsqueeze(0).expand_as(xv))
+            xv.copy_(x.unsqueeze(0).expand_as(xv))
         if gv.shape[0]:
             first = gv[0]
             cls._effective_grad_into(first, p, group, amp)
@@ -617,4 +707,4 @@ class BucketedOptimizer(Optimizer):
     def backends_in_use(self) -> dict[str, str]:
         """Which backend serves each bucket (after the first step)."""
         return {f"group{gi}/{dev}/{str(dt).removeprefix('torch.')}": b.backend.name
-                for (gi, dev, dt), b in self._buckets.items()}
+                for (gi, dev, dt, *_), b in self._buckets.items()}

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Callable, Iterable
+from collections import defaultdict
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from ..gram import reduce_gram, ring_gram, shift_in_row
+from ..gram import reduce_gram, reduce_sharded, ring_gram, shift_in_row
+from ..sharding import collective_device
 from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
 from ._base import BucketedOptimizer, scheduler_ready
 from ._checkpoint import CheckpointError, load_count, load_tensor
@@ -93,6 +95,15 @@ class Anderson(BucketedOptimizer):
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
         master_weights: float32 master copies of 16-bit parameters and float32
             rings (see :class:`~interpolatron.optim.Interpolatron`).
+        process_group: for plain-tensor shards (FSDP1 flat parameters,
+            ``ZeroRedundancyOptimizer``), the group whose ranks hold the rest
+            of the model: the Gram is summed over it. DTensor parameters
+            (FSDP2) need nothing: their mesh says where the other shards are.
+
+    Sharded parameters: every rank keeps its shards' partial Gram matrix and
+    one all-reduce per step (float64, ``k x k``) sums it into the whole model's,
+    so every rank solves for the same coefficients, equal to the
+    single-process ones to float64 rounding whatever the layout.
     """
 
     _algorithm = "Anderson"
@@ -102,7 +113,7 @@ class Anderson(BucketedOptimizer):
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2, history: int = 2, reg: float = 0.0,
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
                  singular_tol: float = DEFAULT_SINGULAR_TOL, backend: str = "auto",
-                 master_weights: bool = False):
+                 master_weights: bool = False, process_group: Any = None):
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, history=history, reg=reg,
                         constraint=constraint, singular_tol=singular_tol)
         check_anderson_settings(dict(defaults))
@@ -110,7 +121,11 @@ class Anderson(BucketedOptimizer):
         self._streak: Tensor | None = None  # consecutive fallbacks (device), for the warning
         self._steps_until_check = FALLBACK_CHECK_EVERY
         self._fallback_warned = False
-        super().__init__(params, defaults, backend, master_weights)
+        # Sharded parameters, per reduction key: this rank's partial Gram and
+        # the active signature it was built for (not checkpointed: a
+        # checkpoint's layout may differ, so it is rebuilt from the rings).
+        self._local_grams: dict[tuple, tuple[Tensor, tuple]] = {}
+        super().__init__(params, defaults, backend, master_weights, process_group)
 
     # -- settings -------------------------------------------------------
     def _setting(self, key: str):
@@ -232,6 +247,7 @@ class Anderson(BucketedOptimizer):
     def _after_load(self) -> None:
         self._active_sig = None
         self._streak = None
+        self._local_grams = {}
 
     # -- introspection --------------------------------------------------
     @property
@@ -268,7 +284,7 @@ class Anderson(BucketedOptimizer):
             return ("buckets",) + tuple((w.bucket.key[0], str(w.bucket.key[1]), str(w.bucket.key[2]),
                                          len(w.params)) for w in work)
         order = self._group_index()
-        return ("params",) + tuple(sorted(order[id(p)] for w in work for p in w.params))
+        return ("params",) + tuple(sorted(order[id(p)] for w in work for p in w.keys))
 
     def _active_set_changed(self, work, st: dict) -> bool:
         """Whether the parameters with a gradient differ from the last step's
@@ -281,7 +297,7 @@ class Anderson(BucketedOptimizer):
             return False
         flat = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         mask = torch.zeros(n, dtype=torch.bool)
-        mask[[flat[id(p)] for w in work for p in w.params]] = True
+        mask[[flat[id(p)] for w in work for p in w.keys]] = True
         self._active_sig = sig
         st["anderson_active"] = mask
         return prev is None or not torch.equal(prev, mask)
@@ -344,15 +360,23 @@ class Anderson(BucketedOptimizer):
         torch.compile this runs while tracing, when such a change retraces)."""
         super()._init_group()  # every check first: a refused step changes nothing
         work = self._plan
-        if not work:
+        reductions = self._reductions()
+        if not work and not reductions:
             return
+        if not any(g["params"] for g in self.param_groups):
+            return  # a ZeRO rank that owns no parameter: its step only joins the sum
         anchor = self._anchor()
         st = self._global(anchor)
         if self._streak is None or self._streak.device != anchor.device:
             self._streak = torch.zeros((), dtype=torch.int64, device=anchor.device)
+        if not work:
+            return  # sharded, none of this rank's parameters has a gradient: it joins the sum
         changed = self._active_set_changed(work, st)
         k = self.history
-        if (self._membership_changed or changed) and k > 1:
+        # Sharded, each rank keeps partial Grams per reduction key instead
+        # (refreshed from its own rings in _sharded_gram): the optimizer-wide
+        # matrix is the all-reduced sum, not refreshed from local rings.
+        if not reductions and (self._membership_changed or changed) and k > 1:
             # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
             older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work],
                               k - 1, anchor.device)
@@ -387,7 +411,14 @@ class Anderson(BucketedOptimizer):
         """The step after :meth:`_setup` (16-bit parameters with masters are float32 here)."""
         self._setup()
         work = self._prepare(amp)
-        if not work:
+        reductions = self._reductions()
+        if not work and not reductions:
+            return
+        k = self.history
+        if not any(g["params"] for g in self.param_groups):
+            # A ZeRO rank that owns no parameter: it only joins the sum.
+            reduce_sharded({}, reductions, torch.zeros(k, k, dtype=torch.float64,
+                                                       device=collective_device(reductions[0][0])))
             return
         anchor = self._anchor()
         home = anchor.device
@@ -396,9 +427,13 @@ class Anderson(BucketedOptimizer):
             b, group = w.bucket, w.group
             ops.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count, group["weight_decay"],
                          group["maximize"], b.gram, b.backend.name, b.cache, **amp.kernel_args(b.device))
-        k = self.history
-        row = reduce_gram([w.bucket.gram for w in work], home)
-        gram = shift_in_row(st["anderson_gram"], row)
+        if reductions:
+            # The active set was recorded in _init_group; the partial Grams are
+            # kept per reduction key and summed over the ranks.
+            gram = self._sharded_gram(work, reductions, home, amp.skip(home))
+        else:
+            row = reduce_gram([w.bucket.gram for w in work], home)
+            gram = shift_in_row(st["anderson_gram"], row)
         valid = torch.arange(k, device=home) <= st["anderson_steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
         skip = amp.skip(home)
@@ -417,3 +452,54 @@ class Anderson(BucketedOptimizer):
                         group["weight_decay"], group["maximize"], None, b.backend.name, b.cache,
                         **amp.kernel_args(b.device))
         self._advance(work, amp)
+
+    def _older_from_rings(self, work, home: torch.device) -> Tensor:
+        """A ``k x k`` matrix whose ages ``0..k-2`` block is recomputed from the
+        rings (they hold ages 1..k-1, which as of ``count - 1`` are ages 0..k-2)."""
+        k = self.history
+        kept = torch.zeros(k, k, dtype=torch.float64, device=home)
+        if k > 1:
+            kept[: k - 1, : k - 1] = ring_gram(
+                [(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work], k - 1, home)
+        return kept
+
+    def _sharded_gram(self, work, reductions: list[tuple], home: torch.device,
+                      skip: Tensor | None = None) -> Tensor:
+        """The whole model's Gram when parameters are sharded over ranks.
+
+        Each rank keeps its shards' partial ``k x k`` Gram per reduction key,
+        updated like the single-process matrix (one new row per step; the
+        older ages rebuilt from its own rings when its set of parameters with
+        gradients changes, or after a checkpoint load). The whole model's is
+        the sum of the partial matrices over the ranks: one all-reduce per key
+        and step, the same collectives on every rank whatever changed on which
+        rank (a ZeRO rank's parameters may lose their gradients while another
+        rank's keep them), so no rank needs to know about another's changes.
+
+        ``skip`` (GradScaler's inf flag): a skipped step keeps the stored
+        partial matrix; where none comparable is stored, the next step
+        rebuilds it from the rings (which a skipped step leaves unchanged)."""
+        k = self.history
+        by_key: dict[tuple, list] = defaultdict(list)
+        for w in work:
+            by_key[w.bucket.reduction].append(w)
+        parts: dict[tuple, Tensor] = {}
+        for key, ws in by_key.items():
+            row = reduce_gram([w.bucket.gram for w in ws], home)
+            signature = self._active_signature(ws)
+            kept, had = self._local_grams.get(key, (None, None))
+            if kept is None or self._membership_changed or had != signature:
+                kept = self._older_from_rings(ws, home)
+            parts[key] = shift_in_row(kept, row)
+            stored = parts[key]
+            if skip is not None:
+                same = had == signature and not self._membership_changed and kept is not None
+                prev = self._local_grams.get(key, (None, None))[0]
+                if same and prev is not None:
+                    stored = torch.where(skip, prev, stored)
+                else:
+                    signature = None  # not comparable: rebuilt from the rings next step
+            self._local_grams[key] = (stored, signature)
+        for key in [key for key in self._local_grams if key not in by_key]:
+            del self._local_grams[key]  # none of its parameters has a gradient now
+        return reduce_sharded(parts, reductions, torch.zeros(k, k, dtype=torch.float64, device=home))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import ops
 from ..gram import reduce_gram
+from ..sharding import collective_device
 from ._base import BucketedOptimizer, scheduler_ready
 
 
@@ -65,6 +66,14 @@ class Interpolatron(BucketedOptimizer):
             in float32 on the master and the 16-bit parameter is the master
             rounded to nearest. Updates below half a 16-bit ulp then accumulate
             instead of rounding away.
+        process_group: for plain-tensor shards (FSDP1 flat parameters,
+            ``ZeroRedundancyOptimizer``), the group holding the other shards;
+            only the diagnostics use it. DTensor parameters need nothing.
+
+    A step communicates nothing: the update is elementwise on each rank's
+    shards. Only ``diagnostics=True`` on sharded parameters adds one
+    all-reduce of ``k`` float64 values per step (the norms are the whole
+    model's).
     """
 
     _algorithm = "Interpolatron"
@@ -72,12 +81,12 @@ class Interpolatron(BucketedOptimizer):
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2,
                  alphas: Sequence[float] = (0.05, 0.95), weight_decay: float = 0.0, *,
                  maximize: bool = False, diagnostics: bool = False, backend: str = "auto",
-                 master_weights: bool = False):
+                 master_weights: bool = False, process_group: Any = None):
         check_alphas(alphas)
         defaults = dict(lr=lr, alphas=tuple(alphas), weight_decay=weight_decay, maximize=maximize)
         self._diagnostics_on = diagnostics
         self._diag: dict[str, Tensor] = {}
-        super().__init__(params, defaults, backend, master_weights)
+        super().__init__(params, defaults, backend, master_weights, process_group)
 
     def _validate_group(self, group: dict, read_lr: bool = True) -> None:
         super()._validate_group(group, read_lr)
@@ -128,19 +137,27 @@ class Interpolatron(BucketedOptimizer):
                 ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
                             group["weight_decay"], group["maximize"], gram, b.backend.name, b.cache,
                             **amp.kernel_args(b.device))
-            if self._diagnostics_on and work:
-                self._record_diagnostics(work)
+            if self._diagnostics_on:
+                reductions = self._reductions()
+                if work or reductions:
+                    self._record_diagnostics(work, reductions)
             self._advance(work, amp)
         finally:
             self._end_step(swapped)
         return loss
 
-    def _record_diagnostics(self, work) -> None:
+    def _record_diagnostics(self, work, reductions: list[tuple]) -> None:
         # Groups with different k give rows of different lengths: only the
-        # shared ages add up.
-        k = min(w.bucket.gram.numel() for w in work)
-        device = work[0].bucket.count.device
-        row = reduce_gram([w.bucket.gram[:k] for w in work], device)
+        # shared ages add up. Sharded, every rank must agree on k, so it comes
+        # from the groups, not from this rank's work.
+        if reductions:
+            k = min(len(g["alphas"]) for g in self.param_groups)
+            device = work[0].bucket.count.device if work else collective_device(reductions[0][0])
+        else:
+            k = min(w.bucket.gram.numel() for w in work)
+            device = work[0].bucket.count.device
+        row = reduce_gram([w.bucket.gram[:k] for w in work], device,
+                          [w.bucket.reduction for w in work], reductions, k)
         sq = row[0]
         prev = self._diag.get("grad_norm_sq")
         diag = {"grad_norm_sq": sq, "grad_norm": sq.sqrt()}

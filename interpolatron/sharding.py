@@ -1,0 +1,135 @@
+"""Sharded parameters: what a tensor's shard is, and over which process groups
+its dot products are summed (ALGORITHMS.md section 6).
+
+A parameter is either a plain tensor or a DTensor (FSDP2 ``fully_shard``,
+``distribute_tensor``). Elementwise work always runs on the local shard. A dot
+product over a parameter is complete on one rank only after summing its
+partials over the mesh dimensions that *shard* it; a replicated mesh dimension
+holds the same values on every rank, so it is not summed over (it counts
+once). Plain tensors are complete unless the optimizer was given a
+``process_group`` (FSDP1 flat parameters, ZeroRedundancyOptimizer), which then
+holds the other shards.
+
+A *reduction key* is the tuple of process groups a partial is summed over,
+``()`` for none. The summing itself happens in :mod:`interpolatron.gram`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None  # type: ignore[assignment, misc]
+
+# isinstance(t, ()) is False: no DTensor class, no DTensor. (These run per
+# parameter per step: one isinstance, no other call.)
+_DTENSOR: tuple = (DTensor,) if DTensor is not None else ()
+
+ReductionKey = tuple
+
+
+def is_dtensor(t: Any) -> bool:
+    return isinstance(t, _DTENSOR)
+
+
+def local(t: Tensor) -> Tensor:
+    """The rank's own elements of ``t`` (``t`` itself for a plain tensor); writes
+    into the result land in ``t``."""
+    return t._local_tensor if isinstance(t, _DTENSOR) else t
+
+
+def _group_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def reduction_key(p: Tensor, process_group: Any = None) -> ReductionKey:
+    """The process groups over which ``p``'s partial dot products are summed."""
+    if is_dtensor(p):
+        mesh = p.device_mesh
+        groups = []
+        for dim, placement in enumerate(p.placements):
+            if placement.is_partial():
+                raise ValueError("interpolatron cannot optimise a parameter with a Partial placement "
+                                 "(its local values are not its shard); redistribute it to Shard or "
+                                 "Replicate")
+            if placement.is_replicate():
+                continue
+            group = mesh.get_group(dim)
+            if _group_size(group) > 1:
+                groups.append(group)
+        return tuple(groups)
+    return group_key(process_group)
+
+
+def group_key(process_group: Any) -> ReductionKey:
+    """The reduction key of a plain-tensor shard held with others in ``process_group``."""
+    if process_group is not None and _group_size(process_group) > 1:
+        return (process_group,)
+    return ()
+
+
+def check_grad_layout(p: Tensor) -> None:
+    """A DTensor parameter needs a DTensor gradient laid out like it (its local
+    values are then the gradient of the local shard)."""
+    g = p.grad
+    if not (isinstance(p, _DTENSOR) or isinstance(g, _DTENSOR)):
+        return
+    if is_dtensor(p) != is_dtensor(g):
+        kind = lambda t: "a DTensor" if is_dtensor(t) else "a plain tensor"
+        raise RuntimeError(f"the parameter is {kind(p)} but its gradient {kind(g)}")
+    if is_dtensor(p) and (g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements)):
+        raise RuntimeError(f"the gradient's placements {tuple(g.placements)} on {g.device_mesh} differ "
+                           f"from the parameter's {tuple(p.placements)} on {p.device_mesh}; "
+                           f"redistribute the gradient first")
+
+
+def _shifted(placement):
+    """The placement of a history ``(S, *shape)`` whose entries are laid out as ``placement``."""
+    if placement.is_replicate():
+        return placement
+    split = getattr(placement, "split_factor", None)
+    if split is not None:
+        return type(placement)(placement.dim + 1, split_factor=split)
+    return type(placement)(placement.dim + 1)
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def history_placements(p: Tensor) -> list:
+    """The placements of a DTensor parameter's history ``(S, *p.shape)``."""
+    return [_shifted(pl) for pl in p.placements]
+
+
+def as_history(view: Tensor, p: Tensor) -> Tensor:
+    """A history view ``(S, *local_shape)`` as the parameter's state: for a
+    DTensor parameter a DTensor ``(S, *p.shape)`` on its mesh, sharded like
+    it (sharing ``view``'s memory), so ``state_dict()`` and DCP see the shards."""
+    if not is_dtensor(p):
+        return view
+    shape = (view.shape[0],) + tuple(p.shape)
+    with torch.no_grad():
+        return DTensor.from_local(view, p.device_mesh, history_placements(p),
+                                  run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape))
+
+
+def collective_device(process_group: Any) -> torch.device:
+    """Where a rank without parameters puts its zeros for a collective."""
+    import torch.distributed as dist
+
+    backend = dist.get_backend(process_group)
+    if "nccl" in str(backend).lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
