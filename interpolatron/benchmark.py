@@ -830,7 +830,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "interpolatron bench") -
     parser.add_argument("--optimizers", nargs="+", default=None, choices=OPTIMIZER_NAMES,
                         help="a subset of the cases (default: all)")
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="a subset of implementations: torch, triton, cuda, foreach, fused")
+                        help="a subset of implementations: torch, triton, native, foreach, fused")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per case on the CPU (default 10)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3)")
     parser.add_argument("--copy-mib", type=int, default=None,
