@@ -25,3 +25,13 @@ def _fresh_seed(request):
     import zlib
 
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for a module's tests (``pytest.mark.usefixtures("one_thread")``):
+    their bitwise or memory assertions hold for the single-threaded kernels."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,12 +19,7 @@ SHAPES = [(3, 4), (5,), (2, 3), (4,), (2, 2)]
 GROUPS = [(0, 2), (2, 4), (4, 5)]  # three groups: a fault at the first, middle and last position
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(seed=0, dtype=torch.float32):

@@ -18,12 +18,7 @@ from interpolatron.optim import _base
 FIXED = 4 << 20  # bytes: the chunk (2 slots x 65536 columns x 8 bytes = 1 MiB) with room to spare
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(n: int):

@@ -13,13 +13,7 @@ from torch import nn
 import interpolatron
 from interpolatron.optim import anderson
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _collinear_run(steps):
