@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _gpu import gpu_backends
 from _triton_cases import kernel_device
 
 from interpolatron.backends import availability
@@ -268,14 +269,10 @@ def test_scaled_step_reads_nothing_on_the_host(backend, algo):
     assert any("Optimizer.step" in n for n in names)  # the step did run under the profiler
 
 
-def _gpu_backends() -> list[str]:
-    if not torch.cuda.is_available():
-        return ["torch"]  # collected, then skipped by the gpu marker
-    return [name for name, why in availability("cuda", torch.float32).items() if why is None]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 def test_cuda_scaled_equals_pre_unscaled(backend, algo):
     """The CUDA kernels' scale and skip flag (each block returns on the flag)."""

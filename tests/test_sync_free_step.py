@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _gpu import gpu_backends
 from torch.profiler import ProfilerActivity, profile
 
 import interpolatron
@@ -141,14 +142,10 @@ def test_anderson_2_closed_form_matches_general_solve():
 # ----------------------------------------------------------------------------- GPU
 
 
-def _gpu_backends() -> list[str]:
-    if not torch.cuda.is_available():
-        return ["torch"]  # collected, then skipped by the gpu marker
-    return [name for name, why in availability("cuda", torch.float32).items() if why is None]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("name", ["interpolatron-2", "interpolatron-2-diag", "anderson-2",
                                   "anderson-2-simplex"])
 def test_gpu_whole_step_graph_replays_like_eager(name, backend):
@@ -198,7 +195,7 @@ def test_gpu_whole_step_graph_replays_like_eager(name, backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_gpu_step_under_sync_debug_error(name, backend):
     model = _model().to("cuda")
