@@ -15,6 +15,7 @@ all-reduce per step makes Anderson's coefficients those of the whole model.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -50,17 +51,8 @@ def global_loss(model: nn.Module, step: int, rank: int, world: int, device: torc
         return float(total[0] / total[1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizer", choices=["anderson", "interpolatron"], default="anderson")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--save", metavar="DIR", help="save a distributed checkpoint there at the end")
-    parser.add_argument("--resume", metavar="DIR", help="resume from a distributed checkpoint")
-    args = parser.parse_args()
-
+def train(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -119,6 +111,25 @@ def main() -> None:
         if rank == 0:
             print(f"RNA over the last {rna.residuals + 1} snapshots: held-out loss {extrapolated:.5f} "
                   f"(weights as trained {plain:.5f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--optimizer", choices=["anderson", "interpolatron"], default="anderson")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--save", metavar="DIR", help="save a distributed checkpoint there at the end")
+    parser.add_argument("--resume", metavar="DIR", help="resume from a distributed checkpoint")
+    args = parser.parse_args()
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    train(args)
+    # Shut down in step: every rank past its last collective, and the model,
+    # optimizer and RNA (whose device meshes hold the process group) gone, so
+    # that no communicator is torn down at interpreter exit while a peer still
+    # talks to it (a gloo rank aborted there once in CI).
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
