@@ -21,7 +21,8 @@ throwaway dict (opcheck, one-off calls).
 ``combine`` and ``gram_row`` end with GradScaler's ``grad_scale`` and
 ``found_inf``, optional tensors defaulting to None (read-only: not in
 ``mutates_args``; custom ops do not allow keyword-only tensors, callers pass
-them by keyword); None keeps the unscaled behaviour.
+them by keyword); None keeps the unscaled behaviour. ``combine`` then takes
+``sr_seed`` (None: round to nearest), a plain int: a constant of the graph.
 """
 
 from __future__ import annotations
@@ -67,11 +68,14 @@ def _backend(name: str):
 def combine(params: list[Tensor], grads: list[Tensor], offsets: list[int], x_hist: Tensor, g_hist: Tensor,
             coefs: Tensor, lr: Tensor, count: Tensor, weight_decay: float, maximize: bool,
             gram: Optional[Tensor], backend: str, cache: int,  # noqa: UP045 (the schema)
-            grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:  # noqa: UP045
+            grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,  # noqa: UP045
+            sr_seed: Optional[int] = None) -> None:  # noqa: UP045
     """:meth:`Backend.combine` of ``backend`` (``grad_scale`` / ``found_inf``:
-    GradScaler's fused contract, read on the device)."""
+    GradScaler's fused contract, read on the device; ``sr_seed``: stochastic
+    rounding of the 16-bit writes)."""
     _backend(backend).combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
-                              maximize, gram, cache_of(cache), grad_scale=grad_scale, found_inf=found_inf)
+                              maximize, gram, cache_of(cache), grad_scale=grad_scale, found_inf=found_inf,
+                              sr_seed=sr_seed)
 
 
 @torch.library.custom_op("interpolatron::gram_row", mutates_args=("out",))
@@ -110,7 +114,7 @@ def rna_extrapolate(window: Tensor, offsets: list[int], count: Tensor, coefs: Te
 # tensors there is nothing to compute.
 @combine.register_fake
 def _(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay, maximize, gram, backend,
-      cache, grad_scale=None, found_inf=None) -> None:
+      cache, grad_scale=None, found_inf=None, sr_seed=None) -> None:
     return None
 
 

@@ -40,6 +40,14 @@ reciprocal formed in float64 and rounded to the compute dtype, as
 the device, never on the host. ``gram`` / ``out`` are then undefined: the
 caller discards them.
 
+Stochastic rounding: ``combine`` takes the keyword-only ``sr_seed`` (an int,
+or None to round to nearest). With a seed, every bfloat16/float16 value it
+computes (the new parameter and the effective gradient stored in the ring;
+the old iterate is a 16-bit value already) is rounded stochastically, with
+the random bits of :mod:`interpolatron.rounding` drawn from the seed, the
+``count`` read on the device and the element's ring column: every backend
+writes the same bits for the same float32 values. Other dtypes ignore it.
+
 ``cache`` is a dict owned by the bucket and private to the backend (pointer
 tables, column indices); the optimizers reach the backends through the custom
 ops of :mod:`interpolatron.ops`, which look it up by the bucket's handle. A
@@ -78,6 +86,7 @@ class Backend(Protocol):
         *,
         grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
+        sr_seed: int | None = None,
     ) -> None:
         """The interpolation step ``x = sum_j a_j x(age j) - lr * sum_j a_j g(age j)``.
 

@@ -153,7 +153,14 @@ class NativeBackend:
     def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor],
                 offsets: Sequence[int], x_hist: Tensor, g_hist: Tensor, coefs: Tensor, lr: Tensor,
                 count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
-                cache: dict, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+                cache: dict, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                sr_seed: int | None = None) -> None:
+        if sr_seed is not None and x_hist.dtype in (torch.bfloat16, torch.float16):
+            # TODO(stochastic rounding kernels): the reference until the kernel rounds itself.
+            _REFERENCE.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
+                               maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf,
+                               sr_seed=sr_seed)
+            return
         done = _C.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, float(weight_decay),
                           bool(maximize), gram, _tables(cache, "combine", x_hist.device),
                           grad_scale=grad_scale, found_inf=found_inf)

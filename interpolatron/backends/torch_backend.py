@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import rounding
 from ..layout import align_elems, round_up
 from . import layout
 from .base import compute_dtype
@@ -240,7 +241,8 @@ class TorchBackend:
     name = "torch"
 
     def combine(self, params, grads, offsets, x_hist, g_hist, coefs, lr, count,
-                weight_decay, maximize, gram, cache, *, grad_scale=None, found_inf=None) -> None:
+                weight_decay, maximize, gram, cache, *, grad_scale=None, found_inf=None,
+                sr_seed=None) -> None:
         k = coefs.numel()
         dtype = params[0].dtype if params else x_hist.dtype
         cd = compute_dtype(dtype)
@@ -270,10 +272,15 @@ class TorchBackend:
         new.sub_(step.mul_(lr_c))
         if skip is not None:
             torch.where(skip, x, new, out=new)
+        stochastic = sr_seed is not None and dtype in (torch.bfloat16, torch.float16)
         if k > 1:  # the oldest slots take the old iterate and gradient, read above
             slot = torch.remainder(count, k - 1)
-            _write_slot(x_hist, cx, slot, x, skip)
+            _write_slot(x_hist, cx, slot, x, skip)  # x is a 16-bit value already: exact
+            if stochastic:
+                g = rounding.stochastic_round(g, cx, sr_seed, count, rounding.STREAM_GRAD, dtype)
             _write_slot(g_hist, cx, slot, g, skip)
+        if stochastic:
+            new = rounding.stochastic_round(new, cx, sr_seed, count, rounding.STREAM_PARAM, dtype)
         _scatter_back(params, new if dtype == cd else new.to(dtype), sp)
 
     def gram_row(self, params, grads, offsets, g_hist, count, weight_decay, maximize,

@@ -31,7 +31,15 @@ from ..sharding import (
 )
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
 from ._checkpoint import plan_load
-from ._checks import check_grad, check_lr, check_maximize, check_param, check_real
+from ._checks import (
+    LATER_GROUP_KEYS,
+    check_grad,
+    check_lr,
+    check_maximize,
+    check_param,
+    check_real,
+    check_rounding,
+)
 
 __all__ = ["Bucket", "BucketedOptimizer", "Work", "check_grad", "check_param"]
 
@@ -250,6 +258,17 @@ class BucketedOptimizer(Optimizer):
         check_lr(group["lr"], {p.device for p in group["params"]}, read=read_lr)
         group["weight_decay"] = check_real("weight_decay", group["weight_decay"])
         check_maximize(group["maximize"])
+        for key, value in LATER_GROUP_KEYS.items():  # a group added as a dict without them
+            group.setdefault(key, value)
+        check_rounding(group["stochastic_rounding"], group["sr_seed"])
+        if group["stochastic_rounding"] and getattr(self, "master_weights", False):
+            raise ValueError("stochastic_rounding and master_weights exclude each other: a master copy "
+                             "keeps the small updates already (its 16-bit parameter is rounded to nearest)")
+
+    @staticmethod
+    def _sr_seed(group: dict) -> int | None:
+        """The seed ``combine`` rounds this group's 16-bit writes with (None: to nearest)."""
+        return group["sr_seed"] if group["stochastic_rounding"] else None
 
     def _validate_groups(self, groups: list[dict]) -> None:
         """Rules across groups (Anderson's optimizer-wide settings)."""

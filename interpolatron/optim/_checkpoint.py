@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ._checks import LATER_GROUP_KEYS
+
 if TYPE_CHECKING:
     from ._base import BucketedOptimizer
 
@@ -171,11 +173,14 @@ def _plan_groups(opt: BucketedOptimizer, saved_groups: Any) -> list[dict]:
         if len(saved["params"]) != len(mine["params"]):
             raise CheckpointError(f"param group {i}: the state_dict has {len(saved['params'])} parameters, "
                                   f"the optimizer {len(mine['params'])}")
-        missing = [k for k in opt._hyperparameter_keys if k not in saved]
+        missing = [k for k in opt._hyperparameter_keys if k not in saved and k not in LATER_GROUP_KEYS]
         if missing:
             raise CheckpointError(f"param group {i} of the state_dict lacks {missing[0]!r} "
                                   f"(saved by another optimizer?)")
         trial = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
+        for key, value in LATER_GROUP_KEYS.items():  # saved before the setting existed
+            if key in opt._hyperparameter_keys:
+                trial.setdefault(key, value)
         trial["params"] = mine["params"]
         if "param_names" in mine and "param_names" not in trial:
             trial["param_names"] = mine["param_names"]

@@ -53,6 +53,19 @@ def check_lr(lr: Any, devices: set[torch.device], *, read: bool = True) -> None:
         raise ValueError(f"invalid learning rate: {value!r} (a tensor; must be finite and >= 0)")
 
 
+# Group settings added after checkpoints were first written, with the value
+# that reproduces the old behaviour: a saved group without them loads with it.
+LATER_GROUP_KEYS: dict[str, Any] = {"stochastic_rounding": False, "sr_seed": 0}
+
+
+def check_rounding(stochastic: Any, seed: Any) -> None:
+    """``stochastic_rounding`` (a bool) and its ``sr_seed`` (an int in [0, 2^32))."""
+    if not isinstance(stochastic, bool):
+        raise ValueError(f"stochastic_rounding must be True or False, got {stochastic!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"sr_seed must be an integer in [0, 2**32), got {seed!r}")
+
+
 def check_maximize(value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"maximize must be a bool, got {value!r}")

@@ -95,6 +95,8 @@ class Anderson(BucketedOptimizer):
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (``"cuda"`` is its old name).
         master_weights: float32 master copies of 16-bit parameters and float32
             rings (see :class:`~interpolatron.optim.Interpolatron`).
+        stochastic_rounding, sr_seed: unbiased stochastic rounding of every
+            16-bit write (see :class:`~interpolatron.optim.Interpolatron`).
         process_group: for plain-tensor shards (FSDP1 flat parameters,
             ``ZeroRedundancyOptimizer``), the group whose ranks hold the rest
             of the model: the Gram is summed over it. DTensor parameters
@@ -113,9 +115,11 @@ class Anderson(BucketedOptimizer):
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2, history: int = 2, reg: float = 0.0,
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
                  singular_tol: float = DEFAULT_SINGULAR_TOL, backend: str = "auto",
-                 master_weights: bool = False, process_group: Any = None):
+                 master_weights: bool = False, stochastic_rounding: bool = False, sr_seed: int = 0,
+                 process_group: Any = None):
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, history=history, reg=reg,
-                        constraint=constraint, singular_tol=singular_tol)
+                        constraint=constraint, singular_tol=singular_tol,
+                        stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
         check_anderson_settings(dict(defaults))
         self._active_sig: tuple | None = None  # which parameters had a gradient at the last step
         self._streak: Tensor | None = None  # consecutive fallbacks (device), for the warning
@@ -450,7 +454,7 @@ class Anderson(BucketedOptimizer):
             mine = coefs if coefs.device == b.device else coefs.to(b.device)  # a peer copy, no state write
             ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, mine, self._lr(w), b.count,
                         group["weight_decay"], group["maximize"], None, b.backend.name, b.cache,
-                        **amp.kernel_args(b.device))
+                        **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
         self._advance(work, amp)
 
     def _older_from_rings(self, work, home: torch.device) -> Tensor:

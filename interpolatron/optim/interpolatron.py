@@ -66,6 +66,16 @@ class Interpolatron(BucketedOptimizer):
             in float32 on the master and the 16-bit parameter is the master
             rounded to nearest. Updates below half a 16-bit ulp then accumulate
             instead of rounding away.
+        stochastic_rounding: round every bfloat16/float16 value the step
+            writes (the parameter and the stored gradient) stochastically and
+            without bias, so that updates below half an ulp survive on average
+            with 16-bit state and no master copy (exclusive with
+            ``master_weights``). The random bits are a hash of ``sr_seed``, the
+            step count and the element's position (:mod:`interpolatron.rounding`):
+            the same on every backend, on every run, on every replica, and
+            after a resume. Both are param-group settings, saved in the
+            ``state_dict``.
+        sr_seed: the seed of the stochastic rounding, an integer in ``[0, 2**32)``.
         process_group: for plain-tensor shards (FSDP1 flat parameters,
             ``ZeroRedundancyOptimizer``), the group holding the other shards;
             only the diagnostics use it. DTensor parameters need nothing.
@@ -81,9 +91,11 @@ class Interpolatron(BucketedOptimizer):
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2,
                  alphas: Sequence[float] = (0.05, 0.95), weight_decay: float = 0.0, *,
                  maximize: bool = False, diagnostics: bool = False, backend: str = "auto",
-                 master_weights: bool = False, process_group: Any = None):
+                 master_weights: bool = False, stochastic_rounding: bool = False, sr_seed: int = 0,
+                 process_group: Any = None):
         check_alphas(alphas)
-        defaults = dict(lr=lr, alphas=tuple(alphas), weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, alphas=tuple(alphas), weight_decay=weight_decay, maximize=maximize,
+                        stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
         self._diagnostics_on = diagnostics
         self._diag: dict[str, Tensor] = {}
         super().__init__(params, defaults, backend, master_weights, process_group)
@@ -136,7 +148,7 @@ class Interpolatron(BucketedOptimizer):
                 gram = b.gram if self._diagnostics_on else None
                 ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
                             group["weight_decay"], group["maximize"], gram, b.backend.name, b.cache,
-                            **amp.kernel_args(b.device))
+                            **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
             if self._diagnostics_on:
                 reductions = self._reductions()
                 if work or reductions:
