@@ -140,7 +140,8 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
              const std::vector<int64_t>& offsets, const at::Tensor& x_hist, const at::Tensor& g_hist,
              const at::Tensor& coefs, const at::Tensor& lr, const at::Tensor& count, double weight_decay,
              bool maximize, const std::optional<at::Tensor>& gram, TableCache* cache,
-             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+             std::optional<int64_t> sr_seed) {
   const at::Device device = x_hist.device();
   check_device(device);
   check_ring(x_hist, "x_hist", device);
@@ -171,6 +172,10 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
   call.gram = gram;
   call.grad_scale = scale_input(grad_scale, "grad_scale", device);
   call.found_inf = scale_input(found_inf, "found_inf", device);
+  if (sr_seed) {
+    TORCH_CHECK_VALUE(*sr_seed >= 0 && *sr_seed <= 0xFFFFFFFFLL, "sr_seed must be in [0, 2**32), got ", *sr_seed);
+    call.sr_seed = static_cast<uint32_t>(*sr_seed);
+  }
   if (is_cuda(device)) {
 #if defined(INTERPOLATRON_WITH_CUDA)
     combine_cuda(call, need_cache(cache));
@@ -312,7 +317,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("combine", &interp::combine, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("x_hist"),
         py::arg("g_hist"), py::arg("coefs"), py::arg("lr"), py::arg("count"), py::arg("weight_decay"),
         py::arg("maximize"), py::arg("gram"), py::arg("cache"), py::arg("grad_scale") = py::none(),
-        py::arg("found_inf") = py::none(), release);
+        py::arg("found_inf") = py::none(), py::arg("sr_seed") = py::none(), release);
   m.def("gram_row", &interp::gram_row, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("g_hist"),
         py::arg("count"), py::arg("weight_decay"), py::arg("maximize"), py::arg("out"), py::arg("cache"), py::arg("store") = true,
         py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(), release);
@@ -337,7 +342,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "variant now in use.");
   // Bumped whenever the Python-visible interface changes, so that a stale
   // build is reported as such instead of failing on a missing function.
-  m.attr("API_VERSION") = 4;
+  m.attr("API_VERSION") = 5;
   m.attr("CPU_CHUNK") = interp::cpu::kChunk;
   m.attr("MAX_SLOTS") = interp::cpu::kMaxSlots;
 }

@@ -41,6 +41,10 @@ struct CombineCall {
   // write at all, gram included).
   std::optional<at::Tensor> grad_scale;
   std::optional<at::Tensor> found_inf;
+  // Stochastic rounding of the 16-bit writes (the new param, the gradient
+  // slot) with this seed (stochastic_rounding.h); nullopt, or a 32/64-bit
+  // dtype: round to nearest.
+  std::optional<uint32_t> sr_seed;
 };
 
 // store: g_hist has S slots holding ages 0..S-1 (age 0, the effective

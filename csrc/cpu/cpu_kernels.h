@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../interp_math.h"
+#include "../stochastic_rounding.h"
 
 namespace interp::cpu {
 
@@ -54,6 +55,11 @@ struct CombineArgs {
   char* x_write;        // row that receives the old param (nullptr when k == 1)
   char* g_write;        // row that receives the effective gradient (nullptr when k == 1)
   double* partials;     // gram requested: partials[chunk * k + j] = <g0, g(age j)> of the chunk; else nullptr
+  // Stochastic rounding of the 16-bit stores (the new param, the gradient
+  // slot; stochastic_rounding.h): the keys of this call, per stream.
+  bool stochastic;
+  uint32_t key_param;
+  uint32_t key_grad;
 };
 
 struct GramArgs {

@@ -109,6 +109,11 @@ double grad_mul(const std::optional<at::Tensor>& grad_scale) {
   return grad_scale ? 1.0 / static_cast<double>(*grad_scale->const_data_ptr<float>()) : 1.0;
 }
 
+// Stochastic rounding applies to 16-bit data only (wider dtypes ignore the seed).
+bool stochastic(const CombineCall& call) {
+  return call.sr_seed.has_value() && (call.dtype == DType::kBFloat16 || call.dtype == DType::kFloat16);
+}
+
 std::vector<double> to_vector(const at::Tensor& t) {
   const double* p = t.data_ptr<double>();
   return std::vector<double>(p, p + t.numel());
@@ -167,6 +172,11 @@ void combine_cpu(const CombineCall& call) {
   args.x_write = k > 1 ? row_ptr(call.x_hist, ring_slot(c, 0, slots)) : nullptr;
   args.g_write = k > 1 ? row_ptr(call.g_hist, ring_slot(c, 0, slots)) : nullptr;
   args.partials = call.gram ? partials.data() : nullptr;
+  args.stochastic = stochastic(call);
+  if (args.stochastic) {
+    args.key_param = sr_key(sr_salt(*call.sr_seed, kStreamParam), c);
+    args.key_grad = sr_key(sr_salt(*call.sr_seed, kStreamGrad), c);
+  }
 
   const cpu::KernelTable& kt = kernels();
   run_chunks(plan, [&](int64_t c0, int64_t c1) { kt.combine(args, c0, c1); });

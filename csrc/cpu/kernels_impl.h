@@ -164,6 +164,148 @@ struct IO<fp16> {
 static_assert(IO<bf16>::W == Vectorized<c10::BFloat16>::size(), "bf16 IO must move one full vector");
 static_assert(IO<fp16>::W == Vectorized<c10::Half>::size(), "fp16 IO must move one full vector");
 
+// ---------------------------------------------------------------------------
+// Stochastic rounding (stochastic_rounding.h) of one IO step, W lanes held as
+// two float vectors: sr_round replaces each value by the float32 value of its
+// stochastically rounded 16-bit neighbour, which IO<S>::store's round to
+// nearest then writes exactly. The column hash h(col) is computed once per
+// step (col_hash) and serves both streams. AVX2 / AVX-512 hash and round in
+// integer lanes; the baseline rounds lane by lane with the scalar definition.
+
+template <typename S>
+constexpr bool kSixteenBit = std::is_same_v<S, bf16> || std::is_same_v<S, fp16>;
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+using VI = __m512i;
+
+inline VI lowbias32_v(VI v) {
+  v = _mm512_xor_si512(v, _mm512_srli_epi32(v, 16));
+  v = _mm512_mullo_epi32(v, _mm512_set1_epi32(0x7FEB352D));
+  v = _mm512_xor_si512(v, _mm512_srli_epi32(v, 15));
+  v = _mm512_mullo_epi32(v, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  return _mm512_xor_si512(v, _mm512_srli_epi32(v, 16));
+}
+
+struct ColHash {
+  VI lo, hi;
+};
+
+inline ColHash col_hash(int64_t col) {
+  const VI base = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(col))),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  return {lowbias32_v(base), lowbias32_v(_mm512_add_epi32(base, _mm512_set1_epi32(16)))};
+}
+
+inline VI random_v(VI h, uint32_t key) { return lowbias32_v(_mm512_xor_si512(h, _mm512_set1_epi32(static_cast<int>(key)))); }
+
+inline __m512 sr_value(bf16*, __m512 x, VI r) {
+  const VI up = _mm512_and_si512(_mm512_add_epi32(_mm512_castps_si512(x), _mm512_srli_epi32(r, 16)),
+                                 _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  // NaN keeps x (rounds to nearest); the sum already keeps the infinities.
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_castsi512_ps(up), x);
+}
+
+inline __m512 sr_value(fp16*, __m512 x, VI r) {
+  const __m512 mag = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 ax = _mm512_and_ps(x, mag);
+  // The neighbour toward zero is the conversion toward zero (saturating at the largest finite value).
+  const __m256i th = _mm512_cvtps_ph(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m256i nh = _mm256_add_epi16(th, _mm256_set1_epi16(1));
+  const __m512 t = _mm512_and_ps(_mm512_cvtph_ps(th), mag);
+  const __m512 n = _mm512_and_ps(_mm512_cvtph_ps(nh), mag);
+  const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 8)), _mm512_set1_ps(0x1p-24f));
+  const __mmask16 away = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(n, t)), _mm512_sub_ps(ax, t), _CMP_LT_OQ);
+  const __m512 y = _mm512_or_ps(_mm512_mask_blend_ps(away, t, n), _mm512_andnot_ps(mag, x));
+  const __mmask16 finite = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(__builtin_huge_valf()), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(finite, x, y);
+}
+
+#elif defined(CPU_CAPABILITY_AVX2)
+
+using VI = __m256i;
+
+inline VI lowbias32_v(VI v) {
+  v = _mm256_xor_si256(v, _mm256_srli_epi32(v, 16));
+  v = _mm256_mullo_epi32(v, _mm256_set1_epi32(0x7FEB352D));
+  v = _mm256_xor_si256(v, _mm256_srli_epi32(v, 15));
+  v = _mm256_mullo_epi32(v, _mm256_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  return _mm256_xor_si256(v, _mm256_srli_epi32(v, 16));
+}
+
+struct ColHash {
+  VI lo, hi;
+};
+
+inline ColHash col_hash(int64_t col) {
+  const VI base = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(col))),
+                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return {lowbias32_v(base), lowbias32_v(_mm256_add_epi32(base, _mm256_set1_epi32(8)))};
+}
+
+inline VI random_v(VI h, uint32_t key) { return lowbias32_v(_mm256_xor_si256(h, _mm256_set1_epi32(static_cast<int>(key)))); }
+
+inline __m256 sr_value(bf16*, __m256 x, VI r) {
+  const VI up = _mm256_and_si256(_mm256_add_epi32(_mm256_castps_si256(x), _mm256_srli_epi32(r, 16)),
+                                 _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  // NaN keeps x (rounds to nearest); the sum already keeps the infinities.
+  return _mm256_blendv_ps(_mm256_castsi256_ps(up), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+inline __m256 sr_value(fp16*, __m256 x, VI r) {
+  const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 ax = _mm256_and_ps(x, mag);
+  // The neighbour toward zero is the conversion toward zero (saturating at the largest finite value).
+  const __m128i th = _mm256_cvtps_ph(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m128i nh = _mm_add_epi16(th, _mm_set1_epi16(1));
+  const __m256 t = _mm256_and_ps(_mm256_cvtph_ps(th), mag);
+  const __m256 n = _mm256_and_ps(_mm256_cvtph_ps(nh), mag);
+  const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r, 8)), _mm256_set1_ps(0x1p-24f));
+  const __m256 away = _mm256_cmp_ps(_mm256_mul_ps(u, _mm256_sub_ps(n, t)), _mm256_sub_ps(ax, t), _CMP_LT_OQ);
+  const __m256 y = _mm256_or_ps(_mm256_blendv_ps(t, n, away), _mm256_andnot_ps(mag, x));
+  const __m256 finite = _mm256_cmp_ps(ax, _mm256_set1_ps(__builtin_huge_valf()), _CMP_LT_OQ);
+  return _mm256_blendv_ps(x, y, finite);
+}
+
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+
+template <typename S>
+inline void sr_round(Vectorized<float>& lo, Vectorized<float>& hi, const ColHash& h, uint32_t key) {
+  lo = sr_value(static_cast<S*>(nullptr), lo, random_v(h.lo, key));
+  hi = sr_value(static_cast<S*>(nullptr), hi, random_v(h.hi, key));
+}
+
+#else
+
+struct ColHash {
+  uint32_t h[2 * Vectorized<float>::size()];
+};
+
+inline ColHash col_hash(int64_t col) {
+  ColHash out;
+  for (int i = 0; i < 2 * Vectorized<float>::size(); ++i) out.h[i] = sr_col_hash(col + i);
+  return out;
+}
+
+template <typename S>
+inline void sr_round(Vectorized<float>& lo, Vectorized<float>& hi, const ColHash& h, uint32_t key) {
+  constexpr int L = Vectorized<float>::size();
+  float f[2 * L];
+  lo.store(f);
+  hi.store(f + L);
+  for (int i = 0; i < 2 * L; ++i) {
+    S s;
+    sr_store(&s, f[i], sr_random(h.h[i], key));
+    f[i] = to_float(s);
+  }
+  lo = Vectorized<float>::loadu(f);
+  hi = Vectorized<float>::loadu(f + L);
+}
+
+#endif
+
 // Lane sum in lane order, in float64: the chunk partial.
 template <typename V>
 double lane_sum(const V& v) {
@@ -339,14 +481,18 @@ struct CombineChunk {
   const C* coef;
   C lr, sign, wd;
   bool has_wd;
+  int64_t col;               // ring column of the chunk's first element
+  uint32_t key_p, key_g;     // stochastic rounding keys (SR kernels only)
 };
 
 // The update pass over one chunk. KK > 0 fixes k at compile time (the common
 // Interpolatron k = 1..3: history loops unrolled, pointers in registers);
 // KK == 0 takes k at run time. DOTS (k <= kDotGroup, grads given): the Gram
 // row <g0, g(age j)> is accumulated from the values loaded for the update, in
-// the same pass, and written to dots[0..k).
-template <typename S, int KK, bool DOTS>
+// the same pass, and written to dots[0..k). SR (16-bit S only): the new param
+// and the gradient slot are rounded stochastically; the dots use the unrounded
+// gradient.
+template <typename S, int KK, bool DOTS, bool SR>
 INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, double* dots) {
   using C = typename IO<S>::C;
   using V = typename IO<S>::V;
@@ -390,8 +536,19 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
     }
     // The write slots are the oldest entries, read above: store only now.
     if (u.xw) IO<S>::store(u.xw + e, x_lo, x_hi);
-    if (u.gw) IO<S>::store(u.gw + e, g_lo, g_hi);
-    IO<S>::store(u.p + e, interpolate(ax_lo, ag_lo, lrv), interpolate(ax_hi, ag_hi, lrv));
+    if constexpr (SR) {
+      const ColHash h = col_hash(u.col + e);
+      if (u.gw) {
+        sr_round<S>(g_lo, g_hi, h, u.key_g);
+        IO<S>::store(u.gw + e, g_lo, g_hi);
+      }
+      V n_lo = interpolate(ax_lo, ag_lo, lrv), n_hi = interpolate(ax_hi, ag_hi, lrv);
+      sr_round<S>(n_lo, n_hi, h, u.key_p);
+      IO<S>::store(u.p + e, n_lo, n_hi);
+    } else {
+      if (u.gw) IO<S>::store(u.gw + e, g_lo, g_hi);
+      IO<S>::store(u.p + e, interpolate(ax_lo, ag_lo, lrv), interpolate(ax_hi, ag_hi, lrv));
+    }
   }
   for (; e < u.len; ++e) {
     const C x = load_c(u.p + e);
@@ -406,12 +563,33 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
       if (DOTS) tail[j] += static_cast<double>(g0) * static_cast<double>(h);
     }
     if (u.xw) store_c(u.xw + e, x);
-    if (u.gw) store_c(u.gw + e, g0);
-    store_c(u.p + e, interpolate(ax, ag, u.lr));
+    if constexpr (SR) {
+      const uint32_t h = sr_col_hash(u.col + e);
+      if (u.gw) sr_store(u.gw + e, g0, sr_random(h, u.key_g));
+      sr_store(u.p + e, interpolate(ax, ag, u.lr), sr_random(h, u.key_p));
+    } else {
+      if (u.gw) store_c(u.gw + e, g0);
+      store_c(u.p + e, interpolate(ax, ag, u.lr));
+    }
   }
   if (DOTS) {
     for (int d = 0; d < k; ++d) dots[d] = acc_sum(acc[d]) + tail[d];
   }
+}
+
+template <typename S>
+using UpdateFn = void (*)(const CombineChunk<S>&, int, double*);
+
+// The update kernel for this k (fixed for k <= 3) and this Gram mode.
+template <typename S, bool SR>
+UpdateFn<S> pick_update(int k, bool fused_dots) {
+  if (k <= 3) {
+    const UpdateFn<S> fixed[2][3] = {
+        {&combine_update<S, 1, false, SR>, &combine_update<S, 2, false, SR>, &combine_update<S, 3, false, SR>},
+        {&combine_update<S, 1, true, SR>, &combine_update<S, 2, true, SR>, &combine_update<S, 3, true, SR>}};
+    return fixed[fused_dots][k - 1];
+  }
+  return fused_dots ? &combine_update<S, 0, true, SR> : &combine_update<S, 0, false, SR>;
 }
 
 template <typename S>
@@ -423,12 +601,9 @@ void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
   // With k <= kDotGroup the Gram row rides along with the update;
   // a longer row is computed by a read-only pass over the chunk first.
   const bool fused_dots = a.partials != nullptr && k <= kDotGroup;
-  auto update = fused_dots ? &combine_update<S, 0, true> : &combine_update<S, 0, false>;
-  if (k <= 3) {
-    const decltype(update) fixed[2][3] = {
-        {&combine_update<S, 1, false>, &combine_update<S, 2, false>, &combine_update<S, 3, false>},
-        {&combine_update<S, 1, true>, &combine_update<S, 2, true>, &combine_update<S, 3, true>}};
-    update = fixed[fused_dots][k - 1];
+  UpdateFn<S> update = pick_update<S, false>(k, fused_dots);
+  if constexpr (kSixteenBit<S>) {
+    if (a.stochastic) update = pick_update<S, true>(k, fused_dots);
   }
 
   const S* xh[kMaxSlots];
@@ -443,11 +618,14 @@ void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
   u.sign = static_cast<C>((a.maximize ? -1.0 : 1.0) * a.grad_mul);
   u.wd = static_cast<C>(a.weight_decay);
   u.has_wd = a.weight_decay != 0.0;
+  u.key_p = a.key_param;
+  u.key_g = a.key_grad;
   for (int64_t c = c0; c < c1; ++c) {
     const Chunk& ch = a.chunks[c];
     const Segment& sg = a.segs[ch.seg];
     const int64_t off = sg.col + ch.begin;
     u.len = ch.len;
+    u.col = off;
     u.p = static_cast<S*>(sg.a) + ch.begin;
     u.g = static_cast<const S*>(sg.b) + ch.begin;
     for (int j = 1; j < k; ++j) xh[j] = at_col<S>(a.x_rows[j], off);

@@ -29,17 +29,37 @@ __device__ __forceinline__ C grad_sign(bool maximize, const float* grad_scale) {
   return static_cast<C>(grad_scale != nullptr ? s / static_cast<double>(*grad_scale) : s);
 }
 
+// The stochastic rounding keys of this launch, from the count read on the
+// device: {parameter, gradient}.
+__device__ __forceinline__ uint2 sr_keys(const CombineLaunch& p, int64_t count) {
+  return make_uint2(sr_key(p.salt_param, count), sr_key(p.salt_grad, count));
+}
+
+// The stochastically rounded stores of one fragment (16-bit T): the new param
+// x and, with STORE_G, the gradient slot g, element e having ring column col + e.
+template <typename T, bool V, bool STORE_G>
+__device__ __forceinline__ void store_sr(T* pp, T* gp, int n, const float (&x)[Frag<T>::N],
+                                         const float (&g)[Frag<T>::N], uint2 keys, int64_t col) {
+  uint4 ux, ug;
+  pack_sr<T, STORE_G>(x, keys.x, g, keys.y, col, ux, ug);
+  if constexpr (STORE_G) st_frag<T, V>(gp, n, ug);
+  st_frag<T, V>(pp, n, ux);
+}
+
 // x = sum_j a_j x(age j) - lr * sum_j a_j g(age j) over one chunk per block,
 // k = K fixed at compile time. DOTS: also the block partials of
 // <g0, g(age j)>, j < K, from the values loaded for the update (no second pass).
-template <typename T, int K, bool DOTS>
-__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), K>()) combine_kernel(const CombineLaunch p) {
+// SR (16-bit T): the new param and the gradient slot rounded stochastically
+// (the dots use the unrounded gradient). The kernels below instantiate it.
+template <typename T, int K, bool DOTS, bool SR>
+__device__ __forceinline__ void combine_body(const CombineLaunch p) {
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
   constexpr int R = K > 1 ? K - 1 : 1;  // ring rows read (both rings hold ages 1..K-1)
   if (skip_step(p.found_inf)) return;
   const Work w = block_work(p.table);
   const int64_t count = *p.count;
+  const uint2 keys = SR ? sr_keys(p, count) : make_uint2(0, 0);
   C coef[K];
 #pragma unroll
   for (int j = 0; j < K; ++j) coef[j] = static_cast<C>(p.coefs[j]);
@@ -96,22 +116,41 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), K>()) combine_
       for (int e = 0; e < N; ++e) ag[e] += coef[j + 1] * h[e];
       if constexpr (DOTS) dot_acc<N>(dots[j + 1], g0, h);
     }
-    if constexpr (K > 1) {
-      st_frag<T, V>(xr + woff + i, n, rx);  // the old iterate, bit for bit
-      st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
-    }
+    if constexpr (SR) {
+      if constexpr (K > 1) st_frag<T, V>(xr + woff + i, n, rx);  // the old iterate, bit for bit
 #pragma unroll
-    for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
-    st_frag<T, V>(param + i, n, pack<T>(ax));
+      for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
+      store_sr<T, V, (K > 1)>(param + i, gr + woff + i, n, ax, g0, keys, w.col + i);
+    } else {
+      if constexpr (K > 1) {
+        st_frag<T, V>(xr + woff + i, n, rx);  // the old iterate, bit for bit
+        st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
+      }
+#pragma unroll
+      for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
+      st_frag<T, V>(param + i, n, pack<T>(ax));
+    }
   });
 
   if constexpr (DOTS) block_partials<K>(dots, K, 0, p.table.nblocks, p.partials);
 }
 
+template <typename T, int K, bool DOTS>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), K>()) combine_kernel(const CombineLaunch p) {
+  combine_body<T, K, DOTS, false>(p);
+}
+
+// Stochastic rounding (16-bit T only): a kernel of its own, so that the
+// round-to-nearest kernel above stays exactly what it was.
+template <typename T, int K, bool DOTS>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), K>()) combine_sr_kernel(const CombineLaunch p) {
+  combine_body<T, K, DOTS, true>(p);
+}
+
 // The same step for any k at run time (k > kMaxStaticK): ring rows one at a
 // time. DOTS needs k <= kDotGroup (the register group).
-template <typename T, bool DOTS>
-__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_any_kernel(const CombineLaunch p) {
+template <typename T, bool DOTS, bool SR>
+__device__ __forceinline__ void combine_any_body(const CombineLaunch p) {
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
   if (skip_step(p.found_inf)) return;
@@ -120,6 +159,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_
   int64_t* off = reinterpret_cast<int64_t*>(smem);
   C* coef = reinterpret_cast<C*>(off + k);
   const int64_t count = *p.count;
+  const uint2 keys = SR ? sr_keys(p, count) : make_uint2(0, 0);
   const int64_t slots = k - 1;
   for (int j = threadIdx.x; j < k; j += kThreads) {
     coef[j] = static_cast<C>(p.coefs[j]);
@@ -189,16 +229,34 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_
         for (int e = 0; e < N; ++e) ag[e] += aj * h[e];
       }
     }
-    if (k > 1) {
+    if constexpr (SR) {
+      // k > kMaxStaticK here: both ring slots are always stored.
       st_frag<T, V>(xr + woff + i, n, rx);
-      st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
-    }
 #pragma unroll
-    for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
-    st_frag<T, V>(param + i, n, pack<T>(ax));
+      for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
+      store_sr<T, V, true>(param + i, gr + woff + i, n, ax, g0, keys, w.col + i);
+    } else {
+      if (k > 1) {
+        st_frag<T, V>(xr + woff + i, n, rx);
+        st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
+      }
+#pragma unroll
+      for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
+      st_frag<T, V>(param + i, n, pack<T>(ax));
+    }
   });
 
   if constexpr (DOTS) block_partials<kDotGroup>(dots, k, 0, p.table.nblocks, p.partials);
+}
+
+template <typename T, bool DOTS>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_any_kernel(const CombineLaunch p) {
+  combine_any_body<T, DOTS, false>(p);
+}
+
+template <typename T, bool DOTS>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_any_sr_kernel(const CombineLaunch p) {
+  combine_any_body<T, DOTS, true>(p);
 }
 
 // Block partials of <g0, g(age d)>, d = 0..ndots-1, g0 = sign * grad +
@@ -276,33 +334,64 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) grad
   }
 }
 
-template <typename T, int K>
+template <typename T>
+constexpr bool kSixteenBit = std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+
+template <typename T, int K, bool SR>
 void combine_static(const CombineLaunch& p, dim3 grid, cudaStream_t stream) {
-  if (p.partials) {
-    combine_kernel<T, K, true><<<grid, kThreads, 0, stream>>>(p);
+  if constexpr (SR) {
+    if (p.partials) {
+      combine_sr_kernel<T, K, true><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      combine_sr_kernel<T, K, false><<<grid, kThreads, 0, stream>>>(p);
+    }
   } else {
-    combine_kernel<T, K, false><<<grid, kThreads, 0, stream>>>(p);
+    if (p.partials) {
+      combine_kernel<T, K, true><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      combine_kernel<T, K, false><<<grid, kThreads, 0, stream>>>(p);
+    }
+  }
+}
+
+template <typename T, bool SR>
+void combine_dispatch(const CombineLaunch& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.table.nblocks));
+  switch (p.k) {
+    case 1: combine_static<T, 1, SR>(p, grid, stream); break;
+    case 2: combine_static<T, 2, SR>(p, grid, stream); break;
+    case 3: combine_static<T, 3, SR>(p, grid, stream); break;
+    case 4: combine_static<T, 4, SR>(p, grid, stream); break;
+    default: {
+      static_assert(kMaxStaticK == 4, "combine_typed dispatches k = 1..4 statically");
+      const size_t smem = static_cast<size_t>(p.k) * (sizeof(int64_t) + sizeof(compute_t<T>));
+      if constexpr (SR) {
+        if (p.partials) {
+          combine_any_sr_kernel<T, true><<<grid, kThreads, smem, stream>>>(p);
+        } else {
+          combine_any_sr_kernel<T, false><<<grid, kThreads, smem, stream>>>(p);
+        }
+      } else {
+        if (p.partials) {
+          combine_any_kernel<T, true><<<grid, kThreads, smem, stream>>>(p);
+        } else {
+          combine_any_kernel<T, false><<<grid, kThreads, smem, stream>>>(p);
+        }
+      }
+    }
   }
 }
 
 template <typename T>
 cudaError_t combine_typed(const CombineLaunch& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.table.nblocks));
-  switch (p.k) {
-    case 1: combine_static<T, 1>(p, grid, stream); break;
-    case 2: combine_static<T, 2>(p, grid, stream); break;
-    case 3: combine_static<T, 3>(p, grid, stream); break;
-    case 4: combine_static<T, 4>(p, grid, stream); break;
-    default: {
-      static_assert(kMaxStaticK == 4, "combine_typed dispatches k = 1..4 statically");
-      const size_t smem = static_cast<size_t>(p.k) * (sizeof(int64_t) + sizeof(compute_t<T>));
-      if (p.partials) {
-        combine_any_kernel<T, true><<<grid, kThreads, smem, stream>>>(p);
-      } else {
-        combine_any_kernel<T, false><<<grid, kThreads, smem, stream>>>(p);
-      }
+  // Only 16-bit data is rounded stochastically; wider dtypes ignore the seed.
+  if constexpr (kSixteenBit<T>) {
+    if (p.stochastic) {
+      combine_dispatch<T, true>(p, stream);
+      return cudaGetLastError();
     }
   }
+  combine_dispatch<T, false>(p, stream);
   return cudaGetLastError();
 }
 

@@ -108,6 +108,25 @@ __device__ __forceinline__ uint4 pack(const compute_t<T> (&v)[Frag<T>::N]) {
   return u;
 }
 
+// The stochastically rounded packs of one fragment of 16-bit T
+// (stochastic_rounding.h): a with key_a and, when TWO, b with key_b, element e
+// having ring column col + e. The column hash is shared by both streams.
+template <typename T, bool TWO>
+__device__ __forceinline__ void pack_sr(const float (&a)[Frag<T>::N], uint32_t key_a, const float (&b)[Frag<T>::N],
+                                        uint32_t key_b, int64_t col, uint4& ua, uint4& ub) {
+  constexpr int N = Frag<T>::N;
+  const uint32_t c0 = static_cast<uint32_t>(static_cast<uint64_t>(col));
+  Pack<T, N> pa, pb;
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    const uint32_t h = lowbias32(c0 + static_cast<uint32_t>(e));
+    sr_store(&pa.v[e], a[e], sr_random(h, key_a));
+    if constexpr (TWO) sr_store(&pb.v[e], b[e], sr_random(h, key_b));
+  }
+  std::memcpy(&ua, &pa, sizeof(ua));
+  if constexpr (TWO) std::memcpy(&ub, &pb, sizeof(ub));
+}
+
 // acc += a * b per element in float64 (D3: the product of two fp32 values is
 // exact in float64, so a dot depends on the summation order only at float64
 // rounding).

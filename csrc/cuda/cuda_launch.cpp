@@ -132,6 +132,12 @@ void combine_cuda(const CombineCall& call, TableCache& cache) {
   p.grad_scale = opt_ptr(call.grad_scale);
   p.found_inf = opt_ptr(call.found_inf);
   p.partials = fused ? partials.data_ptr<double>() : nullptr;
+  // The seed's half of the keys on the host; the kernel adds the count it reads.
+  p.stochastic = call.sr_seed.has_value();
+  if (p.stochastic) {
+    p.salt_param = sr_salt(*call.sr_seed, kStreamParam);
+    p.salt_grad = sr_salt(*call.sr_seed, kStreamGrad);
+  }
   check(cuda::launch_combine(p, stream), "the combine kernel");
   if (call.gram) {
     check(cuda::launch_reduce(partials.data_ptr<double>(), table.nblocks, k, call.gram->data_ptr<double>(),

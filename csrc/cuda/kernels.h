@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "../interp_math.h"
+#include "../stochastic_rounding.h"
 
 namespace interp::cuda {
 
@@ -69,11 +70,19 @@ struct CombineLaunch {
   void* g_ring;  // (k - 1, row_elems)
   int64_t row_elems;
   int k;
+  // Stochastic rounding of the 16-bit stores (stochastic_rounding.h): the host
+  // halves of the keys, h(seed ^ stream); the kernel adds the count it reads
+  // on the device. Ignored unless the dtype is 16-bit. (Placed in the
+  // struct's padding: a larger parameter block cost the fp32 k = 4 Gram
+  // kernel a spill at its 64-register cap.)
+  uint32_t salt_param;
   const double* coefs;  // k, device
   const double* lr;     // 1, device
   const int64_t* count;  // 1, device
   double weight_decay;
   bool maximize;
+  bool stochastic;
+  uint32_t salt_grad;
   const float* grad_scale;  // GradScaler: 1, device, or nullptr (the gradient is divided by it)
   const float* found_inf;   // GradScaler: 1, device, or nullptr (nonzero: every block returns at once)
   double* partials;  // fused gram (k <= kDotGroup): nblocks * kDotGroup, else nullptr

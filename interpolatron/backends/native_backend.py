@@ -24,7 +24,7 @@ from .base import SUPPORTED_DTYPES
 from .torch_backend import BACKEND as _REFERENCE
 
 # The interface version of csrc/bindings.cpp this module speaks.
-_API_VERSION = 4
+_API_VERSION = 5
 
 try:
     from interpolatron import _C
@@ -155,19 +155,17 @@ class NativeBackend:
                 count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
                 cache: dict, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
                 sr_seed: int | None = None) -> None:
-        if sr_seed is not None and x_hist.dtype in (torch.bfloat16, torch.float16):
-            # TODO(stochastic rounding kernels): the reference until the kernel rounds itself.
-            _REFERENCE.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
-                               maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf,
-                               sr_seed=sr_seed)
-            return
+        # The kernels round 16-bit writes stochastically themselves (the seed mod 2^32,
+        # as interpolatron.rounding takes it); wider dtypes ignore the seed.
+        seed = None if sr_seed is None else int(sr_seed) & 0xFFFFFFFF
         done = _C.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, float(weight_decay),
                           bool(maximize), gram, _tables(cache, "combine", x_hist.device),
-                          grad_scale=grad_scale, found_inf=found_inf)
+                          grad_scale=grad_scale, found_inf=found_inf, sr_seed=seed)
         if not done:
             _fallback("combine")
             _REFERENCE.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
-                               maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf)
+                               maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf,
+                               sr_seed=sr_seed)
 
     def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
                  g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
