@@ -219,3 +219,22 @@ def test_sass_parser_counts_wide_accesses():
         finally:
             CUOBJDUMP = saved
     assert wide(c, "LDG") == 1 and wide(c, "STG") == 2 and narrow_generic(c) == 1
+
+
+# Stochastic rounding (16-bit only) runs in kernels of its own, combine_sr_kernel:
+# the hashing and rounding must keep the 128-bit accesses of the vector path
+# (k = 2: param, grad and two ring rows in; param and both ring slots out).
+SR_DT = {"bf16": "INS_4bf16E", "fp16": "INS_4fp16E"}
+
+
+@needs_nvcc
+@needs_cuobjdump
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dots", ["Lb0E", "Lb1E"], ids=["nogram", "gram"])
+def test_cuda_stochastic_rounding_keeps_128_bit_accesses(cuda_sass, dtype, dots):
+    funcs, _ = cuda_sass
+    c = _one(funcs, "combine_sr_kernel" + SR_DT[dtype] + "Li2E" + dots)
+    assert wide(c, "LDG") >= 4 + 1, dict(c)
+    assert wide(c, "STG") >= 3, dict(c)
+    assert not [op for op in c if op.split(".")[0] in ("LD", "ST") and ".128" in op], dict(c)
+    assert narrow_generic(c) == 0, dict(c)
