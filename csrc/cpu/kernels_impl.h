@@ -206,6 +206,18 @@ inline __m512 sr_value(bf16*, __m512 x, VI r) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_castsi512_ps(up), x);
 }
 
+// The 16-bit results of bfloat16 rounding in 32-bit lanes, written directly
+// (no float round trip): (bits(x) + (r >> 16)) >> 16, NaN as at::vec writes it.
+inline VI sr_bits_bf16(__m512 x, VI r) {
+  const VI up = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(x), _mm512_srli_epi32(r, 16)), 16);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), up, _mm512_set1_epi32(0xFFFF));
+}
+
+inline void sr_store_bf16(bf16* p, __m512 lo, __m512 hi, const VI& r_lo, const VI& r_hi) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(sr_bits_bf16(lo, r_lo)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), _mm512_cvtepi32_epi16(sr_bits_bf16(hi, r_hi)));
+}
+
 inline __m512 sr_value(fp16*, __m512 x, VI r) {
   const __m512 mag = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512 ax = _mm512_and_ps(x, mag);
@@ -252,6 +264,19 @@ inline __m256 sr_value(bf16*, __m256 x, VI r) {
   return _mm256_blendv_ps(_mm256_castsi256_ps(up), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
+// The 16-bit results of bfloat16 rounding in 32-bit lanes, written directly
+// (no float round trip): (bits(x) + (r >> 16)) >> 16, NaN as at::vec writes it.
+inline VI sr_bits_bf16(__m256 x, VI r) {
+  const VI up = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x), _mm256_srli_epi32(r, 16)), 16);
+  return _mm256_blendv_epi8(up, _mm256_set1_epi32(0xFFFF), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+}
+
+inline void sr_store_bf16(bf16* p, __m256 lo, __m256 hi, const VI& r_lo, const VI& r_hi) {
+  // packus interleaves the 128-bit lanes; the permute restores element order.
+  const VI packed = _mm256_packus_epi32(sr_bits_bf16(lo, r_lo), sr_bits_bf16(hi, r_hi));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+}
+
 inline __m256 sr_value(fp16*, __m256 x, VI r) {
   const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 ax = _mm256_and_ps(x, mag);
@@ -275,6 +300,20 @@ template <typename S>
 inline void sr_round(Vectorized<float>& lo, Vectorized<float>& hi, const ColHash& h, uint32_t key) {
   lo = sr_value(static_cast<S*>(nullptr), lo, random_v(h.lo, key));
   hi = sr_value(static_cast<S*>(nullptr), hi, random_v(h.hi, key));
+}
+
+// One IO step stored with stochastic rounding. bfloat16 packs its bits
+// directly: measured on an AMD EPYC (AVX2, one 2^22-element bucket, k = 2, one
+// thread), the float round trip through IO::store took 4.8 ms, this 3.9 ms
+// (rounding to nearest: 2.2 ms; the rest is the three hashes per element).
+template <typename S>
+inline void sr_store_step(S* p, Vectorized<float> lo, Vectorized<float> hi, const ColHash& h, uint32_t key) {
+  if constexpr (std::is_same_v<S, bf16>) {
+    sr_store_bf16(p, lo, hi, random_v(h.lo, key), random_v(h.hi, key));
+  } else {
+    sr_round<S>(lo, hi, h, key);
+    IO<S>::store(p, lo, hi);
+  }
 }
 
 #else
@@ -302,6 +341,12 @@ inline void sr_round(Vectorized<float>& lo, Vectorized<float>& hi, const ColHash
   }
   lo = Vectorized<float>::loadu(f);
   hi = Vectorized<float>::loadu(f + L);
+}
+
+template <typename S>
+inline void sr_store_step(S* p, Vectorized<float> lo, Vectorized<float> hi, const ColHash& h, uint32_t key) {
+  sr_round<S>(lo, hi, h, key);
+  IO<S>::store(p, lo, hi);
 }
 
 #endif
@@ -538,13 +583,8 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
     if (u.xw) IO<S>::store(u.xw + e, x_lo, x_hi);
     if constexpr (SR) {
       const ColHash h = col_hash(u.col + e);
-      if (u.gw) {
-        sr_round<S>(g_lo, g_hi, h, u.key_g);
-        IO<S>::store(u.gw + e, g_lo, g_hi);
-      }
-      V n_lo = interpolate(ax_lo, ag_lo, lrv), n_hi = interpolate(ax_hi, ag_hi, lrv);
-      sr_round<S>(n_lo, n_hi, h, u.key_p);
-      IO<S>::store(u.p + e, n_lo, n_hi);
+      if (u.gw) sr_store_step(u.gw + e, g_lo, g_hi, h, u.key_g);
+      sr_store_step(u.p + e, interpolate(ax_lo, ag_lo, lrv), interpolate(ax_hi, ag_hi, lrv), h, u.key_p);
     } else {
       if (u.gw) IO<S>::store(u.gw + e, g_lo, g_hi);
       IO<S>::store(u.p + e, interpolate(ax_lo, ag_lo, lrv), interpolate(ax_hi, ag_hi, lrv));
