@@ -166,11 +166,12 @@ static_assert(IO<fp16>::W == Vectorized<c10::Half>::size(), "fp16 IO must move o
 
 // ---------------------------------------------------------------------------
 // Stochastic rounding (stochastic_rounding.h) of one IO step, W lanes held as
-// two float vectors: sr_round replaces each value by the float32 value of its
-// stochastically rounded 16-bit neighbour, which IO<S>::store's round to
-// nearest then writes exactly. The column hash h(col) is computed once per
-// step (col_hash) and serves both streams. AVX2 / AVX-512 hash and round in
-// integer lanes; the baseline rounds lane by lane with the scalar definition.
+// two float vectors, stored by sr_store_step. The column hash h(col) is
+// computed once per step (col_hash) and serves both streams. AVX2 / AVX-512
+// hash in integer lanes and write bfloat16's bits directly; float16 (and the
+// baseline, lane by lane with the scalar definition) goes through sr_round,
+// which replaces each value by the float32 value of its stochastically rounded
+// 16-bit neighbour, which IO<S>::store's round to nearest then writes exactly.
 
 template <typename S>
 constexpr bool kSixteenBit = std::is_same_v<S, bf16> || std::is_same_v<S, fp16>;
@@ -197,13 +198,8 @@ inline ColHash col_hash(int64_t col) {
   return {lowbias32_v(base), lowbias32_v(_mm512_add_epi32(base, _mm512_set1_epi32(16)))};
 }
 
-inline VI random_v(VI h, uint32_t key) { return lowbias32_v(_mm512_xor_si512(h, _mm512_set1_epi32(static_cast<int>(key)))); }
-
-inline __m512 sr_value(bf16*, __m512 x, VI r) {
-  const VI up = _mm512_and_si512(_mm512_add_epi32(_mm512_castps_si512(x), _mm512_srli_epi32(r, 16)),
-                                 _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  // NaN keeps x (rounds to nearest); the sum already keeps the infinities.
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_castsi512_ps(up), x);
+inline VI random_v(VI h, uint32_t key) {
+  return lowbias32_v(_mm512_xor_si512(h, _mm512_set1_epi32(static_cast<int>(key))));
 }
 
 // The 16-bit results of bfloat16 rounding in 32-bit lanes, written directly
@@ -255,13 +251,8 @@ inline ColHash col_hash(int64_t col) {
   return {lowbias32_v(base), lowbias32_v(_mm256_add_epi32(base, _mm256_set1_epi32(8)))};
 }
 
-inline VI random_v(VI h, uint32_t key) { return lowbias32_v(_mm256_xor_si256(h, _mm256_set1_epi32(static_cast<int>(key)))); }
-
-inline __m256 sr_value(bf16*, __m256 x, VI r) {
-  const VI up = _mm256_and_si256(_mm256_add_epi32(_mm256_castps_si256(x), _mm256_srli_epi32(r, 16)),
-                                 _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  // NaN keeps x (rounds to nearest); the sum already keeps the infinities.
-  return _mm256_blendv_ps(_mm256_castsi256_ps(up), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+inline VI random_v(VI h, uint32_t key) {
+  return lowbias32_v(_mm256_xor_si256(h, _mm256_set1_epi32(static_cast<int>(key))));
 }
 
 // The 16-bit results of bfloat16 rounding in 32-bit lanes, written directly
