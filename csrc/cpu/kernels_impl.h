@@ -168,10 +168,8 @@ static_assert(IO<fp16>::W == Vectorized<c10::Half>::size(), "fp16 IO must move o
 // Stochastic rounding (stochastic_rounding.h) of one IO step, W lanes held as
 // two float vectors, stored by sr_store_step. The column hash h(col) is
 // computed once per step (col_hash) and serves both streams. AVX2 / AVX-512
-// hash in integer lanes and write bfloat16's bits directly; float16 (and the
-// baseline, lane by lane with the scalar definition) goes through sr_round,
-// which replaces each value by the float32 value of its stochastically rounded
-// 16-bit neighbour, which IO<S>::store's round to nearest then writes exactly.
+// hash and round in integer lanes and write the 16-bit bits directly; the
+// baseline rounds lane by lane with the scalar definition.
 
 template <typename S>
 constexpr bool kSixteenBit = std::is_same_v<S, bf16> || std::is_same_v<S, fp16>;
@@ -214,19 +212,24 @@ inline void sr_store_bf16(bf16* p, __m512 lo, __m512 hi, const VI& r_lo, const V
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), _mm512_cvtepi32_epi16(sr_bits_bf16(hi, r_hi)));
 }
 
-inline __m512 sr_value(fp16*, __m512 x, VI r) {
+// float16's bits from the neighbour toward zero th (the conversion toward
+// zero, which saturates at the largest finite value): th + 1 where
+// u * (|n| - |t|) < |x| - |t|. A non-finite x converts to itself in any
+// rounding mode, and its comparison is false (n or t is NaN): no special case.
+inline __m256i sr_bits_fp16(__m512 x, VI r) {
   const __m512 mag = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  const __m512 ax = _mm512_and_ps(x, mag);
-  // The neighbour toward zero is the conversion toward zero (saturating at the largest finite value).
   const __m256i th = _mm512_cvtps_ph(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-  const __m256i nh = _mm256_add_epi16(th, _mm256_set1_epi16(1));
   const __m512 t = _mm512_and_ps(_mm512_cvtph_ps(th), mag);
-  const __m512 n = _mm512_and_ps(_mm512_cvtph_ps(nh), mag);
+  const __m512 n = _mm512_and_ps(_mm512_cvtph_ps(_mm256_add_epi16(th, _mm256_set1_epi16(1))), mag);
   const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 8)), _mm512_set1_ps(0x1p-24f));
-  const __mmask16 away = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(n, t)), _mm512_sub_ps(ax, t), _CMP_LT_OQ);
-  const __m512 y = _mm512_or_ps(_mm512_mask_blend_ps(away, t, n), _mm512_andnot_ps(mag, x));
-  const __mmask16 finite = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(__builtin_huge_valf()), _CMP_LT_OQ);
-  return _mm512_mask_blend_ps(finite, x, y);
+  const __mmask16 away =
+      _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(n, t)), _mm512_sub_ps(_mm512_and_ps(x, mag), t), _CMP_LT_OQ);
+  return _mm256_mask_add_epi16(th, away, th, _mm256_set1_epi16(1));
+}
+
+inline void sr_store_fp16(fp16* p, __m512 lo, __m512 hi, const VI& r_lo, const VI& r_hi) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), sr_bits_fp16(lo, r_lo));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), sr_bits_fp16(hi, r_hi));
 }
 
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -268,43 +271,41 @@ inline void sr_store_bf16(bf16* p, __m256 lo, __m256 hi, const VI& r_lo, const V
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
 }
 
-inline __m256 sr_value(fp16*, __m256 x, VI r) {
+// float16's bits from the neighbour toward zero th (the conversion toward
+// zero, which saturates at the largest finite value): th + 1 where
+// u * (|n| - |t|) < |x| - |t|. A non-finite x converts to itself in any
+// rounding mode, and its comparison is false (n or t is NaN): no special case.
+inline __m128i sr_bits_fp16(__m256 x, VI r) {
   const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256 ax = _mm256_and_ps(x, mag);
-  // The neighbour toward zero is the conversion toward zero (saturating at the largest finite value).
   const __m128i th = _mm256_cvtps_ph(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-  const __m128i nh = _mm_add_epi16(th, _mm_set1_epi16(1));
   const __m256 t = _mm256_and_ps(_mm256_cvtph_ps(th), mag);
-  const __m256 n = _mm256_and_ps(_mm256_cvtph_ps(nh), mag);
+  const __m256 n = _mm256_and_ps(_mm256_cvtph_ps(_mm_add_epi16(th, _mm_set1_epi16(1))), mag);
   const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r, 8)), _mm256_set1_ps(0x1p-24f));
-  const __m256 away = _mm256_cmp_ps(_mm256_mul_ps(u, _mm256_sub_ps(n, t)), _mm256_sub_ps(ax, t), _CMP_LT_OQ);
-  const __m256 y = _mm256_or_ps(_mm256_blendv_ps(t, n, away), _mm256_andnot_ps(mag, x));
-  const __m256 finite = _mm256_cmp_ps(ax, _mm256_set1_ps(__builtin_huge_valf()), _CMP_LT_OQ);
-  return _mm256_blendv_ps(x, y, finite);
+  const __m256i away = _mm256_castps_si256(
+      _mm256_cmp_ps(_mm256_mul_ps(u, _mm256_sub_ps(n, t)), _mm256_sub_ps(_mm256_and_ps(x, mag), t), _CMP_LT_OQ));
+  // The all-ones lanes of the mask, narrowed to 16 bits, are -1: subtracting them adds one.
+  const __m128i away16 = _mm_packs_epi32(_mm256_castsi256_si128(away), _mm256_extracti128_si256(away, 1));
+  return _mm_sub_epi16(th, away16);
+}
+
+inline void sr_store_fp16(fp16* p, __m256 lo, __m256 hi, const VI& r_lo, const VI& r_hi) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_set_m128i(sr_bits_fp16(hi, r_hi), sr_bits_fp16(lo, r_lo)));
 }
 
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 
-template <typename S>
-inline void sr_round(Vectorized<float>& lo, Vectorized<float>& hi, const ColHash& h, uint32_t key) {
-  lo = sr_value(static_cast<S*>(nullptr), lo, random_v(h.lo, key));
-  hi = sr_value(static_cast<S*>(nullptr), hi, random_v(h.hi, key));
+// One IO step stored with stochastic rounding, its 16-bit bits packed
+// directly. Measured on an AMD EPYC (AVX2, one 2^22-element bucket, k = 2, one
+// thread): bfloat16 took 4.8 ms with a float round trip through IO::store,
+// 3.9 ms packed (rounding to nearest: 2.2 ms; the rest is the three hashes
+// per element).
+inline void sr_store_step(bf16* p, Vectorized<float> lo, Vectorized<float> hi, const ColHash& h, uint32_t key) {
+  sr_store_bf16(p, lo, hi, random_v(h.lo, key), random_v(h.hi, key));
 }
-
-// One IO step stored with stochastic rounding. bfloat16 packs its bits
-// directly: measured on an AMD EPYC (AVX2, one 2^22-element bucket, k = 2, one
-// thread), the float round trip through IO::store took 4.8 ms, this 3.9 ms
-// (rounding to nearest: 2.2 ms; the rest is the three hashes per element).
-template <typename S>
-inline void sr_store_step(S* p, Vectorized<float> lo, Vectorized<float> hi, const ColHash& h, uint32_t key) {
-  if constexpr (std::is_same_v<S, bf16>) {
-    sr_store_bf16(p, lo, hi, random_v(h.lo, key), random_v(h.hi, key));
-  } else {
-    sr_round<S>(lo, hi, h, key);
-    IO<S>::store(p, lo, hi);
-  }
+inline void sr_store_step(fp16* p, Vectorized<float> lo, Vectorized<float> hi, const ColHash& h, uint32_t key) {
+  sr_store_fp16(p, lo, hi, random_v(h.lo, key), random_v(h.hi, key));
 }
 
 #else
@@ -320,24 +321,12 @@ inline ColHash col_hash(int64_t col) {
 }
 
 template <typename S>
-inline void sr_round(Vectorized<float>& lo, Vectorized<float>& hi, const ColHash& h, uint32_t key) {
+inline void sr_store_step(S* p, Vectorized<float> lo, Vectorized<float> hi, const ColHash& h, uint32_t key) {
   constexpr int L = Vectorized<float>::size();
   float f[2 * L];
   lo.store(f);
   hi.store(f + L);
-  for (int i = 0; i < 2 * L; ++i) {
-    S s;
-    sr_store(&s, f[i], sr_random(h.h[i], key));
-    f[i] = to_float(s);
-  }
-  lo = Vectorized<float>::loadu(f);
-  hi = Vectorized<float>::loadu(f + L);
-}
-
-template <typename S>
-inline void sr_store_step(S* p, Vectorized<float> lo, Vectorized<float> hi, const ColHash& h, uint32_t key) {
-  sr_round<S>(lo, hi, h, key);
-  IO<S>::store(p, lo, hi);
+  for (int i = 0; i < 2 * L; ++i) sr_store(p + i, f[i], sr_random(h.h[i], key));
 }
 
 #endif
