@@ -222,7 +222,7 @@ _TORCH_OPTIMIZERS: dict[str, tuple[type, dict, int]] = {
 }
 _OURS = ("interpolatron-2", "interpolatron-3", "anderson-2", "anderson-3",
          f"rna-record-w{RNA_WINDOW}", f"rna-extrapolate-w{RNA_WINDOW}",
-         "interpolatron-2-master", "anderson-2-master")
+         "interpolatron-2-master", "anderson-2-master", "interpolatron-2-sr", "anderson-2-sr")
 OPTIMIZER_NAMES = tuple(_TORCH_OPTIMIZERS) + _OURS
 
 
@@ -233,15 +233,26 @@ def bytes_per_element(optimizer: str, elem: int) -> int:
     float32 gradient copy included), plus the gradient's upcast (read ``elem``,
     write 4) and the rounded write-back of the parameter (read 4, write
     ``elem``): for k = 2 Interpolatron 7 x 4 + 6 + 6 = 40 bytes against plain
-    bfloat16's 7 x 2 = 14. On 32/64-bit parameters it is the plain step."""
+    bfloat16's 7 x 2 = 14. On 32/64-bit parameters it is the plain step. An
+    ``-sr`` case (``stochastic_rounding=True``) moves the plain step's bytes:
+    the rounding is arithmetic on values already in registers."""
     acc = _accesses(optimizer)
     if optimizer.endswith("-master") and elem < 4:
         return acc * 4 + (elem + 4) + (4 + elem)
     return acc * elem
 
 
+def _mode(optimizer: str) -> tuple[str, str]:
+    """``("anderson-2", "master")`` for ``"anderson-2-master"``; the mode of a plain
+    name is ``""``."""
+    for mode in ("master", "sr"):
+        if optimizer.endswith("-" + mode):
+            return optimizer.removesuffix("-" + mode), mode
+    return optimizer, ""
+
+
 def _accesses(optimizer: str) -> int:
-    optimizer = optimizer.removesuffix("-master")
+    optimizer = _mode(optimizer)[0]
     if optimizer in _TORCH_OPTIMIZERS:
         return _TORCH_OPTIMIZERS[optimizer][2]
     kind, _, k = optimizer.rpartition("-")
@@ -332,16 +343,17 @@ def prepare_case(case: Case, params: list[nn.Parameter], compiled: bool = False)
         opt = cls(params, lr=LR, **{case.impl: True}, **kwargs)
         opt.step()  # creates the state buffers
         return Prepared(opt.step, [opt])
-    master = case.optimizer.endswith("-master")
-    kind, _, k = case.optimizer.removesuffix("-master").rpartition("-")
+    base, mode = _mode(case.optimizer)
+    sixteen = dict(master_weights=mode == "master", stochastic_rounding=mode == "sr")
+    kind, _, k = base.rpartition("-")
     if kind == "interpolatron":
         alphas = {2: (0.05, 0.95), 3: (0.1, 0.3, 0.6)}[int(k)]
-        opt = Interpolatron(params, lr=LR, alphas=alphas, backend=case.impl, master_weights=master)
+        opt = Interpolatron(params, lr=LR, alphas=alphas, backend=case.impl, **sixteen)
     elif kind == "anderson":
         # Fixed gradients make the Gram matrix singular, so every step takes
         # the SGD fallback; the passes over memory are the same as for a
         # regular step (the solve is k x k and runs on the device either way).
-        opt = Anderson(params, lr=LR, history=int(k), backend=case.impl, master_weights=master)
+        opt = Anderson(params, lr=LR, history=int(k), backend=case.impl, **sixteen)
     else:
         holder = _Holder(params)
         window = int(k.lstrip("w"))

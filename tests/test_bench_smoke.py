@@ -46,7 +46,8 @@ def test_bytes_per_element_follow_algorithms_md():
               "interpolatron-3": 9, "anderson-2": 9, "anderson-3": 12,
               f"rna-record-w{bm.RNA_WINDOW}": bm.RNA_WINDOW + 2,
               f"rna-extrapolate-w{bm.RNA_WINDOW}": bm.RNA_WINDOW + 1,
-              "interpolatron-2-master": 7, "anderson-2-master": 9}
+              "interpolatron-2-master": 7, "anderson-2-master": 9,
+              "interpolatron-2-sr": 7, "anderson-2-sr": 9}
     assert {name: bm._accesses(name) for name in bm.OPTIMIZER_NAMES} == expect
     # master weights on 16-bit parameters: the float32 step, the gradient's
     # upcast and the rounded write-back (bytes per element)
@@ -54,6 +55,9 @@ def test_bytes_per_element_follow_algorithms_md():
     assert bm.bytes_per_element("interpolatron-2-master", 2) == 7 * 4 + 6 + 6 == 40
     assert bm.bytes_per_element("anderson-2-master", 2) == 9 * 4 + 12 == 48
     assert bm.bytes_per_element("interpolatron-2-master", 4) == 28
+    # stochastic rounding: the plain step's bytes (arithmetic in registers)
+    assert bm.bytes_per_element("interpolatron-2-sr", 2) == 14
+    assert bm.bytes_per_element("anderson-2-sr", 2) == 18
 
 
 def test_every_case_runs(result):
