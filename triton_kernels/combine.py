@@ -90,14 +90,16 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
         # the count already loaded. The Gram row above used the unrounded g.
         col_hash = _sr_col_hash(col, BLOCK)
         x_new = _sr_round(x_new, _sr_bits(col_hash, _sr_key(sr_seed, c, STREAM_PARAM)), PDT)
-        if K > 1:
-            g = _sr_round(g, _sr_bits(col_hash, _sr_key(sr_seed, c, STREAM_GRAD)),
-                          g_hist.dtype.element_ty)
     _st(p, x_new, rem, BLOCK, FAST)
     if K > 1:
         # Slot c mod (k-1) held age k-1, consumed above: the oldest entry is replaced.
         ws = _slot(c, 0, K - 1)
         _st(_ring_ptr(x_hist, ws, x_stride, col, RH), x_raw, rem, BLOCK, FAST)
+        if SR:
+            # Rounded here, after the other stores, not with the parameter: the
+            # sm_90 build of k = 4 with GradScaler spilled with both live at once.
+            g = _sr_round(g, _sr_bits(col_hash, _sr_key(sr_seed, c, STREAM_GRAD)),
+                          g_hist.dtype.element_ty)
         _st(_ring_ptr(g_hist, ws, g_stride, col, RH), g, rem, BLOCK, FAST)
     if TILE:
         r = tl.arange(0, KP)
