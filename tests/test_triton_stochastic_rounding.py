@@ -112,3 +112,12 @@ def test_combine_with_wrapping_seed_and_count(dtype):
         assert torch.equal(g.view(torch.int16), w.view(torch.int16))
     assert torch.equal(got[1], want[1])
     assert not torch.equal(want[2], other[2])  # the seed's bits matter
+
+
+def test_every_seed_passes_as_one_int32():
+    """Triton types an int argument by its value (i32, u32 from 2^31, i64): the
+    seed goes as the int32 of its low 32 bits, so every seed has one signature
+    and a new seed does not recompile the kernel."""
+    for seed in (0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, -1):
+        arg = _sr_seed_arg(seed)
+        assert -2**31 <= arg < 2**31 and arg & 0xFFFFFFFF == seed & 0xFFFFFFFF, seed
