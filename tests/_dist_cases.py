@@ -38,17 +38,45 @@ def _coefficients(opt) -> torch.Tensor:
 SKIPS = {2: (1,), 3: (1, 3), 5: (0,)}
 
 
-def run_anderson_plain(dtype, backend, steps, history=3, weight_decay=0.01, device="cpu", skips=None):
-    """The single-process reference: plain tensors."""
+# GradScaler's fused contract on shards: every gradient times SCALE, and at
+# the INF_STEPS one shard's gradient holds an inf (the step must write nothing).
+SCALE = 8.0
+INF_STEPS = (2, 4)
+
+
+def _amp_args(step: int, amp: bool) -> dict:
+    if not amp:
+        return {}
+    return {"grad_scale": torch.tensor([SCALE]), "found_inf": torch.tensor([float(step in INF_STEPS)])}
+
+
+def _scaled(g: torch.Tensor, step: int, i: int, amp: bool) -> torch.Tensor:
+    if not amp:
+        return g
+    g = g * SCALE
+    if step in INF_STEPS and i == 0:
+        g = g.clone()
+        g.view(-1)[0] = float("inf")
+    return g
+
+
+def run_anderson_plain(dtype, backend, steps, history=3, weight_decay=0.01, device="cpu", skips=None,
+                       amp=False, drop=()):
+    """The single-process reference: plain tensors. ``drop``: steps left out
+    (their gradients never seen), the independent reference of a run whose
+    scaler skipped them."""
     x0, grads = global_data(dtype, steps)
     grads = [[g.to(device) for g in gs] for gs in grads]
     params = [x.to(device).requires_grad_() for x in x0]
     opt = interpolatron.Anderson(params, lr=0.1, history=history, weight_decay=weight_decay, backend=backend)
     coefs = []
     for step, g in enumerate(grads):
+        if step in drop:
+            coefs.append(coefs[-1] if coefs else _coefficients(opt))
+            continue
         for i, (p, gi) in enumerate(zip(params, g)):
-            p.grad = None if i in (skips or {}).get(step, ()) else gi.clone()
-        opt.step()
+            p.grad = None if i in (skips or {}).get(step, ()) else _scaled(gi, step, i, amp).clone()
+        opt.step(**_amp_args(step, amp))
         coefs.append(_coefficients(opt))
     return {"coefs": torch.stack(coefs), "params": [p.detach().cpu().clone() for p in params]}
 
@@ -70,7 +98,7 @@ def _layout(world: int, kind: str, device: str):
 
 
 def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay=0.01, device="cpu",
-                     kind="1d", skips=None):
+                     kind="1d", skips=None, amp=False, compiled=False):
     """Anderson on DTensor parameters laid out by :func:`_layout`; gradients
     distributed the same way."""
     from torch.distributed.tensor import distribute_tensor
@@ -81,12 +109,16 @@ def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay
     grads = [[g.to(mesh.device_type) for g in gs] for gs in grads]
     params = [nn.Parameter(distribute_tensor(x, mesh, pl, src_data_rank=None)) for x, pl in zip(x0, place)]
     opt = interpolatron.Anderson(params, lr=0.1, history=history, weight_decay=weight_decay, backend=backend)
+    # Compiled: after one eager step (a first compiled step on DTensors fails in
+    # Dynamo's analysis; on plain tensors it compiles from the first step).
+    step_fn = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
     coefs = []
     for step, g in enumerate(grads):
         for i, (p, gi, pl) in enumerate(zip(params, g, place)):
             skip = i in (skips or {}).get(step, ())
-            p.grad = None if skip else distribute_tensor(gi, mesh, pl, src_data_rank=None)
-        opt.step()
+            g_step = _scaled(gi, step, i, amp)
+            p.grad = None if skip else distribute_tensor(g_step, mesh, pl, src_data_rank=None)
+        (opt.step if step == 0 else step_fn)(**_amp_args(step, amp))
         coefs.append(_coefficients(opt))
     hist = opt.state[params[0]]["x_hist"]
     return {"coefs": torch.stack(coefs), "params": [p.detach().full_tensor().cpu() for p in params],

@@ -41,6 +41,15 @@ def _layout_cases():
     return cases
 
 
+def _amp_cases():
+    """GradScaler's scale and inf flag on shards (power-of-two scale, two inf steps)."""
+    amp = (torch.float32, "torch", STEPS, 3, 0.01, "cpu", "1d", None, True)
+    cases = [("amp-torch", C.anderson_dtensor, amp)]
+    if CPP:
+        cases.append(("amp-cpp", C.anderson_dtensor, (torch.float32, CPP) + amp[2:]))
+    return cases
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     return tmp_path_factory.mktemp("dcp")
@@ -59,6 +68,9 @@ def world2(checkpoints):
                   (f"ddp-{name}", C.ddp, (name, MODEL_STEPS)),
                   (f"zero-{name}", C.zero, (name, MODEL_STEPS)),
                   (f"dcp-save-{name}", C.dcp_save, (name, SAVED_AT, TOTAL, os.path.join(checkpoints, name)))]
+    cases += _amp_cases()
+    cases.append(("compiled", C.anderson_dtensor,
+                  (torch.float32, "torch", STEPS, 3, 0.01, "cpu", "1d", None, False, True)))
     cases += [("zero-nogroup-anderson", C.zero, ("anderson", MODEL_STEPS, False)),
               ("fsdp1-anderson", C.fsdp1, ("anderson", MODEL_STEPS)),
               ("rna-iterates", C.rna_fsdp2, ("iterates",)),
@@ -73,7 +85,7 @@ def world2(checkpoints):
 
 @pytest.fixture(scope="module")
 def world3(checkpoints, world2):  # world2 writes the checkpoints world3 loads
-    cases = _layout_cases()
+    cases = _layout_cases() + _amp_cases()
     for name in ("anderson", "interpolatron"):
         cases.append((f"dcp-load-{name}", C.dcp_load,
                       (name, SAVED_AT, TOTAL, os.path.join(checkpoints, name))))
@@ -128,6 +140,44 @@ def test_layout_invariance_to_float64_rounding(request, plain_layout, world, cas
         assert dc <= 1e-14, dc
         scale = max(p.abs().max().item() for p in ref["params"])
         assert dp <= (1e-15 if case == "layout-f64" else EPS32) * scale, dp
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_grad_scaler_on_shards(request, world, backend):
+    """GradScaler's fused contract on DTensor shards: gradients scaled by 8 and
+    two steps with an inf in one shard (found_inf set). Each rank's kernels
+    unscale, a flagged step writes nothing on any rank (parameters, rings, the
+    partial and whole Gram, coefficients, counts), and the run equals the
+    single-process run that never saw those two steps (coefficients to
+    float64 rounding, parameters to the last bits)."""
+    name = "torch" if backend == "torch" else CPP
+    if name is None:
+        pytest.skip("the C++ extension is not built")
+    scaled = C.run_anderson_plain(torch.float32, name, STEPS, amp=True)
+    dropped = C.run_anderson_plain(torch.float32, name, STEPS, drop=C.INF_STEPS)
+    # Single process: scaling by a power of two is exact, so skipping is all the scaler does.
+    assert torch.equal(scaled["coefs"], dropped["coefs"])
+    assert all(torch.equal(a, b) for a, b in zip(scaled["params"], dropped["params"]))
+    for res in _case(request.getfixturevalue(f"world{world}"), f"amp-{backend}"):
+        dc = (res["coefs"] - dropped["coefs"]).abs().max().item()
+        dp = _max_diff(res["params"], dropped["params"])
+        print(f"GradScaler on {world} ranks, {name}: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
+        assert dc <= 1e-14, dc
+        assert dp <= EPS32 * max(p.abs().max().item() for p in dropped["params"]), dp
+
+
+def test_compiled_step_on_shards(world2, plain_layout):
+    """``torch.compile(opt.step, fullgraph=True)`` on DTensor shards (2 ranks,
+    the Gram all-reduce inside the graph) after one eager step: the
+    single-process eager run's coefficients to float64 rounding."""
+    ref = plain_layout["layout-f32"]
+    for res in _case(world2, "compiled"):
+        dc = (res["coefs"] - ref["coefs"]).abs().max().item()
+        dp = _max_diff(res["params"], ref["params"])
+        print(f"compiled on 2 ranks: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
+        assert dc <= 1e-14, dc
+        assert dp <= EPS32 * max(p.abs().max().item() for p in ref["params"]), dp
 
 
 @pytest.mark.parametrize("kind", ["hsdp", "2d"])

@@ -18,10 +18,11 @@ import copy
 
 import pytest
 import torch
+from _sixteen_bit import make_data, make_model, make_optimizer
 from _triton_cases import kernel_device
 
 from interpolatron.backends import availability
-from interpolatron.optim import Anderson, Interpolatron
+from interpolatron.optim import Interpolatron
 
 BACKENDS = ["torch", "native", "triton"]
 
@@ -34,40 +35,16 @@ def _need(backend: str, dtype: torch.dtype = torch.float32) -> None:
         pytest.skip(why)
 
 
-def _model(dtype: torch.dtype) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return m.to(dtype)
-
-
-def _data(dtype: torch.dtype = torch.float32):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(256, 16, generator=g)
-    w = torch.randn(16, 4, generator=g)
-    return x.to(dtype), (torch.sin(x @ w)).to(dtype)
-
-
-def _make(algo: str, params, backend: str, **kw):
-    if algo == "interpolatron":
-        return Interpolatron(params, lr=kw.pop("lr", 0.05), alphas=(0.3, 0.7), weight_decay=0.01,
-                             backend=backend, **kw)
-    return Anderson(params, lr=kw.pop("lr", 0.05), history=3, reg=1e-3, weight_decay=0.01, backend=backend,
-                    **kw)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_master_equals_float32_run_on_the_same_gradients(backend, algo, dtype):
     _need(backend, dtype)
-    m = _model(dtype)
+    m = make_model(dtype)
     shadow = [p.detach().float().clone().requires_grad_() for p in m.parameters()]
-    opt = _make(algo, m.parameters(), backend, master_weights=True)
-    ref = _make(algo, shadow, backend)
-    x, y = _data(dtype)
+    opt = make_optimizer(algo, m.parameters(), backend, master_weights=True)
+    ref = make_optimizer(algo, shadow, backend)
+    x, y = make_data(dtype)
     for _ in range(6):
         opt.zero_grad()
         torch.nn.functional.mse_loss(m(x).float(), y.float()).backward()
@@ -85,9 +62,9 @@ def test_master_equals_float32_run_on_the_same_gradients(backend, algo, dtype):
 
 
 def _train(dtype: torch.dtype, steps: int, backend: str = "native", **kw) -> list[torch.Tensor]:
-    m = _model(dtype)
+    m = make_model(dtype)
     opt = Interpolatron(m.parameters(), lr=1e-3, alphas=(0.1, 0.9), backend=backend, **kw)
-    x, y = _data(dtype)
+    x, y = make_data(dtype)
     for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.mse_loss(m(x).float(), y.float()).backward()
@@ -103,7 +80,7 @@ def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def test_bf16_master_tracks_float32_at_small_lr(backend):
     _need(backend, torch.bfloat16)
     steps = 60 if backend == "triton" else 200
-    start = [p.detach().float() for p in _model(torch.float32).parameters()]
+    start = [p.detach().float() for p in make_model(torch.float32).parameters()]
     fp32 = _train(torch.float32, steps, backend)
     plain = _train(torch.bfloat16, steps, backend)
     master = _train(torch.bfloat16, steps, backend, master_weights=True)
@@ -118,7 +95,7 @@ def test_bf16_master_tracks_float32_at_small_lr(backend):
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 def test_state_dict_carries_the_master(backend, algo):
     _need(backend, torch.bfloat16)
-    x, y = _data(torch.bfloat16)
+    x, y = make_data(torch.bfloat16)
 
     def run(m, opt, steps):
         for _ in range(steps):
@@ -126,20 +103,20 @@ def test_state_dict_carries_the_master(backend, algo):
             torch.nn.functional.mse_loss(m(x).float(), y.float()).backward()
             opt.step()
 
-    m = _model(torch.bfloat16)
-    opt = _make(algo, m.parameters(), backend, master_weights=True)
+    m = make_model(torch.bfloat16)
+    opt = make_optimizer(algo, m.parameters(), backend, master_weights=True)
     run(m, opt, 4)
     sd = copy.deepcopy(opt.state_dict())
     m2 = copy.deepcopy(m)
     assert all(sd["state"][i]["master"].dtype == torch.float32 for i in sd["state"])
     run(m, opt, 3)
-    opt2 = _make(algo, m2.parameters(), backend, master_weights=True)
+    opt2 = make_optimizer(algo, m2.parameters(), backend, master_weights=True)
     opt2.load_state_dict(sd)
     run(m2, opt2, 3)
     for p, q in zip(m.parameters(), m2.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["master"], opt2.state[q]["master"])
-    plain = _make(algo, copy.deepcopy(m2).parameters(), backend)
+    plain = make_optimizer(algo, copy.deepcopy(m2).parameters(), backend)
     with pytest.raises(ValueError, match="master"):
         plain.load_state_dict(sd)
 
@@ -147,9 +124,9 @@ def test_state_dict_carries_the_master(backend, algo):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_skipped_step_keeps_master(backend):
     _need(backend, torch.float16)
-    m = _model(torch.float16)
-    opt = _make("interpolatron", m.parameters(), backend, master_weights=True)
-    x, y = _data(torch.float16)
+    m = make_model(torch.float16)
+    opt = make_optimizer("interpolatron", m.parameters(), backend, master_weights=True)
+    x, y = make_data(torch.float16)
     scale = torch.tensor(2.0 ** 6)
     for found in (0.0, 0.0, 1.0):
         if found:

@@ -25,12 +25,13 @@ import math
 import pytest
 import torch
 from _bucket_cases import CASES, clones, make_bucket
+from _sixteen_bit import make_data, make_model, make_optimizer
 from _triton_cases import kernel_device
 
 from interpolatron import rounding
 from interpolatron.backends import availability
 from interpolatron.backends.torch_backend import BACKEND as ORACLE
-from interpolatron.optim import Anderson, Interpolatron
+from interpolatron.optim import Interpolatron
 
 BACKENDS = ["torch", "native", "triton"]
 LOW = [torch.bfloat16, torch.float16]
@@ -172,30 +173,6 @@ def test_wide_dtypes_ignore_the_seed(backend_name):
 
 # -- the optimizers -----------------------------------------------------------------------------
 
-def _model(dtype: torch.dtype) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return m.to(dtype)
-
-
-def _data(dtype: torch.dtype = torch.float32):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(256, 16, generator=g)
-    w = torch.randn(16, 4, generator=g)
-    return x.to(dtype), (torch.sin(x @ w)).to(dtype)
-
-
-def _make(algo: str, params, backend: str, **kw):
-    if algo == "interpolatron":
-        return Interpolatron(params, lr=kw.pop("lr", 0.05), alphas=(0.3, 0.7), weight_decay=0.01,
-                             backend=backend, **kw)
-    return Anderson(params, lr=kw.pop("lr", 0.05), history=3, reg=1e-3, weight_decay=0.01, backend=backend,
-                    **kw)
-
-
 def _run(m, opt, x, y, steps):
     for _ in range(steps):
         opt.zero_grad()
@@ -214,16 +191,16 @@ def test_bf16_stochastic_rounding_tracks_float32_at_small_lr(backend):
     rounding keeps them on average. Measured on the torch backend: moved 0.34,
     plain gap 0.31, stochastic 0.088 (0.28 of plain), master weights 0.027."""
     _backend(backend, torch.bfloat16)
-    x32, y32 = _data(torch.float32)
-    xb, yb = _data(torch.bfloat16)
+    x32, y32 = make_data(torch.float32)
+    xb, yb = make_data(torch.bfloat16)
 
     def train(dtype, **kw):
-        m = _model(dtype)
+        m = make_model(dtype)
         opt = Interpolatron(m.parameters(), lr=1e-3, alphas=(0.1, 0.9), backend=backend, **kw)
         _run(m, opt, *((x32, y32) if dtype == torch.float32 else (xb, yb)), 200)
         return list(m.parameters())
 
-    start = list(_model(torch.float32).parameters())
+    start = list(make_model(torch.float32).parameters())
     fp32 = train(torch.float32)
     plain = train(torch.bfloat16)
     sr = train(torch.bfloat16, stochastic_rounding=True)
@@ -237,15 +214,15 @@ def test_bf16_stochastic_rounding_tracks_float32_at_small_lr(backend):
 @pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
 def test_state_dict_resumes_bitwise(backend, algo, dtype):
     _backend(backend, dtype)
-    x, y = _data(dtype)
-    m = _model(dtype)
-    opt = _make(algo, m.parameters(), backend, stochastic_rounding=True, sr_seed=12345)
+    x, y = make_data(dtype)
+    m = make_model(dtype)
+    opt = make_optimizer(algo, m.parameters(), backend, stochastic_rounding=True, sr_seed=12345)
     _run(m, opt, x, y, 4)
     sd = copy.deepcopy(opt.state_dict())
     assert all(g["stochastic_rounding"] is True and g["sr_seed"] == 12345 for g in sd["param_groups"])
     m2 = copy.deepcopy(m)
     _run(m, opt, x, y, 3)
-    opt2 = _make(algo, m2.parameters(), backend)  # built without it: the checkpoint turns it on
+    opt2 = make_optimizer(algo, m2.parameters(), backend)  # built without it: the checkpoint turns it on
     opt2.load_state_dict(sd)
     _run(m2, opt2, x, y, 3)
     for p, q in zip(m.parameters(), m2.parameters()):
@@ -256,26 +233,26 @@ def test_state_dict_resumes_bitwise(backend, algo, dtype):
 
 
 def test_seed_matters_and_nearest_differs():
-    x, y = _data(torch.bfloat16)
+    x, y = make_data(torch.bfloat16)
     results = []
     for kw in (dict(stochastic_rounding=True, sr_seed=1), dict(stochastic_rounding=True, sr_seed=1),
                dict(stochastic_rounding=True, sr_seed=2), {}):
-        m = _model(torch.bfloat16)
-        _run(m, _make("interpolatron", m.parameters(), "torch", lr=1e-3, **kw), x, y, 3)
+        m = make_model(torch.bfloat16)
+        _run(m, make_optimizer("interpolatron", m.parameters(), "torch", lr=1e-3, **kw), x, y, 3)
         results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.equal(results[0], results[1])  # run to run: the same bits
     assert not torch.equal(results[0], results[2]) and not torch.equal(results[0], results[3])
 
 
 def test_old_checkpoint_loads_with_rounding_to_nearest():
-    x, y = _data(torch.bfloat16)
-    m = _model(torch.bfloat16)
-    opt = _make("interpolatron", m.parameters(), "torch")
+    x, y = make_data(torch.bfloat16)
+    m = make_model(torch.bfloat16)
+    opt = make_optimizer("interpolatron", m.parameters(), "torch")
     _run(m, opt, x, y, 2)
     sd = opt.state_dict()
     for g in sd["param_groups"]:  # as written before the setting existed
         del g["stochastic_rounding"], g["sr_seed"]
-    opt2 = _make("interpolatron", copy.deepcopy(m).parameters(), "torch", stochastic_rounding=True)
+    opt2 = make_optimizer("interpolatron", copy.deepcopy(m).parameters(), "torch", stochastic_rounding=True)
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["stochastic_rounding"] is False and opt2.param_groups[0]["sr_seed"] == 0
 
@@ -286,15 +263,15 @@ def test_old_checkpoint_loads_with_rounding_to_nearest():
                                  dict(stochastic_rounding=True, master_weights=True)],
                          ids=["not_bool", "negative_seed", "seed_too_big", "float_seed", "with_master"])
 def test_bad_settings_refused(bad):
-    m = _model(torch.bfloat16)
+    m = make_model(torch.bfloat16)
     with pytest.raises(ValueError):
-        _make("anderson", m.parameters(), "torch", **bad)
+        make_optimizer("anderson", m.parameters(), "torch", **bad)
 
 
 def test_refused_checkpoint_changes_nothing():
-    x, y = _data(torch.bfloat16)
-    m = _model(torch.bfloat16)
-    opt = _make("interpolatron", m.parameters(), "torch", stochastic_rounding=True)
+    x, y = make_data(torch.bfloat16)
+    m = make_model(torch.bfloat16)
+    opt = make_optimizer("interpolatron", m.parameters(), "torch", stochastic_rounding=True)
     _run(m, opt, x, y, 2)
     sd = copy.deepcopy(opt.state_dict())
     sd["param_groups"][0]["sr_seed"] = "7"
@@ -308,9 +285,9 @@ def test_refused_checkpoint_changes_nothing():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_skipped_step_writes_nothing(backend):
     _backend(backend, torch.float16)
-    m = _model(torch.float16)
-    opt = _make("anderson", m.parameters(), backend, stochastic_rounding=True)
-    x, y = _data(torch.float16)
+    m = make_model(torch.float16)
+    opt = make_optimizer("anderson", m.parameters(), backend, stochastic_rounding=True)
+    x, y = make_data(torch.float16)
     scale = torch.tensor(2.0 ** 6)
     for found in (0.0, 0.0, 1.0):
         if found:
@@ -329,9 +306,9 @@ def test_skipped_step_writes_nothing(backend):
 def test_compiled_step_equals_eager(algo):
     """The seed is a constant of the graph and the count is read on the device:
     a compiled step draws exactly the eager bits, with no recompile per step."""
-    x, y = _data(torch.bfloat16)
-    ms = [_model(torch.bfloat16) for _ in range(2)]
-    opts = [_make(algo, m.parameters(), "torch", lr=1e-3, stochastic_rounding=True) for m in ms]
+    x, y = make_data(torch.bfloat16)
+    ms = [make_model(torch.bfloat16) for _ in range(2)]
+    opts = [make_optimizer(algo, m.parameters(), "torch", lr=1e-3, stochastic_rounding=True) for m in ms]
     _run(ms[0], opts[0], x, y, 1)
     _run(ms[1], opts[1], x, y, 1)
     torch._dynamo.reset()
