@@ -98,7 +98,7 @@ def _layout(world: int, kind: str, device: str):
 
 
 def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay=0.01, device="cpu",
-                     kind="1d", skips=None, amp=False):
+                     kind="1d", skips=None, amp=False, compiled=False):
     """Anderson on DTensor parameters laid out by :func:`_layout`; gradients
     distributed the same way."""
     from torch.distributed.tensor import distribute_tensor
@@ -109,13 +109,16 @@ def anderson_dtensor(rank, world, dtype, backend, steps, history=3, weight_decay
     grads = [[g.to(mesh.device_type) for g in gs] for gs in grads]
     params = [nn.Parameter(distribute_tensor(x, mesh, pl, src_data_rank=None)) for x, pl in zip(x0, place)]
     opt = interpolatron.Anderson(params, lr=0.1, history=history, weight_decay=weight_decay, backend=backend)
+    # Compiled: after one eager step (a first compiled step on DTensors fails in
+    # Dynamo's analysis; on plain tensors it compiles from the first step).
+    step_fn = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
     coefs = []
     for step, g in enumerate(grads):
         for i, (p, gi, pl) in enumerate(zip(params, g, place)):
             skip = i in (skips or {}).get(step, ())
             g_step = _scaled(gi, step, i, amp)
             p.grad = None if skip else distribute_tensor(g_step, mesh, pl, src_data_rank=None)
-        opt.step(**_amp_args(step, amp))
+        (opt.step if step == 0 else step_fn)(**_amp_args(step, amp))
         coefs.append(_coefficients(opt))
     hist = opt.state[params[0]]["x_hist"]
     return {"coefs": torch.stack(coefs), "params": [p.detach().full_tensor().cpu() for p in params],

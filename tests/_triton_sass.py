@@ -37,21 +37,30 @@ def _cases(dtype: torch.dtype) -> dict:
     amp = {"grad_scale": "*fp32", "found_inf": "*fp32"}
     no_amp = dict(SCALED=False, SKIPPABLE=False)
     with_amp = dict(SCALED=True, SKIPPABLE=True)
+    def combine_sig(t: str) -> dict:
+        return {**tables, "ntensors": "i32", "x_hist": f"*{t}", "g_hist": f"*{t}", "x_stride": "i32",
+                "g_stride": "i32", "coefs": "*fp64", "lr": "*fp64", "count": "*i64", "wd": "*fp64",
+                **amp, "partials": "*fp64", "nblocks": "i32", "sr_seed": "i32"}
+
+    sr_cases = {}
+    if dtype == torch.bfloat16:
+        # Stochastic rounding of the 16-bit writes (bf16 and fp16: the same block),
+        # with GradScaler, as a mixed-precision run uses it.
+        for t16, tdt16 in (("bf16", tl.bfloat16), ("fp16", tl.float16)):
+            sr_cases[f"combine-{t16}-k2-sr"] = (_combine_kernel, combine_sig(t16), dict(
+                K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt16, GDT=tdt16, **common,
+                **with_amp, SR=True), 4 * per_thread, 3 * per_thread)
     return {
-        f"combine-{ty}-k2": (_combine_kernel, {
-            **tables, "ntensors": "i32", "x_hist": f"*{ty}", "g_hist": f"*{ty}", "x_stride": "i32",
-            "g_stride": "i32", "coefs": "*fp64", "lr": "*fp64", "count": "*i64", "wd": "*fp64",
-            **amp, "partials": "*fp64", "nblocks": "i32"},
-            dict(K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt, GDT=tdt, **common, **no_amp),
+        f"combine-{ty}-k2": (_combine_kernel, combine_sig(ty),
+            dict(K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt, GDT=tdt, **common, **no_amp,
+                 SR=False),
             4 * per_thread, 3 * per_thread),
         # GradScaler's variant: the scale and the skip flag read on the device.
-        f"combine-{ty}-k2-amp": (_combine_kernel, {
-            **tables, "ntensors": "i32", "x_hist": f"*{ty}", "g_hist": f"*{ty}", "x_stride": "i32",
-            "g_stride": "i32", "coefs": "*fp64", "lr": "*fp64", "count": "*i64", "wd": "*fp64",
-            **amp, "partials": "*fp64", "nblocks": "i32"},
+        f"combine-{ty}-k2-amp": (_combine_kernel, combine_sig(ty),
             dict(K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt, GDT=tdt, **common,
-                 **with_amp),
+                 **with_amp, SR=False),
             4 * per_thread, 3 * per_thread),
+        **sr_cases,
         f"gram_row-{ty}-k2": (_gram_row_kernel, {
             **tables, "ntensors": "i32", "g_hist": f"*{ty}", "g_stride": "i32", "count": "*i64",
             "wd": "*fp64", **amp, "partials": "*fp64", "nblocks": "i32"},
@@ -78,9 +87,10 @@ def _cases(dtype: torch.dtype) -> dict:
     }
 
 
-def _spills(ptx: Path, arch: str) -> int:
-    """Spill bytes per ptxas -v. Triton's wheel carries two ptxas (the newer one
-    for recent PTX versions); the first that accepts this PTX reports."""
+def _ptxas_report(ptx: Path, arch: str) -> tuple[int, int]:
+    """(spill bytes, registers per thread) per ptxas -v. Triton's wheel carries two
+    ptxas (the newer one for recent PTX versions); the first that accepts this PTX
+    reports."""
     here = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     errors = []
     for tool in (here / "ptxas-blackwell", here / "ptxas", shutil.which("ptxas")):
@@ -90,8 +100,10 @@ def _spills(ptx: Path, arch: str) -> int:
                              capture_output=True, text=True)
         if rep.returncode == 0:
             text = rep.stderr + rep.stdout
-            return sum(int(a) + int(b) for a, b in
-                       re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text))
+            spills = sum(int(a) + int(b) for a, b in
+                         re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text))
+            regs = max((int(r) for r in re.findall(r"Used (\d+) registers", text)), default=-1)
+            return spills, regs
         errors.append(rep.stderr[-300:])
     raise RuntimeError(f"no ptxas accepted {ptx}: {errors}")
 
@@ -113,6 +125,7 @@ def compile_all(target, outdir: str) -> dict:
             ptx.write_text(kernel.asm["ptx"])
             cubin.write_bytes(kernel.asm["cubin"])  # what Triton itself assembled
             arch = f"sm_{target.arch}a" if target.arch >= 90 else f"sm_{target.arch}"
-            spills = _spills(ptx, arch)
-            out[name] = {"cubin": str(cubin), "loads": loads, "stores": stores, "spills": spills}
+            spills, regs = _ptxas_report(ptx, arch)
+            out[name] = {"cubin": str(cubin), "loads": loads, "stores": stores, "spills": spills,
+                         "registers": regs}
     return out

@@ -183,7 +183,7 @@ def triton_sass(tmp_path_factory):
 TRITON_CASES = ["combine-fp32-k2", "combine-bf16-k2", "gram_row-fp32-k2", "gram_row-bf16-k2",
                 "combine-fp32-k2-amp", "combine-bf16-k2-amp", "gram_row-fp32-k2-amp", "gram_row-bf16-k2-amp",
                 "rna_record-fp32-s3", "rna_record-bf16-s3", "rna_extrapolate-fp32-s3",
-                "rna_extrapolate-bf16-s3"]
+                "rna_extrapolate-bf16-s3", "combine-bf16-k2-sr", "combine-fp16-k2-sr"]
 
 
 @pytest.mark.parametrize("name", TRITON_CASES)
@@ -195,6 +195,25 @@ def test_triton_vector_paths_are_128_bit(triton_sass, name):
     assert wide(c, "STG") >= info["stores"], dict(c)
     assert narrow_generic(c) == 0, dict(c)
     assert info["spills"] == 0, info
+
+
+@needs_cuobjdump
+def test_triton_stochastic_rounding_is_its_own_specialisation(triton_sass):
+    """The hash (its first multiplier, 0x7FEB352D, as PTX writes it) is compiled
+    into the SR combines, for every element of the vector and the masked path
+    (h(col), then r(col) per stream: 3 per element, 16 elements per thread, two
+    paths) and into no other kernel: rounding to nearest compiles as before."""
+    mult = str(0x7FEB352D)
+
+    def hashes(name: str) -> int:
+        return Path(triton_sass[name][1]["cubin"]).with_suffix(".ptx").read_text().count(mult)
+
+    per_thread = 16  # 4096 16-bit elements per program over 256 threads
+    for name in ("combine-bf16-k2-sr", "combine-fp16-k2-sr"):
+        assert hashes(name) >= 2 * 3 * per_thread, name
+    for name in TRITON_CASES:
+        if not name.endswith("-sr"):
+            assert hashes(name) == 0, name
 
 
 def test_sass_parser_counts_wide_accesses():

@@ -69,6 +69,8 @@ def world2(checkpoints):
                   (f"zero-{name}", C.zero, (name, MODEL_STEPS)),
                   (f"dcp-save-{name}", C.dcp_save, (name, SAVED_AT, TOTAL, os.path.join(checkpoints, name)))]
     cases += _amp_cases()
+    cases.append(("compiled", C.anderson_dtensor,
+                  (torch.float32, "torch", STEPS, 3, 0.01, "cpu", "1d", None, False, True)))
     cases += [("zero-nogroup-anderson", C.zero, ("anderson", MODEL_STEPS, False)),
               ("fsdp1-anderson", C.fsdp1, ("anderson", MODEL_STEPS)),
               ("rna-iterates", C.rna_fsdp2, ("iterates",)),
@@ -163,6 +165,19 @@ def test_grad_scaler_on_shards(request, world, backend):
         print(f"GradScaler on {world} ranks, {name}: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
         assert dc <= 1e-14, dc
         assert dp <= EPS32 * max(p.abs().max().item() for p in dropped["params"]), dp
+
+
+def test_compiled_step_on_shards(world2, plain_layout):
+    """``torch.compile(opt.step, fullgraph=True)`` on DTensor shards (2 ranks,
+    the Gram all-reduce inside the graph) after one eager step: the
+    single-process eager run's coefficients to float64 rounding."""
+    ref = plain_layout["layout-f32"]
+    for res in _case(world2, "compiled"):
+        dc = (res["coefs"] - ref["coefs"]).abs().max().item()
+        dp = _max_diff(res["params"], ref["params"])
+        print(f"compiled on 2 ranks: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
+        assert dc <= 1e-14, dc
+        assert dp <= EPS32 * max(p.abs().max().item() for p in ref["params"]), dp
 
 
 @pytest.mark.parametrize("kind", ["hsdp", "2d"])

@@ -13,12 +13,19 @@ Gram row ``<g(age 0), g(age j)>`` is formed from the registers already loaded.
 ``lr``, ``coefs`` and ``count`` are read from device memory and the ring slots
 are computed from ``count`` in the kernel, so a captured CUDA graph replays
 correctly while they change.
+
+With ``sr_seed`` and 16-bit data the specialisation ``SR`` rounds the new
+parameter and the stored gradient stochastically (:mod:`.rounding`, after
+interpolatron/rounding.py), its random bits drawn from the seed (a runtime
+argument: a new seed does not recompile), the ``count`` already loaded and the
+element's ring column; the Gram row uses the unrounded gradient.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -26,15 +33,17 @@ from torch import Tensor
 from . import _launch
 from ._helpers import _block_of, _inv_scale, _ld, _ring_ptr, _skip_block, _slot, _st, _tensor_ptr
 from .reduce import reduce_partials
+from .rounding import STREAM_GRAD, STREAM_PARAM, _sr_bits, _sr_col_hash, _sr_key, _sr_round
 
 
 @triton.jit
 def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                   coefs, lr, count, wd, grad_scale, partials, nblocks,
+                   coefs, lr, count, wd, grad_scale, partials, nblocks, sr_seed,
                    K: tl.constexpr, KP: tl.constexpr, GRAM: tl.constexpr,
                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, SCALED: tl.constexpr,
                    PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
-                   RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+                   RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr,
+                   SR: tl.constexpr):
     RH: tl.constexpr = FAST and RING_ALIGNED
     pid = tl.program_id(0)
     c = tl.load(count)
@@ -74,37 +83,56 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
         elif GRAM:
             tl.store(partials + j * nblocks + pid, tl.sum(g64 * gj.to(tl.float64), axis=0))
     lr_c = tl.load(lr).to(CD)
-    _st(p, acc_x - lr_c * acc_g, rem, BLOCK, FAST)
+    x_new = acc_x - lr_c * acc_g
+    if SR:
+        # The 16-bit writes rounded stochastically (interpolatron/rounding.py):
+        # the random bits of the element's ring column, drawn from the seed and
+        # the count already loaded. The Gram row above used the unrounded g.
+        col_hash = _sr_col_hash(col, BLOCK)
+        x_new = _sr_round(x_new, _sr_bits(col_hash, _sr_key(sr_seed, c, STREAM_PARAM)), PDT)
+    _st(p, x_new, rem, BLOCK, FAST)
     if K > 1:
         # Slot c mod (k-1) held age k-1, consumed above: the oldest entry is replaced.
         ws = _slot(c, 0, K - 1)
         _st(_ring_ptr(x_hist, ws, x_stride, col, RH), x_raw, rem, BLOCK, FAST)
+        if SR:
+            # Rounded here, after the other stores, not with the parameter: the
+            # sm_90 build of k = 4 with GradScaler spilled with both live at once.
+            g = _sr_round(g, _sr_bits(col_hash, _sr_key(sr_seed, c, STREAM_GRAD)),
+                          g_hist.dtype.element_ty)
         _st(_ring_ptr(g_hist, ws, g_stride, col, RH), g, rem, BLOCK, FAST)
     if TILE:
         r = tl.arange(0, KP)
         tl.store(partials + r * nblocks + pid, tl.sum(tile, axis=1), mask=r < K)
 
 
-@triton.jit(do_not_specialize=["ntensors", "x_stride", "g_stride", "nblocks"])
+@triton.jit(do_not_specialize=["ntensors", "x_stride", "g_stride", "nblocks", "sr_seed"])
 def _combine_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
                     x_hist, g_hist, x_stride, g_stride, coefs, lr, count, wd, grad_scale, found_inf,
-                    partials, nblocks,
+                    partials, nblocks, sr_seed,
                     K: tl.constexpr, KP: tl.constexpr, GRAM: tl.constexpr,
                     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, SCALED: tl.constexpr,
                     SKIPPABLE: tl.constexpr,
                     PDT: tl.constexpr, GDT: tl.constexpr, CD: tl.constexpr,
-                    RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                    RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, SR: tl.constexpr):
     t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
     if SKIPPABLE:
         rem, fast = _skip_block(found_inf, rem, fast)
     if fast:
         _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                       coefs, lr, count, wd, grad_scale, partials, nblocks, K, KP, GRAM, MAXIMIZE, HAS_WD,
-                       SCALED, PDT, GDT, CD, RING_ALIGNED, BLOCK, True)
+                       coefs, lr, count, wd, grad_scale, partials, nblocks, sr_seed, K, KP, GRAM, MAXIMIZE,
+                       HAS_WD, SCALED, PDT, GDT, CD, RING_ALIGNED, BLOCK, True, SR)
     else:
         _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride, g_stride,
-                       coefs, lr, count, wd, grad_scale, partials, nblocks, K, KP, GRAM, MAXIMIZE, HAS_WD,
-                       SCALED, PDT, GDT, CD, RING_ALIGNED, BLOCK, False)
+                       coefs, lr, count, wd, grad_scale, partials, nblocks, sr_seed, K, KP, GRAM, MAXIMIZE,
+                       HAS_WD, SCALED, PDT, GDT, CD, RING_ALIGNED, BLOCK, False, SR)
+
+
+def _sr_seed_arg(seed: int) -> int:
+    """The seed mod 2^32 as the int32 of the same bits: every seed passes as one
+    argument type, so a new seed neither recompiles nor changes the signature."""
+    seed &= 0xFFFFFFFF
+    return seed - (1 << 32) if seed >= 1 << 31 else seed
 
 
 def _ring_arg(ring: Tensor, fallback: Tensor) -> Tensor:
@@ -128,6 +156,7 @@ def combine(
     *,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """Launch the fused step for one bucket (see :meth:`Backend.combine`)."""
     k = coefs.numel()
@@ -154,6 +183,7 @@ def combine(
     has_wd = weight_decay != 0
     wd = _launch.f64_scalar(cache, "weight_decay", weight_decay, device) if has_wd else lr
     coefs = coefs if coefs.is_contiguous() else coefs.contiguous()
+    sr = sr_seed is not None and dtype in (torch.bfloat16, torch.float16)
     xr = _ring_arg(x_hist, tabs.buf)
     gr = _ring_arg(g_hist, xr)
     tabs.stage_in()
@@ -162,13 +192,14 @@ def combine(
         tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start, tabs.ntensors,
         xr, gr, x_hist.stride(0), g_hist.stride(0), coefs, lr, count, wd,
         lr if grad_scale is None else grad_scale, lr if found_inf is None else found_inf,
-        partials, tabs.nblocks,
+        partials, tabs.nblocks, _sr_seed_arg(sr_seed) if sr else 0,
         num_warps=cfg.num_warps,
         K=k, KP=triton.next_power_of_2(k), GRAM=gram is not None, MAXIMIZE=bool(maximize),
         HAS_WD=has_wd, SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None,
         PDT=_launch.tl_dtype(dtype),
         GDT=_launch.tl_dtype(grads[0].dtype if grads else dtype),
         CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(x_hist, g_hist), BLOCK=cfg.block,
+        SR=sr,
     )
     if gram is not None:
         reduce_partials(partials, gram)

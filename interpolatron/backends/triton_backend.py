@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from .base import SUPPORTED_DTYPES
-from .torch_backend import BACKEND as _REFERENCE
 
 try:
     from interpolatron.triton_kernels import combine as _combine
@@ -64,15 +63,10 @@ class TritonBackend:
                 count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
                 cache: dict, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
                 sr_seed: int | None = None) -> None:
-        if sr_seed is not None and x_hist.dtype in (torch.bfloat16, torch.float16):
-            # TODO(stochastic rounding kernels): the reference until the kernel rounds itself.
-            _REFERENCE.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
-                               maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf,
-                               sr_seed=sr_seed)
-            return
         with _on(x_hist.device):
             _combine.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count,
-                             weight_decay, maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf)
+                             weight_decay, maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf,
+                             sr_seed=sr_seed)
 
     def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
                  g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
