@@ -232,6 +232,10 @@ def stage2() -> dict:
                                   "--optimizers", "adam", "sgd", *ours, "--name", "bench-large"], 200)
     st.run("bench-10k", base + ["--dtype", "fp32", "--sets", "10k-small", "--optimizers", "adam", "sgd",
                                 "interpolatron-2", "anderson-2", "--reps", "5", "--name", "bench-10k"], 70)
+    # The 16-bit modes: is stochastic rounding's hash hidden behind memory on a GPU?
+    st.run("bench-16bit", base + ["--dtype", "bf16", "--sets", "gpt2", "--optimizers", "adam",
+                                  "interpolatron-2", "interpolatron-2-sr", "interpolatron-2-master",
+                                  "anderson-2", "anderson-2-sr", "--name", "bench-16bit"], 60)
     _ncu(st, backends)
     return st.record
 
