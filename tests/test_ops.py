@@ -46,6 +46,12 @@ def test_opcheck(op, dtype, backend):
     torch.library.opcheck(ops.OPS[op], _args(op, dtype, backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_opcheck_combine_with_stochastic_rounding(dtype, backend):
+    torch.library.opcheck(ops.combine, _args("combine", dtype, backend), {"sr_seed": 12345})
+
+
 @pytest.mark.parametrize("op", list(ops.OPS))
 def test_ops_match_the_backend_calls(op):
     """The op writes exactly what the torch backend's method writes (bitwise)."""
