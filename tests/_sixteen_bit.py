@@ -31,3 +31,23 @@ def make_optimizer(algo: str, params, backend: str, **kw):
                              backend=backend, **kw)
     return Anderson(params, lr=kw.pop("lr", 0.05), history=3, reg=1e-3, weight_decay=0.01, backend=backend,
                     **kw)
+
+
+def assert_skipped_step_writes_nothing(algo: str, backend: str, **kw) -> None:
+    """float16, GradScaler's scale 64: two steps taken, then one with found_inf
+    set; the parameters and every state tensor stay bitwise as they were."""
+    m = make_model(torch.float16)
+    opt = make_optimizer(algo, m.parameters(), backend, **kw)
+    x, y = make_data(torch.float16)
+    scale = torch.tensor(2.0 ** 6)
+    for found in (0.0, 0.0, 1.0):
+        if found:
+            before = {p: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+                      for p in m.parameters()}
+        opt.zero_grad()
+        (torch.nn.functional.mse_loss(m(x).float(), y.float()) * scale).backward()
+        opt.step(grad_scale=scale, found_inf=torch.tensor(found))
+    for p, (value, state) in before.items():
+        assert torch.equal(p, value)
+        for k, v in state.items():
+            assert torch.equal(opt.state[p][k], v), k
