@@ -133,16 +133,18 @@ def test_k1_equals_fused_sgd_under_grad_scaler(backend):
     assert int(opt.state[next(iter(got.parameters()))]["step"]) == 10 - len(INF_STEPS)
 
 
+def _k2_factory(algo: str, backend: str):
+    """k = 2 with weight decay: Interpolatron or Anderson on ``backend``."""
+    if algo == "interpolatron":
+        return lambda ps: Interpolatron(ps, lr=0.05, alphas=(0.3, 0.7), weight_decay=0.01, backend=backend)
+    return lambda ps: Anderson(ps, lr=0.05, history=2, reg=1e-3, weight_decay=0.01, backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 def test_k2_scaled_equals_pre_unscaled(backend, algo):
     _need(backend)
-    if algo == "interpolatron":
-        def make(ps):
-            return Interpolatron(ps, lr=0.05, alphas=(0.3, 0.7), weight_decay=0.01, backend=backend)
-    else:
-        def make(ps):
-            return Anderson(ps, lr=0.05, history=2, reg=1e-3, weight_decay=0.01, backend=backend)
+    make = _k2_factory(algo, backend)
     got, opt, scales = _scaled_run(make)
     want, ref_opt = _unscaled_run(make, scales)
     # Power-of-two scales: dividing by them is exact, so bitwise.
@@ -269,19 +271,12 @@ def test_scaled_step_reads_nothing_on_the_host(backend, algo):
     assert any("Optimizer.step" in n for n in names)  # the step did run under the profiler
 
 
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 def test_cuda_scaled_equals_pre_unscaled(backend, algo):
     """The CUDA kernels' scale and skip flag (each block returns on the flag)."""
-    if algo == "interpolatron":
-        def make(ps):
-            return Interpolatron(ps, lr=0.05, alphas=(0.3, 0.7), weight_decay=0.01, backend=backend)
-    else:
-        def make(ps):
-            return Anderson(ps, lr=0.05, history=2, reg=1e-3, weight_decay=0.01, backend=backend)
+    make = _k2_factory(algo, backend)
     got, opt, scales = _scaled_run(make, device="cuda")
     want, ref_opt = _unscaled_run(make, scales, device="cuda")
     for a, b in zip(want.parameters(), got.parameters()):

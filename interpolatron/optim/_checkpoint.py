@@ -177,10 +177,8 @@ def _plan_groups(opt: BucketedOptimizer, saved_groups: Any) -> list[dict]:
         if missing:
             raise CheckpointError(f"param group {i} of the state_dict lacks {missing[0]!r} "
                                   f"(saved by another optimizer?)")
+        # (a setting of LATER_GROUP_KEYS missing here is filled in by _validate_group)
         trial = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
-        for key, value in LATER_GROUP_KEYS.items():  # saved before the setting existed
-            if key in opt._hyperparameter_keys:
-                trial.setdefault(key, value)
         trial["params"] = mine["params"]
         if "param_names" in mine and "param_names" not in trial:
             trial["param_names"] = mine["param_names"]
