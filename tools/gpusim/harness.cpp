@@ -1,0 +1,250 @@
+// A torch-free program that runs the project's own CUDA kernels (csrc/cuda/*.cu,
+// compiled as they are) on raw device buffers, for a simulated GPU
+// (GPGPU-Sim replaces libcudart, so libtorch cannot be loaded there).
+//
+//   harness run CASES OUT   every case of CASES (written by tests/gpusim/cases.py)
+//                           through the launch layer, the buffers back into OUT
+//   harness bench KERNEL N  one timed launch on N elements per stream (timing model)
+//
+// Each buffer is placed `misalign` bytes past a 256-byte boundary with 256
+// guard bytes on each side; a guard that changed is reported as an
+// out-of-bounds write.
+#include <cuda_runtime_api.h>
+
+#include <cinttypes>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "launch_shim.h"
+#include "bench_kernels.h"
+
+namespace {
+
+constexpr int64_t kGuard = 256;
+constexpr unsigned char kGuardByte = 0xA5;
+
+void die(const char* what) {
+  std::fprintf(stderr, "harness: %s\n", what);
+  std::exit(2);
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    std::fprintf(stderr, "harness: %s: %s\n", what, cudaGetErrorString(err));
+    std::exit(3);
+  }
+}
+
+struct Reader {
+  FILE* f;
+  int64_t i64() {
+    int64_t v;
+    if (std::fread(&v, sizeof v, 1, f) != 1) die("truncated case file");
+    return v;
+  }
+  double f64() {
+    double v;
+    if (std::fread(&v, sizeof v, 1, f) != 1) die("truncated case file");
+    return v;
+  }
+  void bytes(void* p, int64_t n) {
+    if (n > 0 && std::fread(p, 1, static_cast<size_t>(n), f) != static_cast<size_t>(n)) die("truncated case file");
+  }
+};
+
+// One device buffer with guards around it.
+struct Buf {
+  int64_t nbytes = 0;
+  int64_t misalign = 0;
+  char* base = nullptr;  // device allocation
+  char* ptr() const { return base + kGuard + misalign; }
+  int64_t total() const { return kGuard + misalign + nbytes + kGuard; }
+};
+
+Buf upload(Reader& r) {
+  Buf b;
+  b.nbytes = r.i64();
+  b.misalign = r.i64();
+  std::vector<char> host(static_cast<size_t>(b.total()), static_cast<char>(kGuardByte));
+  r.bytes(host.data() + kGuard + b.misalign, b.nbytes);
+  check(cudaMalloc(reinterpret_cast<void**>(&b.base), static_cast<size_t>(b.total())), "cudaMalloc");
+  check(cudaMemcpy(b.base, host.data(), host.size(), cudaMemcpyHostToDevice), "upload");
+  return b;
+}
+
+// Downloads b into out; false when a guard byte changed.
+bool download(const Buf& b, FILE* out) {
+  std::vector<char> host(static_cast<size_t>(b.total()));
+  check(cudaMemcpy(host.data(), b.base, host.size(), cudaMemcpyDeviceToHost), "download");
+  bool ok = true;
+  for (int64_t i = 0; i < kGuard + b.misalign; ++i) ok = ok && static_cast<unsigned char>(host[i]) == kGuardByte;
+  for (int64_t i = kGuard + b.misalign + b.nbytes; i < b.total(); ++i)
+    ok = ok && static_cast<unsigned char>(host[i]) == kGuardByte;
+  if (b.nbytes > 0) std::fwrite(host.data() + kGuard + b.misalign, 1, static_cast<size_t>(b.nbytes), out);
+  check(cudaFree(b.base), "cudaFree");
+  return ok;
+}
+
+enum Op : int64_t { kCombine = 0, kGramRow = 1, kRnaRecord = 2, kRnaExtrapolate = 3 };
+enum Flag : int64_t {
+  kMaximize = 1,
+  kHasOut = 2,  // gram (combine), out (gram_row, rna_record)
+  kStore = 4,   // gram_row
+  kHasGradScale = 8,
+  kHasFoundInf = 16,
+  kStochastic = 32,
+};
+
+// Case layout (int64 unless said): op, dtype, nseg, row_elems, slots (k for
+// combine, S otherwise), flags, m (extrapolate), seed, weight_decay (f64),
+// numel[nseg], col[nseg], nbuf, then the buffers (nbytes, misalign, bytes) in
+// the op's order (tests/gpusim/cases.py).
+int run_case(Reader& r, FILE* out, int index) {
+  using namespace interp;
+  const int64_t op = r.i64();
+  const auto dtype = static_cast<DType>(r.i64());
+  const int64_t nseg = r.i64();
+  const int64_t row_elems = r.i64();
+  const int64_t slots = r.i64();
+  const int64_t flags = r.i64();
+  const int64_t m = r.i64();
+  const int64_t seed = r.i64();
+  const double weight_decay = r.f64();
+  std::vector<int64_t> numel(static_cast<size_t>(nseg)), col(static_cast<size_t>(nseg));
+  for (auto& v : numel) v = r.i64();
+  for (auto& v : col) v = r.i64();
+  const int64_t nbuf = r.i64();
+  std::vector<Buf> bufs;
+  for (int64_t i = 0; i < nbuf; ++i) bufs.push_back(upload(r));
+
+  size_t next = 0;
+  auto take = [&]() -> Buf& {
+    if (next >= bufs.size()) die("case has too few buffers");
+    return bufs[next++];
+  };
+  std::vector<launch::Segment> segs(static_cast<size_t>(nseg));
+  const bool two = op == kCombine || op == kGramRow;
+  for (int64_t s = 0; s < nseg; ++s) segs[s].a = take().ptr();
+  if (two) {
+    for (int64_t s = 0; s < nseg; ++s) segs[s].b = take().ptr();
+  }
+  for (int64_t s = 0; s < nseg; ++s) {
+    segs[s].numel = numel[s];
+    segs[s].col = col[s];
+  }
+  const auto opt = [&](int64_t flag) -> char* { return (flags & flag) ? take().ptr() : nullptr; };
+
+  launch::Workspace ws;
+  cudaError_t err = cudaSuccess;
+  switch (op) {
+    case kCombine: {
+      launch::CombineArgs a{};
+      a.dtype = dtype;
+      a.segs = segs.data();
+      a.nsegs = nseg;
+      a.k = static_cast<int>(slots);
+      a.x_ring = take().ptr();
+      a.g_ring = take().ptr();
+      a.row_elems = row_elems;
+      a.coefs = reinterpret_cast<const double*>(take().ptr());
+      a.lr = reinterpret_cast<const double*>(take().ptr());
+      a.count = reinterpret_cast<const int64_t*>(take().ptr());
+      a.weight_decay = weight_decay;
+      a.maximize = flags & kMaximize;
+      a.gram = reinterpret_cast<double*>(opt(kHasOut));
+      a.gram_stride = 1;
+      a.grad_scale = reinterpret_cast<const float*>(opt(kHasGradScale));
+      a.found_inf = reinterpret_cast<const float*>(opt(kHasFoundInf));
+      a.stochastic = flags & kStochastic;
+      a.sr_seed = static_cast<uint32_t>(seed);
+      err = launch::combine(a, ws, nullptr);
+      break;
+    }
+    case kGramRow: {
+      launch::GramArgs a{};
+      a.dtype = dtype;
+      a.segs = segs.data();
+      a.nsegs = nseg;
+      a.g_ring = take().ptr();
+      a.slots = static_cast<int>(slots);
+      a.row_elems = row_elems;
+      a.count = reinterpret_cast<const int64_t*>(take().ptr());
+      a.weight_decay = weight_decay;
+      a.maximize = flags & kMaximize;
+      a.store = flags & kStore;
+      a.out = reinterpret_cast<double*>(take().ptr());
+      a.out_stride = 1;
+      a.grad_scale = reinterpret_cast<const float*>(opt(kHasGradScale));
+      a.found_inf = reinterpret_cast<const float*>(opt(kHasFoundInf));
+      err = launch::gram_row(a, ws, nullptr);
+      break;
+    }
+    case kRnaRecord: {
+      launch::RecordArgs a{};
+      a.dtype = dtype;
+      a.segs = segs.data();
+      a.nsegs = nseg;
+      a.window = take().ptr();
+      a.slots = static_cast<int>(slots);
+      a.row_elems = row_elems;
+      a.count = reinterpret_cast<const int64_t*>(take().ptr());
+      a.out = reinterpret_cast<double*>(opt(kHasOut));
+      a.out_stride = 1;
+      err = launch::rna_record(a, ws, nullptr);
+      break;
+    }
+    case kRnaExtrapolate: {
+      launch::ExtrapArgs a{};
+      a.dtype = dtype;
+      a.segs = segs.data();
+      a.nsegs = nseg;
+      a.window = take().ptr();
+      a.slots = static_cast<int>(slots);
+      a.row_elems = row_elems;
+      a.count = reinterpret_cast<const int64_t*>(take().ptr());
+      a.coefs = reinterpret_cast<const double*>(take().ptr());
+      a.m = static_cast<int>(m);
+      err = launch::rna_extrapolate(a, ws, nullptr);
+      break;
+    }
+    default:
+      die("unknown op");
+  }
+  check(err, "launch");
+  check(cudaDeviceSynchronize(), "kernel");
+  if (next != bufs.size()) die("case has too many buffers");
+  bool guards = true;
+  for (const Buf& b : bufs) guards = download(b, out) && guards;
+  if (!guards) std::fprintf(stderr, "harness: case %d wrote outside its buffers\n", index);
+  std::fflush(out);
+  return guards ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "run") {
+    FILE* in = std::fopen(argv[2], "rb");
+    FILE* out = std::fopen(argv[3], "wb");
+    if (!in || !out) die("cannot open the case or output file");
+    Reader r{in};
+    const int64_t ncases = r.i64();
+    int bad = 0;
+    for (int64_t c = 0; c < ncases; ++c) {
+      bad += run_case(r, out, static_cast<int>(c));
+      std::fprintf(stderr, "harness: case %" PRId64 " done\n", c);
+    }
+    std::fclose(out);
+    std::printf("HARNESS_DONE %" PRId64 " cases, %d with out-of-bounds writes\n", ncases, bad);
+    return bad ? 1 : 0;
+  }
+  if (argc == 4 && std::string(argv[1]) == "bench") {
+    return interp_bench::run(argv[2], std::strtoll(argv[3], nullptr, 10));
+  }
+  std::fprintf(stderr, "usage: harness run CASES OUT | harness bench KERNEL N\n");
+  return 2;
+}
