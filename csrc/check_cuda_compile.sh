@@ -34,7 +34,7 @@ printf '%-10s %-62s %5s %7s %7s %7s\n' "file" "kernel" "regs" "stack" "spill_st"
 for cu in "$here"/cuda/*.cu; do
   name="$(basename "$cu")"
   log="$tmp/$name.log"
-  if ! "$nvcc" -c -arch="$arch" -O3 -std=c++17 -lineinfo -Xptxas -v -Werror all-warnings -I"$here" \
+  if ! "$nvcc" -c -arch="$arch" -O3 -std=c++17 -lineinfo --fmad=false -Xptxas -v -Werror all-warnings -I"$here" \
       "$cu" -o "$tmp/$name.o" >"$log" 2>&1; then
     cat "$log" >&2
     echo "FAIL: $name does not compile for $arch" >&2

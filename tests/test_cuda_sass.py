@@ -46,6 +46,7 @@ needs_cuobjdump = pytest.mark.skipif(
     CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit, or the Triton wheel's backends/nvidia/bin)")
 
 _ACCESS = re.compile(r"\b((?:LDG|STG|LDL|STL|LD|ST)(?:\.[A-Z0-9_]+)*)\b")
+_FFMA = re.compile(r"\bFFMA\b")  # fp32 fused multiply-add (counted under "FFMA")
 
 
 def sass_by_function(cubin: Path) -> dict[str, Counter]:
@@ -65,6 +66,8 @@ def sass_by_function(cubin: Path) -> dict[str, Counter]:
         a = _ACCESS.search(ins)
         if a:
             current[a.group(1)] += 1
+        if _FFMA.search(ins):
+            current["FFMA"] += 1
     return out
 
 
@@ -86,8 +89,9 @@ def cuda_sass(tmp_path_factory) -> tuple[dict[str, Counter], str]:
     procs = []
     for name in ("combine.cu", "rna.cu"):
         cubin = tmp / (name + ".cubin")
-        cmd = [NVCC, "-cubin", f"-arch={ARCH}", "-O3", "-std=c++17", "-Xptxas", "-v", f"-I{CSRC}",
-               str(CSRC / "cuda" / name), "-o", str(cubin)]
+        # --fmad=false: as setup.py builds them (the rounding rule)
+        cmd = [NVCC, "-cubin", f"-arch={ARCH}", "-O3", "-std=c++17", "--fmad=false", "-Xptxas", "-v",
+               f"-I{CSRC}", str(CSRC / "cuda" / name), "-o", str(cubin)]
         procs.append((cubin, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                               text=True)))
     funcs: dict[str, Counter] = {}
@@ -138,6 +142,19 @@ def test_cuda_vector_paths_are_128_bit(cuda_sass, dtype, kernel, suffix, loads, 
     assert wide(c, "STG") >= stores, dict(c)
     # The wide accesses are global ones: a generic LD/ST.128 means nvcc lost the address space.
     assert not [op for op in c if op.split(".")[0] in ("LD", "ST") and ".128" in op], dict(c)
+
+
+@needs_nvcc
+@needs_cuobjdump
+def test_cuda_kernels_round_every_multiply_and_add(cuda_sass):
+    """The rounding rule of the CUDA kernels is the CPU kernels' (-ffp-contract=off):
+    nvcc --fmad=false, so no fp32 FFMA anywhere (nvcc contracted ``g * sign + wd * x``
+    and the weighted sums unevenly across a fragment; the simulated GPU measured
+    fp32 results one rounding off the CPU's). The float64 dot products keep their
+    explicit fma (DFMA), exact for fp32 products on both devices."""
+    funcs, _ = cuda_sass
+    fused = {name: c["FFMA"] for name, c in funcs.items() if c["FFMA"]}
+    assert not fused, fused
 
 
 @needs_nvcc

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from ._simulated import NATIVE_CUDA_VERIFIED
 from .base import SUPPORTED_DTYPES, Backend, compute_dtype
 
 __all__ = ["Backend", "BackendUnavailable", "BACKEND_NAMES", "availability", "resolve", "canonical_name",
@@ -77,6 +78,9 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     name = canonical_name(name)
     if name == "auto":
         order = _AUTO_ORDER.get(device.type, ("torch",))
+        if device.type == "cuda" and str(dtype).removeprefix("torch.") not in NATIVE_CUDA_VERIFIED:
+            # No GPU has run these kernels: only the simulated GPU vouches for them.
+            order = ("triton", "native", "torch")
         for candidate in order:
             backend, _ = _reason(candidate, device, dtype)
             if backend is not None:

@@ -76,8 +76,8 @@ class Case:
 
     def serialise(self, out: io.BufferedIOBase) -> None:
         w = out.write
-        w(struct.pack("<8q", OPS[self.op], DTYPE_CODE[self.dtype], len(self.numels), self.row_elems, self.slots,
-                      self.flags, self.m, self.seed))
+        w(struct.pack("<8q", OPS[self.op], DTYPE_CODE[self.dtype], len(self.numels), self.row_elems,
+                      self.slots, self.flags, self.m, self.seed))
         w(struct.pack("<d", self.weight_decay))
         w(struct.pack(f"<{len(self.numels)}q", *self.numels))
         w(struct.pack(f"<{len(self.cols)}q", *self.cols))
@@ -108,7 +108,8 @@ def read_outputs(cases: list[Case], path: str) -> list[list[torch.Tensor]]:
         for b in c.bufs:
             n = b.before.numel() * b.before.element_size()
             if pos + n > len(data):
-                raise AssertionError(f"{c.name}: the harness wrote {len(data)} bytes, fewer than the cases need")
+                raise AssertionError(f"{c.name}: the harness wrote {len(data)} bytes, "
+                                     "fewer than the cases need")
             raw = bytearray(data[pos:pos + n])
             pos += n
             t = torch.frombuffer(raw, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
@@ -141,7 +142,8 @@ def check(case: Case, got: list[torch.Tensor]) -> list[str]:
         if diff.numel():
             first = int(diff[0])
             problems.append(f"{b.name}: {diff.numel()} of {want.numel()} elements differ; first at {first}: "
-                            f"simulated {g.reshape(-1)[first].item()!r}, CPU {want.reshape(-1)[first].item()!r}"
+                            f"simulated {g.reshape(-1)[first].item()!r}, "
+                            f"CPU {want.reshape(-1)[first].item()!r}"
                             + (" (unchanged expected)" if b.after is None else ""))
     return problems
 
@@ -153,7 +155,8 @@ def _rand(n: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) 
     return (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
-def _layout(numels: list[int], dtype: torch.dtype, odd_cols: tuple[int, ...], gap: int) -> tuple[list[int], int]:
+def _layout(numels: list[int], dtype: torch.dtype, odd_cols: tuple[int, ...],
+            gap: int) -> tuple[list[int], int]:
     """Ring columns: each tensor at the next 16-byte column boundary, one column
     further for the tensors in odd_cols (their ring fragments are then never
     16-byte aligned), `gap` unused columns after each."""
@@ -169,7 +172,8 @@ def _layout(numels: list[int], dtype: torch.dtype, odd_cols: tuple[int, ...], ga
 def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, gen: torch.Generator,
                  weight_decay: float = 0.0, maximize: bool = False, gram: bool = False,
                  grad_scale: float | None = None, found_inf: float | None = None, sr_seed: int | None = None,
-                 count: int = 7, misalign: list[int] | None = None, odd_cols: tuple[int, ...] = (), gap: int = 0,
+                 count: int = 7, misalign: list[int] | None = None, odd_cols: tuple[int, ...] = (),
+                 gap: int = 0,
                  row_pad: int = 0) -> Case:
     cols, n_cols = _layout(numels, dtype, odd_cols, gap)
     row = n_cols + row_pad
@@ -193,7 +197,8 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
     bufs = [Buf(f"param{i}", p, None if skipped else rp, misalign=mis[i]) for i, (p, rp) in
             enumerate(zip(params, ref_p))]
     bufs += [Buf(f"grad{i}", g) for i, g in enumerate(grads)]
-    bufs += [Buf("x_hist", x_hist, None if skipped else ref_x), Buf("g_hist", g_hist, None if skipped else ref_g),
+    bufs += [Buf("x_hist", x_hist, None if skipped else ref_x),
+             Buf("g_hist", g_hist, None if skipped else ref_g),
              Buf("coefs", coefs), Buf("lr", lr), Buf("count", cnt.reshape(1))]
     flags = F_MAXIMIZE * maximize
     if gram:
@@ -240,7 +245,8 @@ def _gram_magnitudes(params, grads, g_hist, cols, count, ndots, weight_decay, ma
 def gram_case(name: str, dtype: torch.dtype, slots: int, store: bool, numels: list[int], *,
               gen: torch.Generator, weight_decay: float = 0.0, maximize: bool = False,
               grad_scale: float | None = None, found_inf: float | None = None, count: int = 7,
-              misalign: list[int] | None = None, odd_cols: tuple[int, ...] = (), gap: int = 0, row_pad: int = 0) -> Case:
+              misalign: list[int] | None = None, odd_cols: tuple[int, ...] = (), gap: int = 0,
+              row_pad: int = 0) -> Case:
     cols, n_cols = _layout(numels, dtype, odd_cols, gap)
     row = n_cols + row_pad
     params = [_rand(n, dtype, gen) for n in numels]
@@ -270,11 +276,13 @@ def gram_case(name: str, dtype: torch.dtype, slots: int, store: bool, numels: li
     if inf_t is not None:
         flags |= F_FOUND_INF
         bufs.append(Buf("found_inf", inf_t))
-    return Case(name, "gram_row", dtype, numels, cols, row, slots, flags, weight_decay=weight_decay, bufs=bufs)
+    return Case(name, "gram_row", dtype, numels, cols, row, slots, flags, weight_decay=weight_decay,
+                bufs=bufs)
 
 
 def record_case(name: str, dtype: torch.dtype, slots: int, numels: list[int], *, gen: torch.Generator,
-                dots: bool = True, count: int = 7, misalign: list[int] | None = None, odd_cols: tuple[int, ...] = (),
+                dots: bool = True, count: int = 7, misalign: list[int] | None = None,
+                odd_cols: tuple[int, ...] = (),
                 gap: int = 0, row_pad: int = 0) -> Case:
     cols, n_cols = _layout(numels, dtype, odd_cols, gap)
     row = n_cols + row_pad
@@ -298,7 +306,8 @@ def record_case(name: str, dtype: torch.dtype, slots: int, numels: list[int], *,
             r0 = y(0, t, c) - y(1, t, c)
             for j in range(slots - 1):
                 mags[j] += (r0.abs() * (y(j, t, c) - y(j + 1, t, c)).abs()).sum()
-        bufs.append(Buf("out", torch.zeros(slots - 1, dtype=torch.float64), out, dots=mags, n_terms=sum(numels)))
+        bufs.append(Buf("out", torch.zeros(slots - 1, dtype=torch.float64), out, dots=mags,
+                        n_terms=sum(numels)))
     return Case(name, "rna_record", dtype, numels, cols, row, slots, flags, bufs=bufs)
 
 

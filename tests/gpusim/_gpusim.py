@@ -180,21 +180,36 @@ def parse_kernel_stats(text: str) -> list[dict]:
         name = re.match(r"kernel_name = (\S+)", block).group(1)
         stats: dict = {"kernel": name}
         for k, v in _STAT.findall(block):
-            stats.setdefault(k, float(v))
-        chans = re.findall(r"^Memory Partition \d+: \n?.*?$", block, re.M)
+            try:
+                stats.setdefault(k, float(v))
+            except ValueError:  # "-nan" and the like
+                pass
         n_act = [int(x) for x in re.findall(r"\bn_act=(\d+)", block)]
         n_rd = [int(x) for x in re.findall(r"\bn_rd=(\d+)", block)]
         n_wr = [int(x) for x in re.findall(r"\bn_write=(\d+)", block)]
+        n_wrbk = [int(x) for x in re.findall(r"\bn_wr_bk=(\d+)", block)]
         bw = [float(x) for x in re.findall(r"\bbw_util=([0-9.]+)", block)]
-        rbl = [float(x) for x in re.findall(r"\bRBL=([0-9.]+|nan)", block) if x != "nan"]
+        rbl = [float(x) for x in re.findall(r"^Row_Buffer_Locality = ([0-9.]+)", block, re.M)]
         if n_act:
+            stats["dram_channels"] = len(n_act)
             stats["dram_n_act"] = sum(n_act)
             stats["dram_n_rd"] = sum(n_rd)
             stats["dram_n_write"] = sum(n_wr)
+            stats["dram_n_wr_bk"] = sum(n_wrbk)
         if bw:
             stats["dram_bw_util_mean"] = sum(bw) / len(bw)
         if rbl:
             stats["dram_row_locality_mean"] = sum(rbl) / len(rbl)
-        stats["_channels"] = len(chans)
+        stalls = re.search(r"^Stall:(\d+)\tW0_Idle:(\d+)\tW0_Scoreboard:(\d+)", block, re.M)
+        if stalls:
+            stats["warp_stall"], stats["warp_idle"], stats["warp_scoreboard"] = map(int, stalls.groups())
+        for key in ("gpgpu_stall_shd_mem[gl_mem][resource_stall]", "gpgpu_stall_shd_mem[gl_mem][coal_stall]"):
+            m = re.search(re.escape(key) + r" = (\d+)", block)
+            if m:
+                stats[key] = int(m.group(1))
+        for key in ("MISS_QUEUE_FULL",):
+            got = [int(x) for x in re.findall(r"\[GLOBAL_ACC_[RW]\]\[" + key + r"\] = (\d+)", block)]
+            if got:
+                stats["l1_" + key.lower()] = sum(got)
         out.append(stats)
     return out

@@ -12,7 +12,8 @@ def pytest_collection_modifyitems(config, items):
     wanted = "gpusim" in (config.option.markexpr or "") or os.environ.get("INTERPOLATRON_GPUSIM") == "1"
     if wanted:
         return
-    skip = pytest.mark.skip(reason="simulated-GPU test: run with `pytest -m gpusim` (after tools/gpusim/build.sh)")
+    skip = pytest.mark.skip(
+        reason="simulated-GPU test: run with `pytest -m gpusim` (after tools/gpusim/build.sh)")
     for item in items:
-        if "gpusim" in item.keywords:
+        if item.get_closest_marker("gpusim") is not None:
             item.add_marker(skip)
