@@ -90,12 +90,14 @@ def _digest(paths: list[Path], extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build_harness(extra_flags: tuple[str, ...] = ()) -> Path:
+def build_harness(fmad: bool = False) -> Path:
     """The harness binary for the current sources (compiled once per source hash:
-    each translation unit is cached on its own, combine.cu takes minutes)."""
+    each translation unit is cached on its own, combine.cu takes minutes).
+    ``fmad=True`` builds the kernels as nvcc would by default (contracting
+    multiply-adds): the experiment that shows why the project does not."""
     nvcc = nvcc_path()
     headers = sorted({p for g in HEADER_GLOBS for p in ROOT.glob(g)})
-    flags = NVCC_FLAGS + list(extra_flags)
+    flags = [f for f in NVCC_FLAGS if not (fmad and f == "--fmad=false")]
     objdir = cache_dir() / "harness-obj"
     objdir.mkdir(parents=True, exist_ok=True)
     objects = []
