@@ -46,7 +46,9 @@ needs_cuobjdump = pytest.mark.skipif(
     CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit, or the Triton wheel's backends/nvidia/bin)")
 
 _ACCESS = re.compile(r"\b((?:LDG|STG|LDL|STL|LD|ST)(?:\.[A-Z0-9_]+)*)\b")
-_FFMA = re.compile(r"\bFFMA\b")  # fp32 fused multiply-add (counted under "FFMA")
+# fp32 fused multiply-adds (counted under "FFMA"), except 0 * x + y (an RZ
+# multiplicand: exact, ptxas's own exponent test inside the float64 division)
+_FFMA = re.compile(r"\bFFMA(?:\.[A-Z0-9_]+)*\s+(?![^;]*\bRZ\b)[^;]*;")
 
 
 def sass_by_function(cubin: Path) -> dict[str, Counter]:
