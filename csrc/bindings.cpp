@@ -10,12 +10,12 @@
 #include <torch/extension.h>
 
 #include <optional>
-#include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
-#include "ops.h"
+#include "launchers.h"
 
 namespace py = pybind11;
 
@@ -73,7 +73,7 @@ void check_out(const at::Tensor& out, const char* name, const at::Device& device
 
 // The active tensors as segments; nullopt when one is not dense (or a gradient
 // is laid out unlike its parameter).
-std::optional<std::vector<Seg>> make_segs(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>* b,
+std::optional<Segs> make_segs(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>* b,
                                           const std::vector<int64_t>& offsets, const at::Tensor& ring,
                                           const char* what) {
   const at::Device device = ring.device();
@@ -81,7 +81,7 @@ std::optional<std::vector<Seg>> make_segs(const std::vector<at::Tensor>& a, cons
   const int64_t n_cols = ring.size(1);
   TORCH_CHECK_VALUE(offsets.size() == a.size(), "got ", a.size(), " ", what, " but ", offsets.size(), " offsets");
   if (b) TORCH_CHECK_VALUE(b->size() == a.size(), "got ", a.size(), " ", what, " but ", b->size(), " gradients");
-  std::vector<Seg> segs;
+  Segs segs;
   segs.reserve(a.size());
   bool contiguous = true;
   for (size_t i = 0; i < a.size(); ++i) {
@@ -111,14 +111,6 @@ std::optional<std::vector<Seg>> make_segs(const std::vector<at::Tensor>& a, cons
   return segs;
 }
 
-bool is_cuda(const at::Device& d) { return d.is_cuda(); }
-
-[[noreturn]] void no_cuda() {
-  TORCH_CHECK(false,
-              "interpolatron._C was built without CUDA kernels; rebuild it where torch has CUDA and nvcc is "
-              "on PATH (INTERPOLATRON_FORCE_CUDA=1 makes a build without them fail)");
-}
-
 void check_device(const at::Device& d) {
   TORCH_CHECK_VALUE(d.is_cpu() || d.is_cuda(), "interpolatron._C runs on CPU and CUDA tensors, got ", d);
 }
@@ -131,10 +123,37 @@ void bump(const std::vector<at::Tensor>& ts) {
   for (const at::Tensor& t : ts) bump(t);
 }
 
-[[maybe_unused]] TableCache& need_cache(TableCache* cache) {
+// The optional GradScaler tensors as kernel pointers.
+const float* float_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+template <typename Op>
+using CudaLauncher = void (*)(const Op&, const Segs&, const at::Device&, TableCache&);
+
+// Runs an op on the CPU or CUDA launcher by the bucket's device: the one place
+// that knows whether this build has the CUDA kernels (cuda is nullptr if not,
+// see INTERP_CUDA_LAUNCHER).
+template <typename Op>
+void run_on(const at::Device& device, const Op& op, const Segs& segs, TableCache* cache,
+            void (*cpu)(const Op&, const Segs&), std::type_identity_t<CudaLauncher<Op>> cuda) {
+  if (!device.is_cuda()) {
+    cpu(op, segs);
+    return;
+  }
+  TORCH_CHECK(cuda != nullptr,
+              "interpolatron._C was built without CUDA kernels; rebuild it where torch has CUDA and nvcc is "
+              "on PATH (INTERPOLATRON_FORCE_CUDA=1 makes a build without them fail)");
   TORCH_CHECK_VALUE(cache != nullptr, "CUDA buckets need a TableCache (the backend passes one per op)");
-  return *cache;
+  cuda(op, segs, device, *cache);
 }
+
+// The only preprocessor switch on CUDA in the bindings.
+#if defined(INTERPOLATRON_WITH_CUDA)
+constexpr bool kWithCuda = true;
+#define INTERP_CUDA_LAUNCHER(fn) (&(fn))
+#else
+constexpr bool kWithCuda = false;
+#define INTERP_CUDA_LAUNCHER(fn) nullptr
+#endif
 
 bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
              const std::vector<int64_t>& offsets, const at::Tensor& x_hist, const at::Tensor& g_hist,
@@ -146,45 +165,46 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
   check_device(device);
   check_ring(x_hist, "x_hist", device);
   check_ring(g_hist, "g_hist", device);
-  CombineCall call;
-  call.dtype = ring_dtype(x_hist, "x_hist");
+  const DType dtype = ring_dtype(x_hist, "x_hist");
   TORCH_CHECK_TYPE(g_hist.scalar_type() == x_hist.scalar_type(), "g_hist has dtype ", g_hist.scalar_type(),
                    ", x_hist ", x_hist.scalar_type());
   TORCH_CHECK_VALUE(g_hist.size(1) == x_hist.size(1), "x_hist has ", x_hist.size(1), " columns, g_hist ",
                     g_hist.size(1));
-  call.k = static_cast<int>(coefs.numel());
-  const int k = call.k;
+  const int k = static_cast<int>(coefs.numel());
   TORCH_CHECK_VALUE(k >= 1 && k <= cpu::kMaxSlots, "combine needs 1 <= k <= ", cpu::kMaxSlots, " coefficients, got ",
                     k);
   TORCH_CHECK_VALUE(x_hist.size(0) == k - 1, "x_hist must have k - 1 = ", k - 1, " slots, has ", x_hist.size(0));
   TORCH_CHECK_VALUE(g_hist.size(0) == k - 1, "g_hist must have k - 1 = ", k - 1, " slots, has ", g_hist.size(0));
   if (gram) check_out(*gram, "gram", device, k);
-  auto segs = make_segs(params, &grads, offsets, x_hist, "params");
+  const auto segs = make_segs(params, &grads, offsets, x_hist, "params");
   if (!segs) return false;
-  call.segs = std::move(*segs);
-  call.x_hist = x_hist;
-  call.g_hist = g_hist;
-  call.coefs = scalar_input(coefs, "coefs", device, at::kDouble, std::nullopt);
-  call.lr = scalar_input(lr, "lr", device, at::kDouble, 1);
-  call.count = scalar_input(count, "count", device, at::kLong, 1);
-  call.weight_decay = weight_decay;
-  call.maximize = maximize;
-  call.gram = gram;
-  call.grad_scale = scale_input(grad_scale, "grad_scale", device);
-  call.found_inf = scale_input(found_inf, "found_inf", device);
+  // The kernels' copies of the small inputs; alive until the launches are enqueued.
+  const at::Tensor coefs64 = scalar_input(coefs, "coefs", device, at::kDouble, std::nullopt);
+  const at::Tensor lr64 = scalar_input(lr, "lr", device, at::kDouble, 1);
+  const at::Tensor count64 = scalar_input(count, "count", device, at::kLong, 1);
+  const auto scale = scale_input(grad_scale, "grad_scale", device);
+  const auto inf = scale_input(found_inf, "found_inf", device);
   if (sr_seed) {
     TORCH_CHECK_VALUE(*sr_seed >= 0 && *sr_seed <= 0xFFFFFFFFLL, "sr_seed must be in [0, 2**32), got ", *sr_seed);
-    call.sr_seed = static_cast<uint32_t>(*sr_seed);
   }
-  if (is_cuda(device)) {
-#if defined(INTERPOLATRON_WITH_CUDA)
-    combine_cuda(call, need_cache(cache));
-#else
-    no_cuda();
-#endif
-  } else {
-    combine_cpu(call);
-  }
+  CombineOp op{};
+  op.dtype = dtype;
+  op.k = k;
+  op.x_ring = x_hist.data_ptr();
+  op.g_ring = g_hist.data_ptr();
+  op.row_elems = x_hist.size(1);
+  op.coefs = coefs64.data_ptr<double>();
+  op.lr = lr64.data_ptr<double>();
+  op.count = count64.data_ptr<int64_t>();
+  op.weight_decay = weight_decay;
+  op.maximize = maximize;
+  op.grad_scale = float_ptr(scale);
+  op.found_inf = float_ptr(inf);
+  op.stochastic = sr_seed.has_value();
+  op.sr_seed = sr_seed ? static_cast<uint32_t>(*sr_seed) : 0;
+  op.gram = gram ? gram->data_ptr<double>() : nullptr;
+  op.gram_stride = gram ? gram->stride(0) : 0;
+  run_on(device, op, *segs, cache, &combine_cpu, INTERP_CUDA_LAUNCHER(combine_cuda));
   bump(params);
   bump(x_hist);
   bump(g_hist);
@@ -199,8 +219,7 @@ bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
   const at::Device device = g_hist.device();
   check_device(device);
   check_ring(g_hist, "g_hist", device);
-  GramCall call;
-  call.dtype = ring_dtype(g_hist, "g_hist");
+  const DType dtype = ring_dtype(g_hist, "g_hist");
   const int64_t slots = g_hist.size(0);
   TORCH_CHECK_VALUE(!store || slots >= 1, "gram_row with store=True needs a g ring with at least one slot");
   TORCH_CHECK_VALUE(slots + (store ? 0 : 1) <= cpu::kMaxSlots, "gram_row supports at most ", cpu::kMaxSlots,
@@ -208,26 +227,25 @@ bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
   check_out(out, "out", device, store ? slots : slots + 1);
   // The gradients are the segments' payload; params are read only for the
   // weight decay, but they must match the gradients one for one.
-  auto segs = make_segs(params, &grads, offsets, g_hist, "params");
+  const auto segs = make_segs(params, &grads, offsets, g_hist, "params");
   if (!segs) return false;
-  call.segs = std::move(*segs);
-  call.g_hist = g_hist;
-  call.count = scalar_input(count, "count", device, at::kLong, 1);
-  call.weight_decay = weight_decay;
-  call.maximize = maximize;
-  call.store = store;
-  call.out = out;
-  call.grad_scale = scale_input(grad_scale, "grad_scale", device);
-  call.found_inf = scale_input(found_inf, "found_inf", device);
-  if (is_cuda(device)) {
-#if defined(INTERPOLATRON_WITH_CUDA)
-    gram_row_cuda(call, need_cache(cache));
-#else
-    no_cuda();
-#endif
-  } else {
-    gram_row_cpu(call);
-  }
+  const at::Tensor count64 = scalar_input(count, "count", device, at::kLong, 1);
+  const auto scale = scale_input(grad_scale, "grad_scale", device);
+  const auto inf = scale_input(found_inf, "found_inf", device);
+  GramRowOp op{};
+  op.dtype = dtype;
+  op.g_ring = g_hist.data_ptr();
+  op.slots = static_cast<int>(slots);
+  op.row_elems = g_hist.size(1);
+  op.store = store;
+  op.count = count64.data_ptr<int64_t>();
+  op.weight_decay = weight_decay;
+  op.maximize = maximize;
+  op.grad_scale = float_ptr(scale);
+  op.found_inf = float_ptr(inf);
+  op.out = out.data_ptr<double>();
+  op.out_stride = out.stride(0);
+  run_on(device, op, *segs, cache, &gram_row_cpu, INTERP_CUDA_LAUNCHER(gram_row_cuda));
   if (store) bump(g_hist);
   bump(out);
   return true;
@@ -239,26 +257,22 @@ bool rna_record(const std::vector<at::Tensor>& sources, const std::vector<int64_
   const at::Device device = window.device();
   check_device(device);
   check_ring(window, "window", device);
-  RecordCall call;
-  call.dtype = ring_dtype(window, "window");
+  const DType dtype = ring_dtype(window, "window");
   const int64_t slots = window.size(0);
   TORCH_CHECK_VALUE(slots >= 1, "rna_record needs a window with at least one slot");
   if (out) check_out(*out, "out", device, slots - 1);
-  auto segs = make_segs(sources, nullptr, offsets, window, "sources");
+  const auto segs = make_segs(sources, nullptr, offsets, window, "sources");
   if (!segs) return false;
-  call.segs = std::move(*segs);
-  call.window = window;
-  call.count = scalar_input(count, "count", device, at::kLong, 1);
-  call.out = out;
-  if (is_cuda(device)) {
-#if defined(INTERPOLATRON_WITH_CUDA)
-    rna_record_cuda(call, need_cache(cache));
-#else
-    no_cuda();
-#endif
-  } else {
-    rna_record_cpu(call);
-  }
+  const at::Tensor count64 = scalar_input(count, "count", device, at::kLong, 1);
+  RecordOp op{};
+  op.dtype = dtype;
+  op.window = window.data_ptr();
+  op.slots = static_cast<int>(slots);
+  op.row_elems = window.size(1);
+  op.count = count64.data_ptr<int64_t>();
+  op.out = out ? out->data_ptr<double>() : nullptr;
+  op.out_stride = out ? out->stride(0) : 0;
+  run_on(device, op, *segs, cache, &rna_record_cpu, INTERP_CUDA_LAUNCHER(rna_record_cuda));
   bump(window);
   if (out) bump(*out);
   return true;
@@ -269,27 +283,24 @@ bool rna_extrapolate(const at::Tensor& window, const std::vector<int64_t>& offse
   const at::Device device = window.device();
   check_device(device);
   check_ring(window, "window", device);
-  ExtrapCall call;
-  call.dtype = ring_dtype(window, "window");
+  const DType dtype = ring_dtype(window, "window");
   const int64_t slots = window.size(0);
   const int64_t m = coefs.numel();
   TORCH_CHECK_VALUE(m >= 1 && m <= slots, "rna_extrapolate needs 1 <= coefs.numel() <= ", slots,
                     " (the window's slots), got ", m);
-  auto segs = make_segs(outs, nullptr, offsets, window, "outs");
+  const auto segs = make_segs(outs, nullptr, offsets, window, "outs");
   if (!segs) return false;
-  call.segs = std::move(*segs);
-  call.window = window;
-  call.count = scalar_input(count, "count", device, at::kLong, 1);
-  call.coefs = scalar_input(coefs, "coefs", device, at::kDouble, std::nullopt);
-  if (is_cuda(device)) {
-#if defined(INTERPOLATRON_WITH_CUDA)
-    rna_extrapolate_cuda(call, need_cache(cache));
-#else
-    no_cuda();
-#endif
-  } else {
-    rna_extrapolate_cpu(call);
-  }
+  const at::Tensor count64 = scalar_input(count, "count", device, at::kLong, 1);
+  const at::Tensor coefs64 = scalar_input(coefs, "coefs", device, at::kDouble, std::nullopt);
+  ExtrapOp op{};
+  op.dtype = dtype;
+  op.window = window.data_ptr();
+  op.slots = static_cast<int>(slots);
+  op.row_elems = window.size(1);
+  op.m = static_cast<int>(m);
+  op.coefs = coefs64.data_ptr<double>();
+  op.count = count64.data_ptr<int64_t>();
+  run_on(device, op, *segs, cache, &rna_extrapolate_cpu, INTERP_CUDA_LAUNCHER(rna_extrapolate_cuda));
   bump(outs);
   return true;
 }
@@ -299,7 +310,7 @@ bool rna_extrapolate(const at::Tensor& window, const std::vector<int64_t>& offse
 
 #ifndef INTERPOLATRON_CUDA_SKIPPED
 // Why the CUDA kernels are absent, as a code setup.py passes in (see
-// interpolatron/backends/cuda_backend.py for the wording). 0: they are built.
+// interpolatron/backends/native_backend.py for the wording). 0: they are built.
 #define INTERPOLATRON_CUDA_SKIPPED 0
 #endif
 
@@ -326,13 +337,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rna_extrapolate", &interp::rna_extrapolate, py::arg("window"), py::arg("offsets"), py::arg("count"),
         py::arg("coefs"), py::arg("outs"), py::arg("cache"), release);
 
-  m.def("has_cuda", [] {
-#if defined(INTERPOLATRON_WITH_CUDA)
-    return true;
-#else
-    return false;
-#endif
-  });
+  m.def("has_cuda", [] { return interp::kWithCuda; });
   m.def("cuda_skipped_code", [] { return INTERPOLATRON_CUDA_SKIPPED; });
   m.def("cpu_kernels", &interp::cpu_kernels_name, "The instruction-set variant of the CPU kernels in use.");
   m.def("available_cpu_kernels", &interp::available_cpu_kernels,

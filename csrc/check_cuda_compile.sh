@@ -6,10 +6,13 @@
 # the kernels are memory-bound and a spill adds local-memory traffic to every
 # element.
 #
-# The .cu files include no torch header, so this needs nvcc alone. When torch
-# is importable it also compiles the torch glue (csrc/cuda/*.cpp, bindings.cpp
-# with INTERPOLATRON_WITH_CUDA) with -fsyntax-only, which catches glue errors
-# on machines whose torch has no CUDA (set INTERPOLATRON_CHECK_GLUE=0 to skip).
+# The .cu files include no torch header, so this needs nvcc alone. The launch
+# layer (csrc/cuda/launch.cpp) is compiled with no torch include path and
+# linked with the kernels into a program (built, never run): a torch header or
+# a symbol only torch or the glue provides fails it. When torch is importable
+# it also compiles the torch glue (csrc/cuda/*.cpp, bindings.cpp with
+# INTERPOLATRON_WITH_CUDA) with -fsyntax-only, which catches glue errors on
+# machines whose torch has no CUDA (set INTERPOLATRON_CHECK_GLUE=0 to skip).
 #
 # Exit status: 0 ok, 1 a check failed, 2 nvcc not found.
 set -uo pipefail
@@ -25,6 +28,10 @@ demangle="cat"
 for tool in cu++filt c++filt; do
   if command -v "$tool" >/dev/null 2>&1; then demangle="$tool"; break; fi
 done
+
+# nvcc may be a wrapper script: ask it where its toolkit is.
+cuda_top="$("$nvcc" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
+cuda_inc="${CUDA_HOME:-${cuda_top:-/usr/local/cuda}}/include"
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -65,6 +72,34 @@ for cu in "$here"/cuda/*.cu; do
   fi
 done
 
+# The torch-free launch layer: host C++ with the CUDA headers and csrc/ only,
+# linked with every kernel object and the CUDA runtime into a program whose
+# main takes the address of each function launch.h declares.
+cat >"$tmp/launch_main.cpp" <<'EOF'
+#include "cuda/launch.h"
+int main() {
+  using namespace interp::cuda;
+  const void* volatile api[] = {
+      reinterpret_cast<const void*>(&count_blocks),        reinterpret_cast<const void*>(&fill_table),
+      reinterpret_cast<const void*>(&combine_partials),    reinterpret_cast<const void*>(&gram_row_partials),
+      reinterpret_cast<const void*>(&rna_record_partials), reinterpret_cast<const void*>(&run_combine),
+      reinterpret_cast<const void*>(&run_gram_row),        reinterpret_cast<const void*>(&run_rna_record),
+      reinterpret_cast<const void*>(&run_rna_extrapolate)};
+  return api[0] == nullptr;
+}
+EOF
+launch_flags=(-std=c++17 -O2 -Wall -Wextra -Werror -isystem "$cuda_inc" -I"$here")
+if ! "${CXX:-c++}" -c "${launch_flags[@]}" "$here/cuda/launch.cpp" -o "$tmp/launch.o" 2>"$tmp/launch.log" ||
+   ! "${CXX:-c++}" -c "${launch_flags[@]}" "$tmp/launch_main.cpp" -o "$tmp/launch_main.o" 2>>"$tmp/launch.log" ||
+   ! "$nvcc" -arch="$arch" "$tmp"/*.cu.o "$tmp/launch.o" "$tmp/launch_main.o" -o "$tmp/launch_check" \
+       2>>"$tmp/launch.log"; then
+  cat "$tmp/launch.log" >&2
+  echo "FAIL: the launch layer (cuda/launch.cpp) does not compile and link without torch" >&2
+  status=1
+else
+  echo "launch layer ok: cuda/launch.cpp compiled without torch and linked with the kernels"
+fi
+
 if [ "${INTERPOLATRON_CHECK_GLUE:-1}" != "0" ]; then
   py="${PYTHON:-python3}"
   inc="$("$py" - 2>/dev/null <<'EOF'
@@ -75,9 +110,6 @@ print(base, os.path.join(base, "torch", "csrc", "api", "include"), sysconfig.get
 EOF
 )"
   if [ -n "$inc" ]; then
-    # nvcc may be a wrapper script: ask it where its toolkit is.
-    cuda_top="$("$nvcc" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
-    cuda_inc="${CUDA_HOME:-${cuda_top:-/usr/local/cuda}}/include"
     flags=(-fsyntax-only -std=c++20 -Wall -Wextra -Werror -fvisibility=hidden -DINTERPOLATRON_WITH_CUDA
            -DTORCH_EXTENSION_NAME=_C -isystem "$cuda_inc")
     for d in $inc; do flags+=(-isystem "$d"); done

@@ -49,6 +49,15 @@ using compute_t = typename Compute<T>::type;
 // Dtype codes exchanged between the torch glue and the torch-free kernels.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
+// Bytes per element of the storage type.
+INTERP_HD int64_t dtype_bytes(DType d) {
+  switch (d) {
+    case DType::kFloat64: return 8;
+    case DType::kFloat32: return 4;
+    default: return 2;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Scalar conversions. The host versions are the exact IEEE round-to-nearest-even
 // bit recipes (the same results as c10's conversions); device code uses the

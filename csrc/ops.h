@@ -1,116 +1,104 @@
-// The validated form of the four bucket ops (interpolatron/backends/base.py),
-// shared by the bindings (which validate) and the CPU / CUDA launchers (which
-// run). Tensors here are already checked: same device, same dtype, ring
-// buffers contiguous (S, N), every active tensor contiguous.
+// The four bucket ops of interpolatron/backends/base.py in raw pointers: what
+// the bindings fill once from validated tensors, and what the CPU launcher,
+// the CUDA launch layer (cuda/launch.h) and a standalone harness read. No
+// torch and no CUDA header: every translation unit (nvcc, the per-ISA CPU
+// kernels, a test program) can include it.
+//
+// Pointers point into the bucket's device memory (host memory for CPU
+// buckets); the scalars a step changes (coefs, lr, count, GradScaler's
+// inputs) are pointers too, read by the kernels, so that a CUDA launch needs
+// no host synchronisation and replays in a CUDA graph with new values. Ring
+// buffers are contiguous (slots, row_elems) arrays of the bucket's dtype; the
+// entry of age j lives in slot (count - j) mod slots (interp_math.h ring_slot).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
 #include <cstdint>
-#include <mutex>
-#include <optional>
-#include <string>
-#include <vector>
 
 #include "interp_math.h"
 
 namespace interp {
 
-// One active tensor of the bucket.
+// One active tensor of a bucket: dense, of the bucket's dtype, its elements
+// in storage order mapped to the ring columns [col, col + numel).
 struct Seg {
-  void* a;        // param / source / out
-  const void* b;  // grad, or nullptr
+  void* a;        // param (combine, gram_row), source (rna_record), out (rna_extrapolate)
+  const void* b;  // grad (combine, gram_row), else nullptr
   int64_t numel;
   int64_t col;  // first ring column
 };
 
-struct CombineCall {
+// x = sum_j a_j x(age j) - lr * sum_j a_j g(age j), age 0 being the param and
+// the effective gradient g0 = sign * grad / grad_scale + weight_decay * param;
+// the old param and g0 then replace the oldest ring entries. With `gram`,
+// also <g0, g(age j)>, j = 0..k-1 (float64, layout-invariant).
+struct CombineOp {
   DType dtype;
-  std::vector<Seg> segs;
-  int k;
-  at::Tensor x_hist;  // (k - 1, N)
-  at::Tensor g_hist;  // (k - 1, N)
-  at::Tensor coefs;   // float64 (k,), contiguous
-  at::Tensor lr;      // float64, one element
-  at::Tensor count;   // int64, one element
+  int k;           // coefficients (1..cpu::kMaxSlots); each ring has k - 1 slots
+  void* x_ring;    // (k - 1, row_elems)
+  void* g_ring;    // (k - 1, row_elems)
+  int64_t row_elems;
+  const double* coefs;   // k, coefs[j] weighs age j
+  const double* lr;      // 1
+  const int64_t* count;  // 1
   double weight_decay;
   bool maximize;
-  std::optional<at::Tensor> gram;  // float64 (k,)
-  // GradScaler's fused contract (float32, one element, on the device): the
-  // gradient is divided by grad_scale; a nonzero found_inf skips the op (no
-  // write at all, gram included).
-  std::optional<at::Tensor> grad_scale;
-  std::optional<at::Tensor> found_inf;
+  // GradScaler's fused contract: the gradient is divided by *grad_scale; a
+  // nonzero *found_inf skips the op (nothing written, gram included). Each
+  // one element, or nullptr.
+  const float* grad_scale;
+  const float* found_inf;
   // Stochastic rounding of the 16-bit writes (the new param, the gradient
-  // slot) with this seed (stochastic_rounding.h); nullopt, or a 32/64-bit
-  // dtype: round to nearest.
-  std::optional<uint32_t> sr_seed;
+  // slot) with sr_seed (stochastic_rounding.h); 32/64-bit data ignores it.
+  bool stochastic;
+  uint32_t sr_seed;
+  double* gram;  // k entries at gram[j * gram_stride], or nullptr
+  int64_t gram_stride;
 };
 
-// store: g_hist has S slots holding ages 0..S-1 (age 0, the effective
-// gradient, is written to slot c mod S), out has S entries. !store (read-only):
-// the S slots hold ages 1..S, nothing is written, out has S + 1 entries.
-struct GramCall {
+// <g0, g(age j)>, j = 0..ndots()-1, g0 the effective gradient as in combine.
+// store: the ring's `slots` slots hold ages 0..slots-1 (g0 is written to slot
+// count mod slots first, ndots == slots); read-only: they hold ages 1..slots,
+// nothing is written, ndots == slots + 1.
+struct GramRowOp {
   DType dtype;
-  std::vector<Seg> segs;
-  at::Tensor g_hist;  // (S, N)
-  at::Tensor count;
+  void* g_ring;  // (slots, row_elems)
+  int slots;
+  int64_t row_elems;
+  bool store;
+  const int64_t* count;  // 1
   double weight_decay;
   bool maximize;
-  bool store;
-  at::Tensor out;  // float64 (S,) when store, (S + 1,) otherwise
-  std::optional<at::Tensor> grad_scale;  // as in CombineCall
-  std::optional<at::Tensor> found_inf;
+  const float* grad_scale;  // as in CombineOp
+  const float* found_inf;
+  double* out;  // ndots() entries at out[j * out_stride]
+  int64_t out_stride;
+  int ndots() const { return store ? slots : slots + 1; }
 };
 
-struct RecordCall {
+// Copies the sources into slot count mod slots of the window; with `out`,
+// also the residual dots <r_0, r_j>, j = 0..slots-2, r_j = y(age j) - y(age
+// j + 1), y(age 0) the sources.
+struct RecordOp {
   DType dtype;
-  std::vector<Seg> segs;
-  at::Tensor window;  // (S, N)
-  at::Tensor count;
-  std::optional<at::Tensor> out;  // float64 (S - 1,)
+  void* window;  // (slots, row_elems)
+  int slots;
+  int64_t row_elems;
+  const int64_t* count;  // 1
+  double* out;           // slots - 1 entries at out[j * out_stride], or nullptr
+  int64_t out_stride;
+  int ndots() const { return out != nullptr ? slots - 1 : 0; }
 };
 
-struct ExtrapCall {
+// outs = sum_a coefs[a] * y(age a), a = 0..m-1, y(age a) in slot
+// (count - 1 - a) mod slots of the window (the newest snapshot is age 0).
+struct ExtrapOp {
   DType dtype;
-  std::vector<Seg> segs;
-  at::Tensor window;  // (S, N)
-  at::Tensor count;
-  at::Tensor coefs;  // float64 (m,), m <= S
+  void* window;  // (slots, row_elems)
+  int slots;
+  int64_t row_elems;
+  int m;                 // 1 <= m <= slots
+  const double* coefs;   // m
+  const int64_t* count;  // 1
 };
-
-// Device-side metadata of one op of one bucket (CUDA): the per-tensor table and
-// the block -> tensor map, uploaded once and reused while the tensors' storages
-// stay the same (so that a captured CUDA graph replays without any host work).
-// Owned by the Python backend's per-bucket cache dict.
-struct TableCache {
-  std::mutex mutex;
-  std::vector<int64_t> key;  // the per-tensor entries the device table was built from
-  at::Tensor table;          // int64 on the device: one record per block
-  // Tables replaced by a rebuild, kept alive for CUDA graphs captured with them.
-  static constexpr size_t kRetiredTables = 4;
-  std::vector<at::Tensor> retired;
-  int64_t nblocks = 0;
-  int64_t uploads = 0;  // how many times the table was (re)built, for tests
-};
-
-// CPU (always built).
-void combine_cpu(const CombineCall& call);
-void gram_row_cpu(const GramCall& call);
-void rna_record_cpu(const RecordCall& call);
-void rna_extrapolate_cpu(const ExtrapCall& call);
-// Picks the instruction-set variant of the CPU kernels ("AVX512", "AVX2",
-// "DEFAULT"; an unavailable one falls back to the next lower) and returns the
-// name of the one now in use.
-std::string select_cpu_kernels(const std::string& name);
-std::string cpu_kernels_name();
-std::vector<std::string> available_cpu_kernels();
-
-#if defined(INTERPOLATRON_WITH_CUDA)
-void combine_cuda(const CombineCall& call, TableCache& cache);
-void gram_row_cuda(const GramCall& call, TableCache& cache);
-void rna_record_cuda(const RecordCall& call, TableCache& cache);
-void rna_extrapolate_cuda(const ExtrapCall& call, TableCache& cache);
-#endif
 
 }  // namespace interp

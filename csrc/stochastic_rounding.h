@@ -1,6 +1,6 @@
 // Stochastic rounding of float32 values to bfloat16 / float16: the scalar
 // definition of interpolatron/rounding.py, shared by the CPU kernels (their
-// tails and baseline variant; the AVX2 / AVX-512 lanes in cpu/kernels_impl.h
+// tails and baseline variant; the AVX2 / AVX-512 lanes in cpu/sr_simd.h
 // compute the same bits) and the CUDA kernels.
 //
 //   h(v)   = lowbias32(v)

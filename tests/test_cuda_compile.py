@@ -32,4 +32,5 @@ def test_kernels_compile_without_spills():
     assert kernels == expected, report
     for row in rows:
         assert row[-2:] == ["0", "0"], report
+    assert "launch layer ok" in proc.stdout, report  # compiled and linked without torch
     assert "OK" in proc.stdout, report

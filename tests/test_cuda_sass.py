@@ -89,7 +89,7 @@ def cuda_sass(tmp_path_factory) -> tuple[dict[str, Counter], str]:
         pytest.skip("nvcc or cuobjdump missing")
     tmp = tmp_path_factory.mktemp("sass")
     procs = []
-    for name in ("combine.cu", "rna.cu"):
+    for name in ("combine.cu", "gram_row.cu", "rna.cu"):
         cubin = tmp / (name + ".cubin")
         # --fmad=false: as setup.py builds them (the rounding rule)
         cmd = [NVCC, "-cubin", f"-arch={ARCH}", "-O3", "-std=c++17", "--fmad=false", "-Xptxas", "-v",
@@ -124,7 +124,7 @@ CUDA_EXPECT = [
     ("combine_kernel", "Li2ELb1E", 4 + 1, 3),
     ("combine_kernel", "Li3ELb0E", 6 + 1, 3),
     # Gram pass k=2 with store: grad, param (weight decay), ring row 1; g0 stored.
-    ("grad_dots_kernel", "Li2EEEv", 3 + 1, 1),
+    ("gram_row_kernel", "Li2EEEv", 3 + 1, 1),
     # RNA record, 2 dots: source, rows of ages 1 and 2; the copy.
     ("record_kernel", "Li2EEEv", 3 + 1, 1),
     # extrapolate: 4 snapshots at once, one output.

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../interp_math.h"
+#include "../ops.h"
 #include "../stochastic_rounding.h"
 
 namespace interp::cpu {
@@ -25,13 +26,6 @@ constexpr int kDotGroup = 8;
 // Ring slots / coefficients a single op accepts (local arrays are sized by it).
 constexpr int kMaxSlots = 256;
 
-struct Segment {
-  void* a;        // param (combine, gram_row), source (rna_record), out (rna_extrapolate)
-  const void* b;  // grad, or nullptr
-  int64_t numel;
-  int64_t col;  // first ring column owned by this tensor
-};
-
 struct Chunk {
   int64_t seg;
   int64_t begin;  // element offset inside the segment
@@ -42,7 +36,7 @@ struct Chunk {
 // age; the kernel adds (col + begin) elements.
 struct CombineArgs {
   DType dtype;
-  const Segment* segs;
+  const Seg* segs;
   const Chunk* chunks;
   int k;
   const double* coefs;  // k, age order (coefs[0] weights age 0)
@@ -64,7 +58,7 @@ struct CombineArgs {
 
 struct GramArgs {
   DType dtype;
-  const Segment* segs;
+  const Seg* segs;
   const Chunk* chunks;
   int ndots;  // k
   double weight_decay;
@@ -77,7 +71,7 @@ struct GramArgs {
 
 struct RecordArgs {
   DType dtype;
-  const Segment* segs;
+  const Seg* segs;
   const Chunk* chunks;
   int ndots;            // S - 1 when the residual dots are requested, else 0
   char* const* rows;    // [a], a = 1..S-1: window row of age a
@@ -87,7 +81,7 @@ struct RecordArgs {
 
 struct ExtrapArgs {
   DType dtype;
-  const Segment* segs;
+  const Seg* segs;
   const Chunk* chunks;
   int m;
   const double* coefs;  // m

@@ -1,16 +1,14 @@
-// Torch glue of the CPU kernels: ring slots from `count`, the fixed chunk
-// partition, the thread pool, and the fixed-order reduction of the chunk
-// partials. count / lr / coefs are CPU tensors here, so reading them is a
+// Torch glue of the CPU kernels: ring rows from `count`, the fixed chunk
+// partition, torch's thread pool, and the fixed-order reduction of the chunk
+// partials. count / lr / coefs are host memory here, so reading them is a
 // plain load.
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/from_blob.h>
-#include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <vector>
 
-#include "../ops.h"
+#include "../launchers.h"
 #include "cpu_kernels.h"
 
 namespace interp {
@@ -51,72 +49,73 @@ std::atomic<const cpu::KernelTable*>& active_kernels() {
 
 const cpu::KernelTable& kernels() { return *active_kernels().load(std::memory_order_relaxed); }
 
-size_t elem_size(const at::Tensor& t) { return t.element_size(); }
+// A ring buffer of the bucket: the column-0 addresses of its rows by age.
+struct Ring {
+  void* data;
+  int64_t slots;
+  int64_t row_elems;
+  DType dtype;
 
-// Address of column 0 of ring row `slot`.
-char* row_ptr(const at::Tensor& ring, int64_t slot) {
-  return static_cast<char*>(ring.data_ptr()) + slot * ring.size(1) * static_cast<int64_t>(elem_size(ring));
-}
-
-struct Plan {
-  std::vector<cpu::Segment> segs;
-  std::vector<cpu::Chunk> chunks;
-  int64_t elements = 0;
+  // The row holding age `age` while the count is c.
+  char* row(int64_t c, int64_t age) const {
+    return static_cast<char*>(data) + ring_slot(c, age, slots) * row_elems * dtype_bytes(dtype);
+  }
+  // rows[a] = row(c, a) for a = first..n-1 (null below first).
+  std::vector<char*> rows(int64_t c, int n, int first) const {
+    std::vector<char*> out(n, nullptr);
+    for (int a = first; a < n; ++a) out[a] = row(c, a);
+    return out;
+  }
 };
 
-Plan make_plan(const std::vector<Seg>& in) {
-  Plan plan;
-  plan.segs.reserve(in.size());
-  for (size_t i = 0; i < in.size(); ++i) {
-    const Seg& s = in[i];
-    plan.segs.push_back({s.a, s.b, s.numel, s.col});
-    for (int64_t b = 0; b < s.numel; b += cpu::kChunk) {
-      plan.chunks.push_back({static_cast<int64_t>(i), b, std::min(cpu::kChunk, s.numel - b)});
+// The fixed chunk partition of a bucket and the chunk partials of its `ndots`
+// dot products: what every launcher sets up before its kernel runs.
+struct Plan {
+  Plan(const Segs& segs, int nd) : ndots(nd) {
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const Seg& s = segs[i];
+      for (int64_t b = 0; b < s.numel; b += cpu::kChunk) {
+        chunks.push_back({static_cast<int64_t>(i), b, std::min(cpu::kChunk, s.numel - b)});
+      }
+      elements += s.numel;
     }
-    plan.elements += s.numel;
+    partials.resize(ndots > 0 ? chunks.size() * ndots : 0);
   }
-  return plan;
-}
 
-template <typename F>
-void run_chunks(const Plan& plan, const F& fn) {
-  const int64_t n = static_cast<int64_t>(plan.chunks.size());
-  if (n == 0) return;
-  if (plan.elements < kSerialBelow) {
-    fn(0, n);
-    return;
+  // fn(c0, c1) over the chunks, on the pool unless the bucket is small. Each
+  // thread takes a contiguous range of chunks; which thread runs a chunk never
+  // changes its partials, so the result does not depend on the thread count.
+  template <typename F>
+  void run(const F& fn) const {
+    const int64_t n = static_cast<int64_t>(chunks.size());
+    if (n == 0) return;
+    if (elements < kSerialBelow) {
+      fn(0, n);
+      return;
+    }
+    at::parallel_for(0, n, 1, fn);
   }
-  // Each thread takes a contiguous range of chunks; which thread runs a chunk
-  // never changes its partials, so the result does not depend on the count.
-  at::parallel_for(0, n, 1, fn);
-}
 
-// Sums the chunk partials of each dot in chunk order (float64) into `out`.
-void reduce_partials(const std::vector<double>& partials, int64_t nchunks, int ndots, const at::Tensor& out) {
-  std::vector<double> sums(ndots, 0.0);
-  for (int64_t c = 0; c < nchunks; ++c) {
-    for (int d = 0; d < ndots; ++d) sums[d] += partials[c * ndots + d];
+  // out[d * stride] = the chunk partials of dot d summed in chunk order (float64).
+  void reduce(double* out, int64_t stride) const {
+    std::vector<double> sums(ndots, 0.0);
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      for (int d = 0; d < ndots; ++d) sums[d] += partials[c * ndots + d];
+    }
+    for (int d = 0; d < ndots; ++d) out[d * stride] = sums[d];
   }
-  out.copy_(at::from_blob(sums.data(), {ndots}, at::TensorOptions().dtype(at::kDouble)));
-}
 
-// GradScaler's inputs are CPU tensors here: reading them is a plain load.
-bool skipped(const std::optional<at::Tensor>& found_inf) {
-  return found_inf && *found_inf->const_data_ptr<float>() != 0.0f;
-}
+  int ndots;
+  std::vector<cpu::Chunk> chunks;
+  int64_t elements = 0;
+  std::vector<double> partials;
+};
 
-double grad_mul(const std::optional<at::Tensor>& grad_scale) {
-  return grad_scale ? 1.0 / static_cast<double>(*grad_scale->const_data_ptr<float>()) : 1.0;
-}
+// GradScaler's inputs are host memory here: reading them is a plain load.
+bool skipped(const float* found_inf) { return found_inf != nullptr && *found_inf != 0.0f; }
 
-// Stochastic rounding applies to 16-bit data only (wider dtypes ignore the seed).
-bool stochastic(const CombineCall& call) {
-  return call.sr_seed.has_value() && (call.dtype == DType::kBFloat16 || call.dtype == DType::kFloat16);
-}
-
-std::vector<double> to_vector(const at::Tensor& t) {
-  const double* p = t.data_ptr<double>();
-  return std::vector<double>(p, p + t.numel());
+double grad_mul(const float* grad_scale) {
+  return grad_scale != nullptr ? 1.0 / static_cast<double>(*grad_scale) : 1.0;
 }
 
 }  // namespace
@@ -141,121 +140,106 @@ std::string select_cpu_kernels(const std::string& name) {
   return t->name;
 }
 
-void combine_cpu(const CombineCall& call) {
-  if (skipped(call.found_inf)) return;
-  const int k = call.k;
-  const int64_t c = *call.count.const_data_ptr<int64_t>();
-  const int64_t slots = k - 1;
-  std::vector<char*> x_rows(k, nullptr), g_rows(k, nullptr);
-  for (int j = 1; j < k; ++j) {
-    x_rows[j] = row_ptr(call.x_hist, ring_slot(c, j, slots));
-    g_rows[j] = row_ptr(call.g_hist, ring_slot(c, j, slots));
-  }
-  const std::vector<double> coefs = to_vector(call.coefs);
-
-  const Plan plan = make_plan(call.segs);
-  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
-  std::vector<double> partials(call.gram ? nchunks * k : 0);
+void combine_cpu(const CombineOp& op, const Segs& segs) {
+  if (skipped(op.found_inf)) return;
+  const int k = op.k;
+  const int64_t c = *op.count;
+  const Ring x{op.x_ring, k - 1, op.row_elems, op.dtype};
+  const Ring g{op.g_ring, k - 1, op.row_elems, op.dtype};
+  const std::vector<char*> x_rows = x.rows(c, k, 1);
+  const std::vector<char*> g_rows = g.rows(c, k, 1);
+  Plan plan(segs, op.gram ? k : 0);
 
   cpu::CombineArgs args{};
-  args.dtype = call.dtype;
-  args.segs = plan.segs.data();
+  args.dtype = op.dtype;
+  args.segs = segs.data();
   args.chunks = plan.chunks.data();
   args.k = k;
-  args.coefs = coefs.data();
-  args.lr = *call.lr.const_data_ptr<double>();
-  args.weight_decay = call.weight_decay;
-  args.maximize = call.maximize;
-  args.grad_mul = grad_mul(call.grad_scale);
+  args.coefs = op.coefs;
+  args.lr = *op.lr;
+  args.weight_decay = op.weight_decay;
+  args.maximize = op.maximize;
+  args.grad_mul = grad_mul(op.grad_scale);
   args.x_rows = x_rows.data();
   args.g_rows = g_rows.data();
-  args.x_write = k > 1 ? row_ptr(call.x_hist, ring_slot(c, 0, slots)) : nullptr;
-  args.g_write = k > 1 ? row_ptr(call.g_hist, ring_slot(c, 0, slots)) : nullptr;
-  args.partials = call.gram ? partials.data() : nullptr;
-  args.stochastic = stochastic(call);
+  args.x_write = k > 1 ? x.row(c, 0) : nullptr;
+  args.g_write = k > 1 ? g.row(c, 0) : nullptr;
+  args.partials = op.gram ? plan.partials.data() : nullptr;
+  // Stochastic rounding applies to 16-bit data only (wider dtypes ignore the seed).
+  args.stochastic = op.stochastic && (op.dtype == DType::kBFloat16 || op.dtype == DType::kFloat16);
   if (args.stochastic) {
-    args.key_param = sr_key(sr_salt(*call.sr_seed, kStreamParam), c);
-    args.key_grad = sr_key(sr_salt(*call.sr_seed, kStreamGrad), c);
+    args.key_param = sr_key(sr_salt(op.sr_seed, kStreamParam), c);
+    args.key_grad = sr_key(sr_salt(op.sr_seed, kStreamGrad), c);
   }
 
   const cpu::KernelTable& kt = kernels();
-  run_chunks(plan, [&](int64_t c0, int64_t c1) { kt.combine(args, c0, c1); });
-  if (call.gram) reduce_partials(partials, nchunks, k, *call.gram);
+  plan.run([&](int64_t c0, int64_t c1) { kt.combine(args, c0, c1); });
+  if (op.gram) plan.reduce(op.gram, op.gram_stride);
 }
 
-void gram_row_cpu(const GramCall& call) {
-  if (skipped(call.found_inf)) return;
-  const int slots = static_cast<int>(call.g_hist.size(0));
-  const int k = call.store ? slots : slots + 1;  // dots of ages 0..k-1; the ring holds ages 1..k-1
-  const int64_t c = *call.count.const_data_ptr<int64_t>();
-  std::vector<char*> g_rows(k, nullptr);
-  for (int j = 1; j < k; ++j) g_rows[j] = row_ptr(call.g_hist, ring_slot(c, j, slots));
-
-  const Plan plan = make_plan(call.segs);
-  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
-  std::vector<double> partials(nchunks * k);
+void gram_row_cpu(const GramRowOp& op, const Segs& segs) {
+  if (skipped(op.found_inf)) return;
+  const int k = op.ndots();  // dots of ages 0..k-1; the ring holds ages 1..k-1 (and 0 once stored)
+  const int64_t c = *op.count;
+  const Ring g{op.g_ring, op.slots, op.row_elems, op.dtype};
+  const std::vector<char*> g_rows = g.rows(c, k, 1);
+  Plan plan(segs, k);
 
   cpu::GramArgs args{};
-  args.dtype = call.dtype;
-  args.segs = plan.segs.data();
+  args.dtype = op.dtype;
+  args.segs = segs.data();
   args.chunks = plan.chunks.data();
   args.ndots = k;
-  args.weight_decay = call.weight_decay;
-  args.maximize = call.maximize;
-  args.grad_mul = grad_mul(call.grad_scale);
+  args.weight_decay = op.weight_decay;
+  args.maximize = op.maximize;
+  args.grad_mul = grad_mul(op.grad_scale);
   args.g_rows = g_rows.data();
-  args.g_write = call.store ? row_ptr(call.g_hist, ring_slot(c, 0, slots)) : nullptr;
-  args.partials = partials.data();
+  args.g_write = op.store ? g.row(c, 0) : nullptr;
+  args.partials = plan.partials.data();
 
   const cpu::KernelTable& kt = kernels();
-  run_chunks(plan, [&](int64_t c0, int64_t c1) { kt.gram_row(args, c0, c1); });
-  reduce_partials(partials, nchunks, k, call.out);
+  plan.run([&](int64_t c0, int64_t c1) { kt.gram_row(args, c0, c1); });
+  plan.reduce(op.out, op.out_stride);
 }
 
-void rna_record_cpu(const RecordCall& call) {
-  const int64_t slots = call.window.size(0);
-  const int64_t c = *call.count.const_data_ptr<int64_t>();
-  const int ndots = call.out ? static_cast<int>(slots - 1) : 0;
-  std::vector<char*> rows(slots, nullptr);
-  for (int64_t a = 1; a < slots; ++a) rows[a] = row_ptr(call.window, ring_slot(c, a, slots));
-
-  const Plan plan = make_plan(call.segs);
-  const int64_t nchunks = static_cast<int64_t>(plan.chunks.size());
-  std::vector<double> partials(nchunks * ndots);
+void rna_record_cpu(const RecordOp& op, const Segs& segs) {
+  const int64_t c = *op.count;
+  const int ndots = op.ndots();
+  const Ring window{op.window, op.slots, op.row_elems, op.dtype};
+  const std::vector<char*> rows = window.rows(c, op.slots, 1);
+  Plan plan(segs, ndots);
 
   cpu::RecordArgs args{};
-  args.dtype = call.dtype;
-  args.segs = plan.segs.data();
+  args.dtype = op.dtype;
+  args.segs = segs.data();
   args.chunks = plan.chunks.data();
   args.ndots = ndots;
   args.rows = rows.data();
-  args.write = row_ptr(call.window, ring_slot(c, 0, slots));
-  args.partials = partials.data();
+  args.write = window.row(c, 0);
+  args.partials = plan.partials.data();
 
   const cpu::KernelTable& kt = kernels();
-  run_chunks(plan, [&](int64_t c0, int64_t c1) { kt.rna_record(args, c0, c1); });
-  if (call.out && ndots > 0) reduce_partials(partials, nchunks, ndots, *call.out);
+  plan.run([&](int64_t c0, int64_t c1) { kt.rna_record(args, c0, c1); });
+  if (ndots > 0) plan.reduce(op.out, op.out_stride);
 }
 
-void rna_extrapolate_cpu(const ExtrapCall& call) {
-  const int64_t slots = call.window.size(0);
-  const int m = static_cast<int>(call.coefs.numel());
-  const int64_t c = *call.count.const_data_ptr<int64_t>();
-  std::vector<char*> rows(m, nullptr);
-  for (int a = 0; a < m; ++a) rows[a] = row_ptr(call.window, ring_slot(c - 1, a, slots));
-  const std::vector<double> coefs = to_vector(call.coefs);
+void rna_extrapolate_cpu(const ExtrapOp& op, const Segs& segs) {
+  const int64_t c = *op.count;
+  // Age a of the snapshots is slot (count - 1 - a) mod slots: the newest is age 0.
+  const Ring window{op.window, op.slots, op.row_elems, op.dtype};
+  const std::vector<char*> rows = window.rows(c - 1, op.m, 0);
+  const Plan plan(segs, 0);
 
-  const Plan plan = make_plan(call.segs);
   cpu::ExtrapArgs args{};
-  args.dtype = call.dtype;
-  args.segs = plan.segs.data();
+  args.dtype = op.dtype;
+  args.segs = segs.data();
   args.chunks = plan.chunks.data();
-  args.m = m;
-  args.coefs = coefs.data();
+  args.m = op.m;
+  args.coefs = op.coefs;
   args.rows = rows.data();
 
   const cpu::KernelTable& kt = kernels();
-  run_chunks(plan, [&](int64_t c0, int64_t c1) { kt.rna_extrapolate(args, c0, c1); });
+  plan.run([&](int64_t c0, int64_t c1) { kt.rna_extrapolate(args, c0, c1); });
 }
 
 }  // namespace interp

@@ -1,33 +1,20 @@
-// The interpolation step (Interpolatron and Anderson) and the gradient dot
-// products (gram_row, and the Gram row of a combine with k > kDotGroup).
-// Scalars (coefs, lr, count) are read on the device: a launch can be
-// captured in a CUDA graph and replayed with new values.
+// The interpolation step (Interpolatron and Anderson), with the Gram row of
+// the new gradient when it fits one register group (k <= kDotGroup; a longer
+// row is a gram_row pass first, gram_row.cu). Scalars (coefs, lr, count) are
+// read on the device: a launch can be captured in a CUDA graph and replayed
+// with new values.
 //
 // Every fragment issues all of its loads (param, grad, the 2(k-1) ring rows)
 // before any math, held raw in uint4 registers; k is a template parameter for
 // k <= 4 (the common Interpolatron / Anderson sizes) with a run-time k kernel
 // for the rest.
+#include "../dispatch.h"
 #include "common.cuh"
 
 namespace interp::cuda {
 namespace {
 
 constexpr int kMaxStaticK = 4;
-
-// GradScaler's fused contract: a step with found_inf set writes nothing (the
-// flag is uniform across the block, so the whole block returns; partials are
-// left unwritten and the caller discards the Gram of a skipped step).
-__device__ __forceinline__ bool skip_step(const float* found_inf) {
-  return found_inf != nullptr && *found_inf != 0.0f;
-}
-
-// The sign of the effective gradient times 1 / grad_scale: one factor, exact
-// for GradScaler's power-of-two scales.
-template <typename C>
-__device__ __forceinline__ C grad_sign(bool maximize, const float* grad_scale) {
-  const double s = maximize ? -1.0 : 1.0;
-  return static_cast<C>(grad_scale != nullptr ? s / static_cast<double>(*grad_scale) : s);
-}
 
 // The stochastic rounding keys of this launch, from the count read on the
 // device: {parameter, gradient}.
@@ -259,81 +246,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_
   combine_any_body<T, DOTS, true>(p);
 }
 
-// Block partials of <g0, g(age d)>, d = 0..ndots-1, g0 = sign * grad +
-// weight_decay * param; with `store` also g0 into slot count mod slots, which
-// no dot reads (the read-only form reads ages 1..ndots-1 = 1..slots).
-// NDOTS > 0: ndots fixed (<= kMaxStaticK), every load of a fragment issued
-// before the math. NDOTS == 0: any ndots, in groups of kDotGroup; the block
-// walks its chunk once per group (the later walks hit L2).
-template <typename T, int NDOTS>
-__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) grad_dots_kernel(const GradDotsLaunch p) {
-  using C = compute_t<T>;
-  constexpr int N = Frag<T>::N;
-  constexpr int G = NDOTS > 0 ? NDOTS : kDotGroup;  // dots per walk
-  if (skip_step(p.found_inf)) return;
-  const Work w = block_work(p.table);
-  const int64_t count = *p.count;
-  const C sign = grad_sign<C>(p.maximize, p.grad_scale);
-  const C wd = static_cast<C>(p.weight_decay);
-  const bool has_wd = p.weight_decay != 0.0;
-  const int64_t woff = p.store ? ring_slot(count, 0, p.slots) * p.row_elems : 0;  // read-only: slots may be 0
-  const T* param = reinterpret_cast<const T*>(w.a);
-  const T* grad = reinterpret_cast<const T*>(w.b);
-  T* gr = reinterpret_cast<T*>(p.g_ring) + w.col;
-  const int ndots = NDOTS > 0 ? NDOTS : p.ndots;
-  const bool base_vec = aligned16(grad) && (!has_wd || aligned16(param)) && aligned16(gr + woff) && w.len % N == 0;
-
-  for (int d0 = 0; d0 < ndots; d0 += G) {
-    const int nd = ndots - d0 < G ? ndots - d0 : G;
-    // Row of each dot of the group; dot 0 (<g0, g0>) and the dots past the end
-    // read the group's first ring row again (an L1 hit, never used).
-    int64_t off[G];
-    const int first_ring = d0 == 0 ? 1 : d0;
-    const int64_t off_first = first_ring < ndots ? ring_slot(count, first_ring, p.slots) * p.row_elems : 0;
-    bool vec = base_vec && aligned16(gr + off_first);
-#pragma unroll
-    for (int dl = 0; dl < G; ++dl) {
-      const int d = d0 + dl;
-      off[dl] = (d >= 1 && dl < nd) ? ring_slot(count, d, p.slots) * p.row_elems : off_first;
-      vec = vec && aligned16(gr + off[dl]);
-    }
-    const bool store = p.store && d0 == 0;
-    double dots[G];
-#pragma unroll
-    for (int d = 0; d < G; ++d) dots[d] = 0.0;
-
-    for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
-      constexpr bool V = decltype(v)::value;
-      const uint4 rg = ld_frag<T, V>(grad + i, n);
-      const uint4 rx = has_wd ? ld_frag<T, V>(param + i, n) : make_uint4(0, 0, 0, 0);
-      uint4 rh[G];
-      const bool loads = ndots > 1;  // k = 1: no ring row at all
-#pragma unroll
-      for (int dl = 0; dl < G; ++dl) {
-        rh[dl] = (loads && d0 + dl != 0) ? ld_frag<T, V>(gr + off[dl] + i, n) : make_uint4(0, 0, 0, 0);
-      }
-      C g0[N], x[N], h[N];
-      unpack<T>(rg, g0);
-      unpack<T>(rx, x);
-#pragma unroll
-      for (int e = 0; e < N; ++e) g0[e] = effective_grad(g0[e], x[e], sign, wd, has_wd);
-      if (store) st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
-#pragma unroll
-      for (int dl = 0; dl < G; ++dl) {
-        if (dl < nd) {
-          if (d0 + dl == 0) {
-            dot_acc<N>(dots[dl], g0, g0);
-          } else {
-            unpack<T>(rh[dl], h);
-            dot_acc<N>(dots[dl], g0, h);
-          }
-        }
-      }
-    });
-    block_partials<G>(dots, nd, d0, p.table.nblocks, p.partials);
-  }
-}
-
 template <typename T>
 constexpr bool kSixteenBit = std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
 
@@ -395,41 +307,11 @@ cudaError_t combine_typed(const CombineLaunch& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t grad_dots_typed(const GradDotsLaunch& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.table.nblocks));
-  switch (p.ndots) {
-    case 1: grad_dots_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: grad_dots_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p); break;
-    case 3: grad_dots_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: grad_dots_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p); break;
-    default: grad_dots_kernel<T, 0><<<grid, kThreads, 0, stream>>>(p); break;
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_combine(const CombineLaunch& p, cudaStream_t stream) {
   if (p.table.nblocks == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat32: return combine_typed<float>(p, stream);
-    case DType::kFloat64: return combine_typed<double>(p, stream);
-    case DType::kBFloat16: return combine_typed<bf16>(p, stream);
-    case DType::kFloat16: return combine_typed<fp16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-cudaError_t launch_grad_dots(const GradDotsLaunch& p, cudaStream_t stream) {
-  if (p.table.nblocks == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat32: return grad_dots_typed<float>(p, stream);
-    case DType::kFloat64: return grad_dots_typed<double>(p, stream);
-    case DType::kBFloat16: return grad_dots_typed<bf16>(p, stream);
-    case DType::kFloat16: return grad_dots_typed<fp16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return INTERP_DISPATCH_DTYPE(p.dtype, T, cudaErrorInvalidValue, [&] { return combine_typed<T>(p, stream); });
 }
 
 }  // namespace interp::cuda

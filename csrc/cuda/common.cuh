@@ -1,7 +1,7 @@
-// Device helpers shared by the .cu files: what a block works on, 16-byte
-// fragments held raw in a uint4 (one LDG.E.128 / STG.E.128 each on the vector
-// path, element accesses on the tail path), and the deterministic block
-// reduction of float64 dot-product partials.
+// Device helpers shared by the .cu files: GradScaler's skip and sign, what a
+// block works on, 16-byte fragments held raw in a uint4 (one LDG.E.128 /
+// STG.E.128 each on the vector path, element accesses on the tail path), and
+// the deterministic block reduction of float64 dot-product partials.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,6 +22,21 @@ template <typename T, int N>
 struct alignas(16) Pack {
   T v[N];
 };
+
+// GradScaler's fused contract: a step with found_inf set writes nothing (the
+// flag is uniform across the block, so the whole block returns; partials are
+// left unwritten and the caller discards the Gram of a skipped step).
+__device__ __forceinline__ bool skip_step(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.0f;
+}
+
+// The sign of the effective gradient times 1 / grad_scale: one factor, exact
+// for GradScaler's power-of-two scales.
+template <typename C>
+__device__ __forceinline__ C grad_sign(bool maximize, const float* grad_scale) {
+  const double s = maximize ? -1.0 : 1.0;
+  return static_cast<C>(grad_scale != nullptr ? s / static_cast<double>(*grad_scale) : s);
+}
 
 // The chunk this block owns: pointers already at its first element.
 struct Work {

@@ -1,6 +1,7 @@
-// Interface between the torch glue (cuda_launch.cpp) and the CUDA kernels
-// (*.cu). No torch types: raw pointers, a cudaStream_t and plain structs, so
-// that every .cu compiles with nvcc alone (csrc/check_cuda_compile.sh).
+// Interface between the launch layer (launch.h / launch.cpp) and the CUDA
+// kernels (*.cu): one launch struct and one launcher per kernel. No torch
+// types: raw pointers, a cudaStream_t and plain structs, so that every .cu
+// compiles with nvcc alone (csrc/check_cuda_compile.sh).
 //
 // Work decomposition (the multi-tensor apply): the active tensors of a bucket
 // are cut into chunks of chunk_elems(dtype) elements (kChunkBytes), one thread
@@ -37,14 +38,7 @@ constexpr int min_blocks() {
 constexpr int64_t kChunkBytes = 32768;
 constexpr int kDotGroup = 8;  // dot products accumulated in registers at once (a block loops over groups)
 
-inline int64_t elem_size(DType d) {
-  switch (d) {
-    case DType::kFloat64: return 8;
-    case DType::kFloat32: return 4;
-    default: return 2;
-  }
-}
-inline int64_t chunk_elems(DType d) { return kChunkBytes / elem_size(d); }
+inline int64_t chunk_elems(DType d) { return kChunkBytes / dtype_bytes(d); }
 
 // Per-block entry of the device table (multi-tensor apply): everything a block
 // needs in one 32-byte record, so that its first loads do not depend on each
@@ -93,7 +87,7 @@ struct CombineLaunch {
 // slot count mod slots (then ndots == slots; read-only: ndots == slots + 1).
 // A block covers every dot group of its chunk (the re-reads of the gradient for
 // groups after the first hit L2, not DRAM).
-struct GradDotsLaunch {
+struct GramRowLaunch {
   DType dtype;
   Table table;
   void* g_ring;
@@ -137,7 +131,7 @@ struct ExtrapLaunch {
 inline int dot_groups(int ndots) { return ndots <= kDotGroup ? 1 : (ndots + kDotGroup - 1) / kDotGroup; }
 
 cudaError_t launch_combine(const CombineLaunch& p, cudaStream_t stream);
-cudaError_t launch_grad_dots(const GradDotsLaunch& p, cudaStream_t stream);
+cudaError_t launch_gram_row(const GramRowLaunch& p, cudaStream_t stream);
 cudaError_t launch_rna_record(const RecordLaunch& p, cudaStream_t stream);
 cudaError_t launch_rna_extrapolate(const ExtrapLaunch& p, cudaStream_t stream);
 // out[d * out_stride] = sum over blocks of partials, in float64 and a fixed

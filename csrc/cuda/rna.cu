@@ -3,6 +3,7 @@
 // elementwise before the product) and the extrapolation sum_a c_a y(age a).
 // Every fragment issues the loads of its dot group (or of four snapshots in
 // extrapolate) before the math.
+#include "../dispatch.h"
 #include "common.cuh"
 
 namespace interp::cuda {
@@ -166,24 +167,12 @@ cudaError_t extrapolate_typed(const ExtrapLaunch& p, cudaStream_t stream) {
 
 cudaError_t launch_rna_record(const RecordLaunch& p, cudaStream_t stream) {
   if (p.table.nblocks == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat32: return record_typed<float>(p, stream);
-    case DType::kFloat64: return record_typed<double>(p, stream);
-    case DType::kBFloat16: return record_typed<bf16>(p, stream);
-    case DType::kFloat16: return record_typed<fp16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return INTERP_DISPATCH_DTYPE(p.dtype, T, cudaErrorInvalidValue, [&] { return record_typed<T>(p, stream); });
 }
 
 cudaError_t launch_rna_extrapolate(const ExtrapLaunch& p, cudaStream_t stream) {
   if (p.table.nblocks == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat32: return extrapolate_typed<float>(p, stream);
-    case DType::kFloat64: return extrapolate_typed<double>(p, stream);
-    case DType::kBFloat16: return extrapolate_typed<bf16>(p, stream);
-    case DType::kFloat16: return extrapolate_typed<fp16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return INTERP_DISPATCH_DTYPE(p.dtype, T, cudaErrorInvalidValue, [&] { return extrapolate_typed<T>(p, stream); });
 }
 
 }  // namespace interp::cuda
