@@ -27,7 +27,8 @@ ARCH = "compute_86"
 # (setup.py builds the extension with the same flag).
 NVCC_FLAGS = ["-std=c++17", "-O3", f"-gencode=arch={ARCH},code={ARCH}", "--fmad=false",
               "-D__NV_LEGACY_LAUNCH", "-Xcompiler", "-D__NV_LEGACY_LAUNCH"]
-KERNEL_SOURCES = ["csrc/cuda/combine.cu", "csrc/cuda/reduce.cu", "csrc/cuda/rna.cu"]
+KERNEL_SOURCES = ["csrc/cuda/combine.cu", "csrc/cuda/gram_row.cu", "csrc/cuda/reduce.cu", "csrc/cuda/rna.cu",
+                  "csrc/cuda/launch.cpp"]
 HARNESS_SOURCES = ["tools/gpusim/bench_kernels.cu", "tools/gpusim/harness.cpp"]
 HEADER_GLOBS = ["csrc/*.h", "csrc/cuda/*.h", "csrc/cuda/*.cuh", "tools/gpusim/*.h"]
 

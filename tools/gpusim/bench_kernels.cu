@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "launch_shim.h"
+#include "device_ops.h"
 #include "bench_kernels.h"
 
 namespace interp_bench {
@@ -115,15 +115,13 @@ int run(const char* kernel_name, int64_t n) {
   } else if (k == "combine2_f32" || k == "combine2_bf16") {
     const bool bf = k == "combine2_bf16";
     const int es = bf ? 2 : 4;
-    launch::Segment seg{};
+    Seg seg{};
     seg.a = filled(n, es, 1);
     seg.b = filled(n, es, 2);
     seg.numel = n;
     seg.col = 0;
-    launch::CombineArgs a{};
+    CombineOp a{};
     a.dtype = bf ? DType::kBFloat16 : DType::kFloat32;
-    a.segs = &seg;
-    a.nsegs = 1;
     a.k = 2;
     a.x_ring = filled(n, es, 3);
     a.g_ring = filled(n, es, 4);
@@ -136,18 +134,16 @@ int run(const char* kernel_name, int64_t n) {
     a.lr = scalar(1e-3);
     a.count = scalar<int64_t>(5);
     a.weight_decay = 0.0;
-    launch::Workspace ws;
-    err = launch::combine(a, ws, nullptr);
+    harness::Workspace ws;
+    err = harness::combine(a, {seg}, ws);
   } else if (k == "gram2_f32") {
     // RNA's gradient record form: 2 slots, age 1 read, age 0 stored; <g0, g0>, <g0, g1>.
-    launch::Segment seg{};
+    Seg seg{};
     seg.a = filled(n, 4, 1);
     seg.b = filled(n, 4, 2);
     seg.numel = n;
-    launch::GramArgs a{};
+    GramRowOp a{};
     a.dtype = DType::kFloat32;
-    a.segs = &seg;
-    a.nsegs = 1;
     a.g_ring = filled(2 * n, 4, 3);
     a.slots = 2;
     a.row_elems = n;
@@ -155,25 +151,23 @@ int run(const char* kernel_name, int64_t n) {
     a.store = true;
     a.out = static_cast<double*>(filled(2, 8, 0));
     a.out_stride = 1;
-    launch::Workspace ws;
-    err = launch::gram_row(a, ws, nullptr);
+    harness::Workspace ws;
+    err = harness::gram_row(a, {seg}, ws);
   } else if (k == "record_f32") {
     // RNA record with window 2 (3 slots): the copy and the residual dots <r0, r0>, <r0, r1>.
-    launch::Segment seg{};
+    Seg seg{};
     seg.a = filled(n, 4, 1);
     seg.numel = n;
-    launch::RecordArgs a{};
+    RecordOp a{};
     a.dtype = DType::kFloat32;
-    a.segs = &seg;
-    a.nsegs = 1;
     a.window = filled(3 * n, 4, 2);
     a.slots = 3;
     a.row_elems = n;
     a.count = scalar<int64_t>(5);
     a.out = static_cast<double*>(filled(2, 8, 0));
     a.out_stride = 1;
-    launch::Workspace ws;
-    err = launch::rna_record(a, ws, nullptr);
+    harness::Workspace ws;
+    err = harness::rna_record(a, {seg}, ws);
   } else {
     std::fprintf(stderr, "bench: unknown kernel %s\n", kernel_name);
     return 2;

@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "launch_shim.h"
+#include "device_ops.h"
 #include "bench_kernels.h"
 
 namespace {
@@ -126,7 +126,7 @@ int run_case(Reader& r, FILE* out, int index) {
     if (next >= bufs.size()) die("case has too few buffers");
     return bufs[next++];
   };
-  std::vector<launch::Segment> segs(static_cast<size_t>(nseg));
+  std::vector<Seg> segs(static_cast<size_t>(nseg), Seg{});
   const bool two = op == kCombine || op == kGramRow;
   for (int64_t s = 0; s < nseg; ++s) segs[s].a = take().ptr();
   if (two) {
@@ -138,14 +138,12 @@ int run_case(Reader& r, FILE* out, int index) {
   }
   const auto opt = [&](int64_t flag) -> char* { return (flags & flag) ? take().ptr() : nullptr; };
 
-  launch::Workspace ws;
+  harness::Workspace ws;
   cudaError_t err = cudaSuccess;
   switch (op) {
     case kCombine: {
-      launch::CombineArgs a{};
+      CombineOp a{};
       a.dtype = dtype;
-      a.segs = segs.data();
-      a.nsegs = nseg;
       a.k = static_cast<int>(slots);
       a.x_ring = take().ptr();
       a.g_ring = take().ptr();
@@ -161,14 +159,12 @@ int run_case(Reader& r, FILE* out, int index) {
       a.found_inf = reinterpret_cast<const float*>(opt(kHasFoundInf));
       a.stochastic = flags & kStochastic;
       a.sr_seed = static_cast<uint32_t>(seed);
-      err = launch::combine(a, ws, nullptr);
+      err = harness::combine(a, segs, ws);
       break;
     }
     case kGramRow: {
-      launch::GramArgs a{};
+      GramRowOp a{};
       a.dtype = dtype;
-      a.segs = segs.data();
-      a.nsegs = nseg;
       a.g_ring = take().ptr();
       a.slots = static_cast<int>(slots);
       a.row_elems = row_elems;
@@ -180,35 +176,31 @@ int run_case(Reader& r, FILE* out, int index) {
       a.out_stride = 1;
       a.grad_scale = reinterpret_cast<const float*>(opt(kHasGradScale));
       a.found_inf = reinterpret_cast<const float*>(opt(kHasFoundInf));
-      err = launch::gram_row(a, ws, nullptr);
+      err = harness::gram_row(a, segs, ws);
       break;
     }
     case kRnaRecord: {
-      launch::RecordArgs a{};
+      RecordOp a{};
       a.dtype = dtype;
-      a.segs = segs.data();
-      a.nsegs = nseg;
       a.window = take().ptr();
       a.slots = static_cast<int>(slots);
       a.row_elems = row_elems;
       a.count = reinterpret_cast<const int64_t*>(take().ptr());
       a.out = reinterpret_cast<double*>(opt(kHasOut));
       a.out_stride = 1;
-      err = launch::rna_record(a, ws, nullptr);
+      err = harness::rna_record(a, segs, ws);
       break;
     }
     case kRnaExtrapolate: {
-      launch::ExtrapArgs a{};
+      ExtrapOp a{};
       a.dtype = dtype;
-      a.segs = segs.data();
-      a.nsegs = nseg;
       a.window = take().ptr();
       a.slots = static_cast<int>(slots);
       a.row_elems = row_elems;
       a.count = reinterpret_cast<const int64_t*>(take().ptr());
       a.coefs = reinterpret_cast<const double*>(take().ptr());
       a.m = static_cast<int>(m);
-      err = launch::rna_extrapolate(a, ws, nullptr);
+      err = harness::rna_extrapolate(a, segs, ws);
       break;
     }
     default:

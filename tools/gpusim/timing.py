@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -40,6 +41,10 @@ BYTES_PER_ELEMENT = {
 }
 
 
+_OPTIONS = (r"^(-gpgpu_cache:dl2|-dram_bnk_indexing_policy|-gpgpu_perf_sim_memcpy"
+            r"|-gpgpu_kernel_launch_latency)\s+(\S+)")
+
+
 def run_one(sim, exe, kernel: str, n: int, config: dict) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
@@ -60,6 +65,8 @@ def run_one(sim, exe, kernel: str, n: int, config: dict) -> dict:
         "ideal_bytes_per_cycle": ideal / cycles,
         "dram_bytes": 32 * (main.get("dram_n_rd", 0) + main.get("dram_n_write", 0)),
         "stats": {k: v for k, v in main.items() if not k.startswith("_")},
+        # the options as the simulator read them (overrides included)
+        "simulator_options": dict(re.findall(_OPTIONS, run.stdout, re.M)),
         "other_kernels": [{"kernel": k["kernel"], "cycles": k["gpu_sim_cycle"]} for k in kernels[1:]],
         "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
         "wall_seconds": time.time() - t0,
@@ -72,6 +79,10 @@ def main() -> None:
     ap.add_argument("--kernels", default=",".join(BYTES_PER_ELEMENT))
     ap.add_argument("--bank-xor", action="store_true",
                     help="-dram_bnk_indexing_policy 1 (bank index XORed with higher address bits)")
+    ap.add_argument("--l2-sets", type=int, default=64,
+                    help="L2 sets per sub-partition (64: the RTX 3070 model's 4 MB; 16: 1 MB, so that 1M "
+                         "elements per stream stand to L2 as 4M do to the full model, at a quarter of the "
+                         "simulation time)")
     ap.add_argument("--name", required=True, help="result file name under bench/results/gpusim/")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
@@ -80,9 +91,14 @@ def main() -> None:
     if sim is None:
         sys.exit(why)
     exe = _gpusim.build_harness()
-    config = {"-gpgpu_perf_sim_memcpy": 0}
+    # Cold L2 (host copies do not fill it), and no modelled launch latency
+    # (5000 cycles in this config: a constant that would weigh on the short
+    # runs, the copy most).
+    config = {"-gpgpu_perf_sim_memcpy": 0, "-gpgpu_kernel_launch_latency": 0}
     if args.bank_xor:
         config["-dram_bnk_indexing_policy"] = 1
+    if args.l2_sets != 64:
+        config["-gpgpu_cache:dl2"] = f"S:{args.l2_sets}:128:16,L:B:m:L:P,A:192:4,32:0,32"
     out = ROOT / "bench" / "results" / "gpusim" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if out.exists() else {"runs": {}}
