@@ -73,7 +73,27 @@ def run_one(sim, exe, kernel: str, n: int, config: dict) -> dict:
     }
 
 
+def table(paths: list[Path]) -> str:
+    """A markdown table of result files: one row per kernel and file."""
+    rows = ["| result | kernel | B/elem | cycles | fraction of copy | DRAM util | row locality "
+            "| activations |", "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        res = json.loads(path.read_text())
+        for name, r in res["runs"].items():
+            st = r["stats"]
+            rows.append(f"| {path.stem} | {name} | {BYTES_PER_ELEMENT[name]} | {r['cycles']:.0f} | "
+                        f"{r.get('fraction_of_copy', float('nan')):.3f} | "
+                        f"{st.get('dram_bw_util_mean', 0):.3f} | {st.get('dram_row_locality_mean', 0):.3f} | "
+                        f"{st.get('dram_n_act', 0)} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--table"]:
+        results = ROOT / "bench" / "results" / "gpusim"
+        paths = [Path(p) for p in sys.argv[2:]] or sorted(results.glob("*.json"))
+        print(table(paths))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4 * 1024 * 1024, help="elements per stream")
     ap.add_argument("--kernels", default=",".join(BYTES_PER_ELEMENT))
