@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-
 from gpusim import _cases as C  # noqa: E402
 from gpusim import _gpusim  # noqa: E402
 from gpusim.test_kernels_sim import MATRIX  # noqa: E402
