@@ -63,7 +63,9 @@ def run_one(sim, exe, kernel: str, n: int, config: dict) -> dict:
         "ideal_bytes": ideal,
         "cycles": cycles,
         "ideal_bytes_per_cycle": ideal / cycles,
-        "dram_bytes": 32 * (main.get("dram_n_rd", 0) + main.get("dram_n_write", 0)),
+        # 32-byte DRAM accesses: reads, and L2 write-backs (the writes that left
+        # L2 before the kernel ended; the rest stay dirty in L2)
+        "dram_bytes": 32 * sum(main.get(k, 0) for k in ("dram_n_rd", "dram_n_write", "dram_n_wr_bk")),
         "stats": {k: v for k, v in main.items() if not k.startswith("_")},
         # the options as the simulator read them (overrides included)
         "simulator_options": dict(re.findall(_OPTIONS, run.stdout, re.M)),
