@@ -16,6 +16,7 @@ from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_buck
 from torch import Tensor
 
 from interpolatron.backends import native_backend
+from interpolatron.backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
 from interpolatron.backends.torch_backend import BACKEND as ORACLE
 
 _C = native_backend._C
@@ -118,7 +119,7 @@ OPTIONS = (
 def run_combine(backend, b: Bucket, x_hist, g_hist, coefs, lr, count, wd, maximize, gram):
     params, xh, gh = clones(b.params), x_hist.clone(), g_hist.clone()
     out = torch.full((coefs.numel(),), NAN, dtype=torch.float64, device=b.device) if gram else None
-    backend.combine(params, b.grads, b.offsets, xh, gh, coefs, lr, count, wd, maximize, out, {})
+    backend.combine(CombineArgs(params, b.grads, b.offsets, xh, gh, coefs, lr, count, wd, maximize, out), {})
     return params, xh, gh, out
 
 
@@ -178,8 +179,8 @@ def test_gram_given_as_strided_view():
     coefs, lr, count = scalars(3, 4)
     x_hist, g_hist = b.ring(2), b.ring(2)
     big = torch.full((3, 3), NAN, dtype=torch.float64)
-    EXT.combine(clones(b.params), b.grads, b.offsets, x_hist.clone(), g_hist.clone(), coefs, lr, count, 0.0,
-                False, big[:, 1], {})
+    EXT.combine(CombineArgs(clones(b.params), b.grads, b.offsets, x_hist.clone(), g_hist.clone(), coefs, lr,
+                            count, 0.0, False, big[:, 1]), {})
     want = run_combine(ORACLE, b, x_hist, g_hist, coefs, lr, count, 0.0, False, True)[3]
     torch.testing.assert_close(big[:, 1], want, rtol=1e-5, atol=1e-4)
     assert big[:, [0, 2]].isnan().all()
@@ -200,8 +201,8 @@ def check_gram_row(b: Bucket, k: int, opts: dict, store: bool = True) -> None:
     for backend in (EXT, ORACLE):
         gh = g_hist.clone()
         out = torch.full((k,), NAN, dtype=torch.float64, device=b.device)
-        backend.gram_row(b.params, b.grads, b.offsets, gh, count, opts["weight_decay"], opts["maximize"],
-                         out, {}, store=store)
+        backend.gram_row(GramArgs(b.params, b.grads, b.offsets, gh, count, opts["weight_decay"],
+                                  opts["maximize"], out, store=store), {})
         res.append((gh, out))
     (gh, out), (gh_ref, out_ref) = res
     if store:
@@ -241,7 +242,7 @@ def check_rna_record(b: Bucket, slots: int, count: int, with_out: bool) -> None:
     for backend in (EXT, ORACLE):
         w = window.clone()
         out = torch.full((slots - 1,), NAN, dtype=torch.float64) if with_out else None
-        backend.rna_record(b.params, b.offsets, w, torch.tensor(count), out, {})
+        backend.rna_record(RecordArgs(b.params, b.offsets, w, torch.tensor(count), out), {})
         res.append((w, out))
     (w, out), (w_ref, out_ref) = res
     assert torch.equal(w, w_ref)  # a copy: bit exact
@@ -269,7 +270,7 @@ def check_rna_extrapolate(b: Bucket, slots: int, m: int, count: int) -> None:
     res = []
     for backend in (EXT, ORACLE):
         outs = [torch.full_like(p, NAN) for p in b.params]
-        backend.rna_extrapolate(window, b.offsets, torch.tensor(count), coefs, outs, {})
+        backend.rna_extrapolate(ExtrapArgs(window, b.offsets, torch.tensor(count), coefs, outs), {})
         res.append(outs)
     assert_close(res[0], res[1], b.dtype)
 
@@ -288,8 +289,8 @@ def test_rna_extrapolate_into_the_recorded_tensors():
     b = make_bucket(CASES[3], torch.float32)
     window, coefs, count = b.ring(4), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), torch.tensor(6)
     mine, ref = clones(b.params), clones(b.params)
-    EXT.rna_extrapolate(window, b.offsets, count, coefs, mine, {})
-    ORACLE.rna_extrapolate(window, b.offsets, count, coefs, ref, {})
+    EXT.rna_extrapolate(ExtrapArgs(window, b.offsets, count, coefs, mine), {})
+    ORACLE.rna_extrapolate(ExtrapArgs(window, b.offsets, count, coefs, ref), {})
     assert_close(mine, ref, torch.float32)
 
 
@@ -304,11 +305,11 @@ def _all_ops(b: Bucket, k: int = 3, slots: int = 5) -> list[Tensor]:
     outs = list(run_combine(EXT, b, x_hist, g_hist, coefs, lr, count, 0.01, False, True))
     outs = outs[0] + outs[1:]
     gh, gout = b.ring(k), torch.zeros(k, dtype=torch.float64)
-    EXT.gram_row(b.params, b.grads, b.offsets, gh, count, 0.0, True, gout, {})
+    EXT.gram_row(GramArgs(b.params, b.grads, b.offsets, gh, count, 0.0, True, gout, store=True), {})
     window, rout = b.ring(slots), torch.zeros(slots - 1, dtype=torch.float64)
-    EXT.rna_record(b.params, b.offsets, window, count, rout, {})
+    EXT.rna_record(RecordArgs(b.params, b.offsets, window, count, rout), {})
     ext = [torch.empty_like(p) for p in b.params]
-    EXT.rna_extrapolate(window, b.offsets, count + 1, coefs, ext, {})
+    EXT.rna_extrapolate(ExtrapArgs(window, b.offsets, count + 1, coefs, ext), {})
     return outs + [gh, gout, window, rout] + ext
 
 
@@ -348,10 +349,10 @@ def test_dense_non_contiguous_stays_fused_in_storage_order(monkeypatch):
     mine = [p.clone().t().contiguous().t()]  # same strides as p
     assert not mine[0].is_contiguous()
     xh, gh = x_hist.clone(), g_hist.clone()
-    EXT.combine(mine, [g], [0], xh, gh, coefs, lr, count, 0.0, False, None, {})
+    EXT.combine(CombineArgs(mine, [g], [0], xh, gh, coefs, lr, count, 0.0, False, None), {})
     ref = [p.clone()]
     xr, gr = x_hist.clone(), g_hist.clone()
-    ORACLE.combine(ref, [g], [0], xr, gr, coefs, lr, count, 0.0, False, None, {})
+    ORACLE.combine(CombineArgs(ref, [g], [0], xr, gr, coefs, lr, count, 0.0, False, None), {})
     torch.testing.assert_close(mine[0], ref[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(xh, xr, rtol=0, atol=0)
     torch.testing.assert_close(gh, gr, rtol=0, atol=0)
@@ -369,10 +370,10 @@ def test_non_dense_falls_back_to_the_reference():
     xh, gh = x_hist.clone(), g_hist.clone()
     with pytest.warns(RuntimeWarning, match="non-contiguous") if not native_backend._warned_fallback else \
             contextlib.nullcontext():
-        EXT.combine(mine, [g], [0], xh, gh, coefs, lr, count, 0.0, False, None, {})
+        EXT.combine(CombineArgs(mine, [g], [0], xh, gh, coefs, lr, count, 0.0, False, None), {})
     ref = [p.clone()]
     xr, gr = x_hist.clone(), g_hist.clone()
-    ORACLE.combine(ref, [g], [0], xr, gr, coefs, lr, count, 0.0, False, None, {})
+    ORACLE.combine(CombineArgs(ref, [g], [0], xr, gr, coefs, lr, count, 0.0, False, None), {})
     assert torch.equal(mine[0], ref[0]) and torch.equal(xh, xr) and torch.equal(gh, gr)
 
 
@@ -382,14 +383,15 @@ def test_writes_bump_version_counters():
     coefs, lr, count = scalars(2, 0)
     x_hist, g_hist, gram = b.ring(1), b.ring(1), torch.zeros(2, dtype=torch.float64)
     before = [t._version for t in b.params + [x_hist, g_hist, gram]]
-    EXT.combine(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.0, False, gram, {})
+    EXT.combine(CombineArgs(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.0, False,
+                            gram), {})
     after = [t._version for t in b.params + [x_hist, g_hist, gram]]
     assert all(a > v for a, v in zip(after, before))
     w = torch.nn.Parameter(torch.randn(4))
     loss = (w * w).sum()  # saves w for backward
     with torch.no_grad():
-        EXT.combine([w], [torch.ones(4)], [0], torch.zeros(0, 4), torch.zeros(0, 4),
-                    torch.ones(1, dtype=torch.float64), lr, count, 0.0, False, None, {})
+        EXT.combine(CombineArgs([w], [torch.ones(4)], [0], torch.zeros(0, 4), torch.zeros(0, 4),
+                                torch.ones(1, dtype=torch.float64), lr, count, 0.0, False, None), {})
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
@@ -397,10 +399,11 @@ def test_writes_bump_version_counters():
 def test_empty_bucket_writes_zero_dots():
     coefs, lr, count = scalars(3, 2)
     gram = torch.full((3,), NAN, dtype=torch.float64)
-    EXT.combine([], [], [], torch.zeros(2, 0), torch.zeros(2, 0), coefs, lr, count, 0.0, False, gram, {})
+    EXT.combine(CombineArgs([], [], [], torch.zeros(2, 0), torch.zeros(2, 0), coefs, lr, count, 0.0, False,
+                            gram), {})
     assert torch.equal(gram, torch.zeros(3, dtype=torch.float64))
     out = torch.full((3,), NAN, dtype=torch.float64)
-    EXT.gram_row([], [], [], torch.zeros(3, 10), count, 0.0, False, out, {})
+    EXT.gram_row(GramArgs([], [], [], torch.zeros(3, 10), count, 0.0, False, out, store=True), {})
     assert torch.equal(out, torch.zeros(3, dtype=torch.float64))
 
 
@@ -408,19 +411,19 @@ def test_mismatched_dtype_raises():
     b = make_bucket(CASES[0], torch.float32)
     coefs, lr, count = scalars(2, 0)
     with pytest.raises(TypeError, match="dtype"):
-        EXT.combine(b.params, b.grads, b.offsets, b.ring(1).double(), b.ring(1).double(), coefs, lr, count,
-                    0.0, False, None, {})
+        EXT.combine(CombineArgs(b.params, b.grads, b.offsets, b.ring(1).double(), b.ring(1).double(), coefs,
+                                lr, count, 0.0, False, None), {})
 
 
 def test_bad_layout_raises():
     b = make_bucket(CASES[0], torch.float32)
     coefs, lr, count = scalars(3, 0)
     with pytest.raises(ValueError, match="slots"):
-        EXT.combine(b.params, b.grads, b.offsets, b.ring(1), b.ring(1), coefs, lr, count, 0.0, False, None,
-                    {})
+        EXT.combine(CombineArgs(b.params, b.grads, b.offsets, b.ring(1), b.ring(1), coefs, lr, count, 0.0,
+                                False, None), {})
     with pytest.raises(ValueError, match="does not fit"):
-        EXT.combine(b.params, b.grads, [o + b.n for o in b.offsets], b.ring(2), b.ring(2), coefs, lr, count,
-                    0.0, False, None, {})
+        EXT.combine(CombineArgs(b.params, b.grads, [o + b.n for o in b.offsets], b.ring(2), b.ring(2), coefs,
+                                lr, count, 0.0, False, None), {})
 
 
 # --------------------------------------------------------------------------- availability
@@ -480,8 +483,8 @@ def test_cuda_ops_against_oracle(case, dtype):
         res = []
         for backend in (EXT, ORACLE):
             gh, out = g_hist.clone(), torch.full((k,), NAN, dtype=torch.float64, device="cuda")
-            backend.gram_row(b.params, b.grads, b.offsets, gh, torch.tensor(5, device="cuda"), 0.01, True,
-                             out, {})
+            backend.gram_row(GramArgs(b.params, b.grads, b.offsets, gh, torch.tensor(5, device="cuda"), 0.01,
+                                      True, out, store=True), {})
             res.append((gh, out))
         assert_close(res[0][0], res[1][0], dtype)
         g0 = -flat(b.grads) + 0.01 * flat(b.params)
@@ -493,7 +496,7 @@ def test_cuda_ops_against_oracle(case, dtype):
         res = []
         for backend in (EXT, ORACLE):
             w, out = window.clone(), torch.full((slots - 1,), NAN, dtype=torch.float64, device="cuda")
-            backend.rna_record(b.params, b.offsets, w, torch.tensor(4, device="cuda"), out, {})
+            backend.rna_record(RecordArgs(b.params, b.offsets, w, torch.tensor(4, device="cuda"), out), {})
             res.append((w, out))
         assert torch.equal(res[0][0], res[1][0])
         ys = [flat(b.params)] + [cols(window[(4 - a) % slots], b) for a in range(1, slots)]
@@ -501,8 +504,9 @@ def test_cuda_ops_against_oracle(case, dtype):
         assert_dots_close(res[0][1], res[1][1], scale_for(r[0], r) if r else torch.zeros(0), dtype)
         coefs = torch.randn(slots, dtype=torch.float64, device="cuda")
         outs = [[torch.full_like(p, NAN) for p in b.params] for _ in range(2)]
-        EXT.rna_extrapolate(window, b.offsets, torch.tensor(9, device="cuda"), coefs, outs[0], {})
-        ORACLE.rna_extrapolate(window, b.offsets, torch.tensor(9, device="cuda"), coefs, outs[1], {})
+        EXT.rna_extrapolate(ExtrapArgs(window, b.offsets, torch.tensor(9, device="cuda"), coefs, outs[0]), {})
+        ORACLE.rna_extrapolate(ExtrapArgs(window, b.offsets, torch.tensor(9, device="cuda"), coefs,
+                                          outs[1]), {})
         assert_close(outs[0], outs[1], dtype)
 
 
@@ -513,11 +517,13 @@ def test_cuda_tables_are_cached_and_rebuilt():
     coefs, lr, count = scalars(2, 0, "cuda")
     x_hist, g_hist, cache = b.ring(1), b.ring(1), {}
     for _ in range(3):
-        EXT.combine(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.0, False, None, cache)
+        EXT.combine(CombineArgs(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.0, False,
+                                None), cache)
     tables = cache[("native_backend.tables", "combine")]
     assert tables.uploads == 1
     b.grads[0] = b.grads[0].clone()  # a new storage: the table must follow it
-    EXT.combine(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.0, False, None, cache)
+    EXT.combine(CombineArgs(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.0, False,
+                            None), cache)
     assert tables.uploads == 2
 
 
@@ -551,7 +557,8 @@ def test_cuda_graph_capture_replays_new_lr(dtype):
     params, cache = clones(b.params), {}
 
     def step():
-        EXT.combine(params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.01, False, gram, cache)
+        EXT.combine(CombineArgs(params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.01, False,
+                                gram), cache)
         count.add_(1)
 
     side = torch.cuda.Stream()
@@ -569,8 +576,8 @@ def test_cuda_graph_capture_replays_new_lr(dtype):
         lr.fill_(new_lr)
         coefs.copy_(coefs.flip(0))
         graph.replay()
-        ORACLE.combine(ref_params, b.grads, b.offsets, ref_x, ref_g, coefs, lr, ref_count, 0.01, False,
-                       ref_gram, {})
+        ORACLE.combine(CombineArgs(ref_params, b.grads, b.offsets, ref_x, ref_g, coefs, lr, ref_count, 0.01,
+                                   False, ref_gram), {})
         torch.cuda.synchronize()
         assert_close(params, ref_params, dtype)
         assert torch.equal(x_hist, ref_x)

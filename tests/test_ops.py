@@ -55,6 +55,7 @@ def test_opcheck_combine_with_stochastic_rounding(dtype, backend):
 @pytest.mark.parametrize("op", list(ops.OPS))
 def test_ops_match_the_backend_calls(op):
     """The op writes exactly what the torch backend's method writes (bitwise)."""
+    from interpolatron.backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
     from interpolatron.backends.torch_backend import BACKEND
 
     args = _args(op, torch.float32, "torch")
@@ -67,8 +68,12 @@ def test_ops_match_the_backend_calls(op):
     ref = [clone(a) for a in args]
     ops.OPS[op](*mine)
     method = "gram_row" if op.startswith("gram_row") else op
-    extra = {"store": op == "gram_row_store"} if method == "gram_row" else {}
-    getattr(BACKEND, method)(*ref[:-2], {}, **extra)
+    fields = ref[:-2]  # the schema's arguments but backend and cache
+    if method == "gram_row":
+        args = GramArgs(*fields, store=op == "gram_row_store")
+    else:
+        args = {"combine": CombineArgs, "rna_record": RecordArgs, "rna_extrapolate": ExtrapArgs}[op](*fields)
+    getattr(BACKEND, method)(args, {})
     def flat(xs):
         return [t for a in xs for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
 

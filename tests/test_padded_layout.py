@@ -10,6 +10,7 @@ import torch
 
 import interpolatron
 from interpolatron.backends import availability, resolve
+from interpolatron.backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
 from interpolatron.layout import ALIGN_BYTES, padded_offsets
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
@@ -84,16 +85,16 @@ def test_ops_on_padded_layout_match_compact(backend, dtype):
         x_hist, g_hist, window = rings
         ps = [t.clone() for t in tensors]
         gram = torch.zeros(k, dtype=torch.float64)
-        be.combine(ps, grads, offsets, x_hist, g_hist, coefs, lr, count, 0.01, False, gram, {})
+        be.combine(CombineArgs(ps, grads, offsets, x_hist, g_hist, coefs, lr, count, 0.01, False, gram), {})
         row = torch.zeros(k, dtype=torch.float64)
-        be.gram_row(ps, grads, offsets, g_hist, count, 0.0, False, row, {}, store=False)
+        be.gram_row(GramArgs(ps, grads, offsets, g_hist, count, 0.0, False, row, store=False), {})
         win = torch.zeros(3, width, dtype=dtype)
         win[:2] = window
         res = torch.zeros(2, dtype=torch.float64)
-        be.rna_record(ps, offsets, win, count, res, {})
+        be.rna_record(RecordArgs(ps, offsets, win, count, res), {})
         outs = [torch.empty_like(t) for t in tensors]
         extrap = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
-        be.rna_extrapolate(win, offsets, count + 1, extrap, outs, {})
+        be.rna_extrapolate(ExtrapArgs(win, offsets, count + 1, extrap, outs), {})
         gaps = _gap_mask(offsets, numels, width)
         for ring in (x_hist, g_hist, win):
             assert not ring[:, gaps].any(), f"{name}: a gap was written"

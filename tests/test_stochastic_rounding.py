@@ -30,6 +30,7 @@ from _triton_cases import kernel_device
 
 from interpolatron import rounding
 from interpolatron.backends import availability
+from interpolatron.backends.base import CombineArgs
 from interpolatron.backends.torch_backend import BACKEND as ORACLE
 from interpolatron.optim import Interpolatron
 
@@ -107,8 +108,8 @@ def _combine(backend, b, k, coefs, lr, wd, count, seed, grad_scale=None):
     params = clones(b.params)
     torch.manual_seed(123)
     x_hist, g_hist = b.ring(k - 1), b.ring(k - 1)
-    backend.combine(params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, wd, False, None, {},
-                    grad_scale=grad_scale, sr_seed=seed)
+    backend.combine(CombineArgs(params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, wd, False, None,
+                                grad_scale=grad_scale, sr_seed=seed), {})
     return params, x_hist, g_hist
 
 

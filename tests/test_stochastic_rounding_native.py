@@ -21,6 +21,7 @@ import torch
 
 from interpolatron import rounding
 from interpolatron.backends import native_backend
+from interpolatron.backends.base import CombineArgs
 from interpolatron.backends.native_backend import BACKEND as NATIVE
 from interpolatron.backends.torch_backend import BACKEND as ORACLE
 
@@ -87,10 +88,10 @@ def _run(backend, bucket, k: int, age: int, count: int, seed: int, gram: bool, d
     coefs = torch.zeros(k, dtype=torch.float64, device=device)
     coefs[age] = 1.0
     out = torch.empty(k, dtype=torch.float64, device=device) if gram else None
-    backend.combine(params, grads, offsets, x_hist, g_hist, coefs,
-                    torch.tensor(1.0, dtype=torch.float64, device=device),
-                    torch.tensor(count, device=device), 0.5, False, out, {},
-                    grad_scale=torch.tensor([4.0], device=device), sr_seed=seed)
+    backend.combine(CombineArgs(params, grads, offsets, x_hist, g_hist, coefs,
+                                torch.tensor(1.0, dtype=torch.float64, device=device),
+                                torch.tensor(count, device=device), 0.5, False, out,
+                                grad_scale=torch.tensor([4.0], device=device), sr_seed=seed), {})
     return [t.cpu() for t in params + [x_hist, g_hist]]
 
 

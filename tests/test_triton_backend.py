@@ -33,6 +33,7 @@ from _triton_cases import (  # noqa: E402
 )
 
 from interpolatron.backends import triton_backend  # noqa: E402
+from interpolatron.backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
 from interpolatron.backends.torch_backend import BACKEND as ORACLE  # noqa: E402
 from interpolatron.backends.triton_backend import BACKEND as TRITON  # noqa: E402
 from interpolatron.triton_kernels import _launch  # noqa: E402
@@ -98,8 +99,8 @@ def _combine_both(b, k, count, *, weight_decay=0.0, maximize=False, gram=False):
         params = clones(b.params)
         xh, gh = x_hist.clone(), g_hist.clone()
         out = torch.full((k,), NAN, dtype=torch.float64, device=DEVICE) if gram else None
-        backend.combine(params, b.grads, b.offsets, xh, gh, coefs, lr, cnt,
-                        weight_decay, maximize, out, {})
+        backend.combine(CombineArgs(params, b.grads, b.offsets, xh, gh, coefs, lr, cnt, weight_decay,
+                                    maximize, out), {})
         states.append((params, xh, gh, out))
     return states
 
@@ -138,7 +139,7 @@ def test_combine_writes_the_oldest_slot_with_old_param_and_effective_grad():
     coefs, lr, cnt = device_scalars(k, count, DEVICE)
     x_hist, g_hist = b.ring(k - 1), b.ring(k - 1)
     xh, gh, params = x_hist.clone(), g_hist.clone(), clones(b.params)
-    TRITON.combine(params, b.grads, b.offsets, xh, gh, coefs, lr, cnt, wd, True, None, {})
+    TRITON.combine(CombineArgs(params, b.grads, b.offsets, xh, gh, coefs, lr, cnt, wd, True, None), {})
     slot, age2 = count % (k - 1), (count - 2) % (k - 1)
     old = _flat(b.params, b.n, b.offsets, torch.float64)
     eff = _flat([-g + wd * p for g, p in zip(b.grads, b.params)], b.n, b.offsets, torch.float64)
@@ -168,7 +169,8 @@ def test_combine_trajectory_wraps_the_ring(dtype):
         cnt = torch.tensor(step, device=DEVICE)
         lr.fill_(0.1 / (1 + step))
         for be, (params, xh, gh) in state.items():
-            be.combine(params, grads, b.offsets, xh, gh, coefs, lr, cnt, 0.01, False, None, caches[be])
+            be.combine(CombineArgs(params, grads, b.offsets, xh, gh, coefs, lr, cnt, 0.01, False,
+                                   None), caches[be])
         assert_lists_close(state[TRITON][0], state[ORACLE][0], dtype)
         assert_lists_close(list(state[TRITON][1:]), list(state[ORACLE][1:]), dtype)
         if dtype == torch.bfloat16:
@@ -183,8 +185,8 @@ def test_combine_rejects_bad_rings():
     b = make_bucket(CASES[0], torch.float32, DEVICE)
     coefs, lr, cnt = device_scalars(3, 0, DEVICE)
     with pytest.raises(ValueError, match="slots"):
-        TRITON.combine(b.params, b.grads, b.offsets, b.ring(2), b.ring(3), coefs, lr, cnt, 0.0, False,
-                       None, {})
+        TRITON.combine(CombineArgs(b.params, b.grads, b.offsets, b.ring(2), b.ring(3), coefs, lr, cnt, 0.0,
+                                   False, None), {})
 
 
 # --------------------------------------------------------------------------- gram_row
@@ -202,8 +204,8 @@ def test_gram_row_matches_torch(case: Case, dtype, k):
     for backend in (ORACLE, TRITON):
         gh = g_hist.clone()
         out = torch.full((k,), NAN, dtype=torch.float64, device=DEVICE)
-        backend.gram_row(b.params, b.grads, b.offsets, gh, torch.tensor(count, device=DEVICE), wd,
-                         maximize, out, {})
+        backend.gram_row(GramArgs(b.params, b.grads, b.offsets, gh, torch.tensor(count, device=DEVICE), wd,
+                                  maximize, out, store=True), {})
         outs.append((gh, out))
     (gh0, out0), (gh1, out1) = outs
     assert torch.isfinite(gh1).all(), "the poisoned slot must be overwritten"
@@ -225,8 +227,8 @@ def test_gram_row_read_only_matches_torch(case: Case, dtype, k):
     for backend in (ORACLE, TRITON):
         gh = g_hist.clone()
         out = torch.full((k,), NAN, dtype=torch.float64, device=DEVICE)
-        backend.gram_row(b.params, b.grads, b.offsets, gh, torch.tensor(count, device=DEVICE), wd,
-                         maximize, out, {}, store=False)
+        backend.gram_row(GramArgs(b.params, b.grads, b.offsets, gh, torch.tensor(count, device=DEVICE), wd,
+                                  maximize, out, store=False), {})
         assert torch.equal(gh, g_hist), f"{backend.name}: the read-only Gram pass wrote into the ring"
         outs.append(out)
     g0 = torch.cat([g.reshape(-1) for g in b.grads]).double() * (-1 if maximize else 1)
@@ -245,8 +247,9 @@ def test_gram_row_without_weight_decay_ignores_params():
     out0 = torch.empty(k, dtype=torch.float64, device=DEVICE)
     out1 = torch.empty_like(out0)
     cnt = torch.tensor(count, device=DEVICE)
-    ORACLE.gram_row(b.params, b.grads, b.offsets, gh0, cnt, 0.0, False, out0, {})
-    TRITON.gram_row(nan_like(b.params), b.grads, b.offsets, gh1, cnt, 0.0, False, out1, {})
+    ORACLE.gram_row(GramArgs(b.params, b.grads, b.offsets, gh0, cnt, 0.0, False, out0, store=True), {})
+    TRITON.gram_row(GramArgs(nan_like(b.params), b.grads, b.offsets, gh1, cnt, 0.0, False, out1,
+                             store=True), {})
     torch.testing.assert_close(gh1, gh0, **tol(torch.float32))
     assert torch.isfinite(out1).all()
     torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
@@ -266,7 +269,7 @@ def test_rna_record_matches_torch(case: Case, dtype, slots):
     for backend in (ORACLE, TRITON):
         w = window.clone()
         out = torch.full((slots - 1,), NAN, dtype=torch.float64, device=DEVICE) if with_out else None
-        backend.rna_record(b.params, b.offsets, w, torch.tensor(count, device=DEVICE), out, {})
+        backend.rna_record(RecordArgs(b.params, b.offsets, w, torch.tensor(count, device=DEVICE), out), {})
         results.append((w, out))
     (w0, out0), (w1, out1) = results
     assert torch.isfinite(w1).all(), "the poisoned slot must be overwritten"
@@ -289,7 +292,7 @@ def test_rna_record_differences_before_products():
     window[(count - 2) % slots] = base + steps[1] + steps[2]
     src = base.clone()
     out = torch.full((slots - 1,), NAN, dtype=torch.float64, device=DEVICE)
-    TRITON.rna_record([src], [0], window, torch.tensor(count, device=DEVICE), out, {})
+    TRITON.rna_record(RecordArgs([src], [0], window, torch.tensor(count, device=DEVICE), out), {})
     r0 = (src - window[(count - 1) % slots]).double()
     r1 = (window[(count - 1) % slots] - window[(count - 2) % slots]).double()
     want = torch.stack([r0 @ r0, r0 @ r1])
@@ -300,7 +303,7 @@ def test_rna_record_single_slot_copies_only():
     b = make_bucket(CASES[0], torch.float32, DEVICE)
     window = b.ring(1)
     out = torch.empty(0, dtype=torch.float64, device=DEVICE)
-    TRITON.rna_record(b.params, b.offsets, window, torch.tensor(7, device=DEVICE), out, {})
+    TRITON.rna_record(RecordArgs(b.params, b.offsets, window, torch.tensor(7, device=DEVICE), out), {})
     torch.testing.assert_close(window[0], _flat(b.params, b.n, b.offsets, torch.float32).float(),
                                rtol=0, atol=0)
 
@@ -315,7 +318,7 @@ def test_rna_extrapolate_matches_torch(case: Case, dtype, slots, m):
     results = []
     for backend in (ORACLE, TRITON):
         outs = nan_like(b.params)  # every element must be overwritten
-        backend.rna_extrapolate(window, b.offsets, count, coefs, outs, {})
+        backend.rna_extrapolate(ExtrapArgs(window, b.offsets, count, coefs, outs), {})
         results.append(outs)
     assert_lists_close(results[1], results[0], dtype)
 
@@ -333,8 +336,8 @@ def test_rna_online_record_then_extrapolate_in_place():
             for p in params:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(c)).to(DEVICE))
             cnt = torch.tensor(c, device=DEVICE)
-            backend.rna_record(params, b.offsets, w, cnt, None, cache)
-            backend.rna_extrapolate(w, b.offsets, cnt + 1, coefs, params, cache)
+            backend.rna_record(RecordArgs(params, b.offsets, w, cnt, None), cache)
+            backend.rna_extrapolate(ExtrapArgs(w, b.offsets, cnt + 1, coefs, params), cache)
         states.append((params, w))
     assert_lists_close(states[1][0], states[0][0], dtype)
     assert_lists_close([states[1][1]], [states[0][1]], dtype)
@@ -355,10 +358,11 @@ def test_gram_rows_bitwise_identical_run_to_run(dtype):
         r_gram = torch.empty(k, dtype=torch.float64, device=DEVICE)
         r_comb = torch.empty(k, dtype=torch.float64, device=DEVICE)
         r_rna = torch.empty(k - 1, dtype=torch.float64, device=DEVICE)
-        TRITON.gram_row(b.params, b.grads, b.offsets, g_hist.clone(), cnt, 0.1, False, r_gram, {})
-        TRITON.combine(clones(b.params), b.grads, b.offsets, x_hist.clone(), g_hist[1:].clone(), coefs,
-                       lr, cnt, 0.1, False, r_comb, {})
-        TRITON.rna_record(b.params, b.offsets, window.clone(), cnt, r_rna, {})
+        TRITON.gram_row(GramArgs(b.params, b.grads, b.offsets, g_hist.clone(), cnt, 0.1, False, r_gram,
+                                 store=True), {})
+        TRITON.combine(CombineArgs(clones(b.params), b.grads, b.offsets, x_hist.clone(), g_hist[1:].clone(),
+                                   coefs, lr, cnt, 0.1, False, r_comb), {})
+        TRITON.rna_record(RecordArgs(b.params, b.offsets, window.clone(), cnt, r_rna), {})
         rows.append((r_gram, r_comb, r_rna))
     for a, c in zip(*rows):
         assert torch.equal(a, c)
@@ -371,9 +375,9 @@ def test_pointer_tables_reused_while_storages_unchanged():
     b = make_bucket(CASES[0], torch.float32, DEVICE)
     coefs, lr, cnt = device_scalars(2, 0, DEVICE)
     xh, gh, cache = b.ring(1), b.ring(1), {}
-    TRITON.combine(b.params, b.grads, b.offsets, xh, gh, coefs, lr, cnt, 0.0, False, None, cache)
+    TRITON.combine(CombineArgs(b.params, b.grads, b.offsets, xh, gh, coefs, lr, cnt, 0.0, False, None), cache)
     first = cache[("triton", "combine")]
-    TRITON.combine(b.params, b.grads, b.offsets, xh, gh, coefs, lr, cnt, 0.0, False, None, cache)
+    TRITON.combine(CombineArgs(b.params, b.grads, b.offsets, xh, gh, coefs, lr, cnt, 0.0, False, None), cache)
     assert cache[("triton", "combine")] is first
 
 
@@ -385,8 +389,8 @@ def test_pointer_tables_rebuilt_after_grads_replaced():
     coefs, lr, cnt = device_scalars(k, 1, DEVICE)
     x_hist, g_hist = b.ring(k - 1), b.ring(k - 1)
     cache = {}
-    TRITON.combine(clones(b.params), b.grads, b.offsets, x_hist.clone(), g_hist.clone(), coefs, lr, cnt,
-                   0.0, False, None, cache)
+    TRITON.combine(CombineArgs(clones(b.params), b.grads, b.offsets, x_hist.clone(), g_hist.clone(), coefs,
+                               lr, cnt, 0.0, False, None), cache)
     stale = cache[("triton", "combine")]
     old_grads = b.grads
     new_grads = [torch.randn_like(g) for g in old_grads]
@@ -395,7 +399,8 @@ def test_pointer_tables_rebuilt_after_grads_replaced():
     results = []
     for backend, c in ((ORACLE, {}), (TRITON, cache)):
         params, xh, gh = clones(b.params), x_hist.clone(), g_hist.clone()
-        backend.combine(params, new_grads, b.offsets, xh, gh, coefs, lr, cnt, 0.0, False, None, c)
+        backend.combine(CombineArgs(params, new_grads, b.offsets, xh, gh, coefs, lr, cnt, 0.0, False,
+                                    None), c)
         results.append((params, xh, gh))
     assert cache[("triton", "combine")] is not stale
     assert_lists_close(results[1][0], results[0][0], dtype)
@@ -423,7 +428,7 @@ def test_fast_path_flags_follow_alignment():
     for backend in (ORACLE, TRITON):
         st = storage.clone()  # same views, same (mis)alignment
         ps, xh, gh = [st[:32], st[33:63]] + clones(params[2:]), x_hist.clone(), g_hist.clone()
-        backend.combine(ps, grads, offsets, xh, gh, coefs, lr, cnt, 0.0, False, None, {})
+        backend.combine(CombineArgs(ps, grads, offsets, xh, gh, coefs, lr, cnt, 0.0, False, None), {})
         results.append((ps, xh, gh))
     assert_lists_close(results[1][0], results[0][0], torch.float32)
     assert_lists_close(list(results[1][1:]), list(results[0][1:]), torch.float32)
@@ -453,16 +458,17 @@ def test_launches_do_not_grow_with_tensor_count(launches):
         for op in range(4):
             launches.clear()
             if op == 0:
-                TRITON.combine(b.params, b.grads, b.offsets, b.ring(k - 1), b.ring(k - 1), coefs, lr, cnt,
-                               0.1, False, torch.empty(k, dtype=torch.float64, device=DEVICE), {})
+                TRITON.combine(CombineArgs(b.params, b.grads, b.offsets, b.ring(k - 1), b.ring(k - 1), coefs,
+                                           lr, cnt, 0.1, False,
+                                           torch.empty(k, dtype=torch.float64, device=DEVICE)), {})
             elif op == 1:
-                TRITON.gram_row(b.params, b.grads, b.offsets, b.ring(k), cnt, 0.1, False,
-                                torch.empty(k, dtype=torch.float64, device=DEVICE), {})
+                TRITON.gram_row(GramArgs(b.params, b.grads, b.offsets, b.ring(k), cnt, 0.1, False,
+                                         torch.empty(k, dtype=torch.float64, device=DEVICE), store=True), {})
             elif op == 2:
-                TRITON.rna_record(b.params, b.offsets, b.ring(k), cnt,
-                                  torch.empty(k - 1, dtype=torch.float64, device=DEVICE), {})
+                TRITON.rna_record(RecordArgs(b.params, b.offsets, b.ring(k), cnt,
+                                             torch.empty(k - 1, dtype=torch.float64, device=DEVICE)), {})
             else:
-                TRITON.rna_extrapolate(b.ring(k), b.offsets, cnt, coefs, nan_like(b.params), {})
+                TRITON.rna_extrapolate(ExtrapArgs(b.ring(k), b.offsets, cnt, coefs, nan_like(b.params)), {})
             counts.append(len(launches))
         per_op.append(counts)
     # The streaming kernel, plus the fixed-order reduction where a Gram row is made.
@@ -476,15 +482,16 @@ def test_empty_buckets_launch_nothing_and_zero_the_gram(layout, launches):
     k = 3
     coefs, lr, cnt = device_scalars(k, 5, DEVICE)
     gram = torch.full((k,), NAN, dtype=torch.float64, device=DEVICE)
-    TRITON.combine(b.params, b.grads, b.offsets, b.ring(k - 1), b.ring(k - 1), coefs, lr, cnt,
-                   0.1, True, gram, {})
+    TRITON.combine(CombineArgs(b.params, b.grads, b.offsets, b.ring(k - 1), b.ring(k - 1), coefs, lr, cnt,
+                               0.1, True, gram), {})
     row = torch.full((k,), NAN, dtype=torch.float64, device=DEVICE)
-    TRITON.gram_row(b.params, b.grads, b.offsets, b.ring(k), cnt, 0.1, False, row, {})
+    TRITON.gram_row(GramArgs(b.params, b.grads, b.offsets, b.ring(k), cnt, 0.1, False, row, store=True), {})
     rna = torch.full((k - 1,), NAN, dtype=torch.float64, device=DEVICE)
-    TRITON.rna_record(b.params, b.offsets, b.ring(k), cnt, rna, {})
-    TRITON.rna_extrapolate(b.ring(k), b.offsets, cnt, coefs[:2], nan_like(b.params), {})
+    TRITON.rna_record(RecordArgs(b.params, b.offsets, b.ring(k), cnt, rna), {})
+    TRITON.rna_extrapolate(ExtrapArgs(b.ring(k), b.offsets, cnt, coefs[:2], nan_like(b.params)), {})
     row_ro = torch.full((k,), NAN, dtype=torch.float64, device=DEVICE)
-    TRITON.gram_row(b.params, b.grads, b.offsets, b.ring(k - 1), cnt, 0.1, False, row_ro, {}, store=False)
+    TRITON.gram_row(GramArgs(b.params, b.grads, b.offsets, b.ring(k - 1), cnt, 0.1, False, row_ro,
+                             store=False), {})
     assert launches == []
     for r in (gram, row, rna, row_ro):
         assert torch.equal(r, torch.zeros_like(r))
@@ -511,16 +518,16 @@ def test_non_contiguous_tensors_are_staged():
         ps = [p.clone(memory_format=torch.preserve_format) for p in params]
         assert not ps[0].is_contiguous() and not ps[1].is_contiguous()
         xh, gh = x_hist.clone(), g_hist.clone()
-        backend.combine(ps, grads, offsets, xh, gh, coefs, lr, cnt, 0.1, False, None, {})
+        backend.combine(CombineArgs(ps, grads, offsets, xh, gh, coefs, lr, cnt, 0.1, False, None), {})
         results.append((ps, xh, gh))
     assert_lists_close(results[1][0], results[0][0], dtype)
     assert_lists_close(list(results[1][1:]), list(results[0][1:]), dtype)
     outs = [torch.full((7, 5), NAN, device=DEVICE).t(), torch.full((9,), NAN, device=DEVICE)]
     window = torch.randn(2, 44, device=DEVICE)
     coefs2 = torch.tensor([0.3, 0.7], dtype=torch.float64, device=DEVICE)
-    TRITON.rna_extrapolate(window, [0, 35], cnt, coefs2, outs, {})
+    TRITON.rna_extrapolate(ExtrapArgs(window, [0, 35], cnt, coefs2, outs), {})
     ref = [torch.empty(7, 5, device=DEVICE).t(), torch.empty(9, device=DEVICE)]
-    ORACLE.rna_extrapolate(window, [0, 35], cnt, coefs2, ref, {})
+    ORACLE.rna_extrapolate(ExtrapArgs(window, [0, 35], cnt, coefs2, ref), {})
     assert_lists_close(outs, ref, dtype)
 
 
@@ -542,13 +549,13 @@ def test_cuda_graph_replay_follows_lr_coefs_and_count():
     cache = {}
 
     def triton_step():
-        TRITON.combine(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.01, False,
-                       gram, cache)
+        TRITON.combine(CombineArgs(b.params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, 0.01,
+                                   False, gram), cache)
         count.add_(1)
 
     def oracle_step():
-        ORACLE.combine(ref["params"], b.grads, b.offsets, ref["xh"], ref["gh"], coefs, lr, ref["count"],
-                       0.01, False, ref["gram"], {})
+        ORACLE.combine(CombineArgs(ref["params"], b.grads, b.offsets, ref["xh"], ref["gh"], coefs, lr,
+                                   ref["count"], 0.01, False, ref["gram"]), {})
         ref["count"].add_(1)
 
     side = torch.cuda.Stream()
@@ -591,7 +598,8 @@ def test_gpu_default_blocks_large_tensors(dtype, monkeypatch):
         for backend in (ORACLE, TRITON):
             params, xh, gh = clones(b.params), x_hist.clone(), g_hist.clone()
             gram = torch.empty(k, dtype=torch.float64, device="cuda")
-            backend.combine(params, b.grads, b.offsets, xh, gh, coefs, lr, cnt, 0.01, True, gram, {})
+            backend.combine(CombineArgs(params, b.grads, b.offsets, xh, gh, coefs, lr, cnt, 0.01, True,
+                                        gram), {})
             results.append((params, xh, gh, gram))
         assert_lists_close(results[1][0], results[0][0], dtype)
         assert_lists_close(list(results[1][1:3]), list(results[0][1:3]), dtype)
@@ -622,7 +630,7 @@ def test_gpu_int64_indexing_past_2_31_elements(monkeypatch):
     p0, g0 = p[idx].float(), g[idx].float()
     xh0, gh0 = x_hist[0, idx + 5].float(), g_hist[0, idx + 5].float()
     want = 0.25 * p0 + 0.75 * xh0 - 0.5 * (0.25 * g0 + 0.75 * gh0)
-    TRITON.combine([p], [g], [5], x_hist, g_hist, coefs, lr, cnt, 0.0, False, None, {})
+    TRITON.combine(CombineArgs([p], [g], [5], x_hist, g_hist, coefs, lr, cnt, 0.0, False, None), {})
     torch.testing.assert_close(p[idx].float(), want.to(dtype).float(), **tol(dtype))
     assert torch.equal(x_hist[0, idx + 5].float(), p0)
     assert torch.equal(g_hist[0, idx + 5].float(), g0)

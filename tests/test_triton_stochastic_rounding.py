@@ -15,6 +15,7 @@ from _bucket_cases import CASES, clones, make_bucket
 from _triton_cases import kernel_device
 
 from interpolatron import rounding
+from interpolatron.backends.base import CombineArgs
 from interpolatron.backends.torch_backend import BACKEND as ORACLE
 
 triton = pytest.importorskip("triton")
@@ -102,8 +103,8 @@ def test_combine_with_wrapping_seed_and_count(dtype):
         torch.manual_seed(5)
         x_hist, g_hist = b.ring(1), b.ring(1)
         coefs, lr, count, wd, maximize, gram, cache = args
-        be.combine(params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, wd, maximize, gram, cache,
-                   sr_seed=seed)
+        be.combine(CombineArgs(params, b.grads, b.offsets, x_hist, g_hist, coefs, lr, count, wd, maximize,
+                               gram, sr_seed=seed), cache)
         return params, x_hist, g_hist
 
     seed = 2**32 - 3

@@ -23,7 +23,7 @@ element's ring column; the Gram row uses the unrounded gradient.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -34,6 +34,9 @@ from . import _launch
 from ._helpers import _block_of, _inv_scale, _ld, _ring_ptr, _skip_block, _slot, _st, _tensor_ptr
 from .reduce import reduce_partials
 from .rounding import STREAM_GRAD, STREAM_PARAM, _sr_bits, _sr_col_hash, _sr_key, _sr_round
+
+if TYPE_CHECKING:
+    from interpolatron.backends.base import CombineArgs
 
 
 @triton.jit
@@ -140,25 +143,11 @@ def _ring_arg(ring: Tensor, fallback: Tensor) -> Tensor:
     return ring if ring.numel() else fallback
 
 
-def combine(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    offsets: Sequence[int],
-    x_hist: Tensor,
-    g_hist: Tensor,
-    coefs: Tensor,
-    lr: Tensor,
-    count: Tensor,
-    weight_decay: float,
-    maximize: bool,
-    gram: Tensor | None,
-    cache: dict,
-    *,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    sr_seed: int | None = None,
-) -> None:
+def combine(args: CombineArgs, cache: dict) -> None:
     """Launch the fused step for one bucket (see :meth:`Backend.combine`)."""
+    params, grads, offsets, x_hist, g_hist = args.params, args.grads, args.offsets, args.x_hist, args.g_hist
+    coefs, lr, count, weight_decay, gram, sr_seed = (args.coefs, args.lr, args.count, args.weight_decay,
+                                                     args.gram, args.sr_seed)
     k = coefs.numel()
     if k < 1:
         raise ValueError("combine needs at least one coefficient")
@@ -167,7 +156,7 @@ def combine(
                          f"got {x_hist.shape[0]} and {g_hist.shape[0]}")
     device = x_hist.device
     _launch.check_device_scalars(device, coefs=coefs, lr=lr, count=count)
-    grad_scale, found_inf = _launch.amp_scalars(device, grad_scale, found_inf)
+    grad_scale, found_inf = _launch.amp_scalars(device, args.grad_scale, args.found_inf)
     dtype = params[0].dtype if params else x_hist.dtype
     cfg = _launch.settings(dtype)
     rows = [params, grads]
@@ -194,7 +183,7 @@ def combine(
         lr if grad_scale is None else grad_scale, lr if found_inf is None else found_inf,
         partials, tabs.nblocks, _sr_seed_arg(sr_seed) if sr else 0,
         num_warps=cfg.num_warps,
-        K=k, KP=triton.next_power_of_2(k), GRAM=gram is not None, MAXIMIZE=bool(maximize),
+        K=k, KP=triton.next_power_of_2(k), GRAM=gram is not None, MAXIMIZE=bool(args.maximize),
         HAS_WD=has_wd, SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None,
         PDT=_launch.tl_dtype(dtype),
         GDT=_launch.tl_dtype(grads[0].dtype if grads else dtype),

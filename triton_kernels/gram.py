@@ -11,15 +11,17 @@ ring has ``k - 1`` slots holding ages ``1..k-1`` and nothing is written.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from . import _launch
 from ._helpers import _block_of, _inv_scale, _ld, _ring_ptr, _skip_block, _slot, _st, _tensor_ptr
 from .reduce import reduce_partials
+
+if TYPE_CHECKING:
+    from interpolatron.backends.base import GramArgs
 
 
 @triton.jit
@@ -76,29 +78,17 @@ def _gram_row_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
                         False)
 
 
-def gram_row(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    offsets: Sequence[int],
-    g_hist: Tensor,
-    count: Tensor,
-    weight_decay: float,
-    maximize: bool,
-    out: Tensor,
-    cache: dict,
-    store: bool = True,
-    *,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
+def gram_row(args: GramArgs, cache: dict) -> None:
     """Launch the Gram pass for one bucket (see :meth:`Backend.gram_row`)."""
+    params, grads, offsets, g_hist, count = args.params, args.grads, args.offsets, args.g_hist, args.count
+    weight_decay, store, out = args.weight_decay, args.store, args.out
     slots = g_hist.shape[0]
     if store and slots < 1:
         raise ValueError("gram_row with store=True needs a g ring with at least one slot")
     k = slots if store else slots + 1
     device = g_hist.device
     _launch.check_device_scalars(device, count=count)
-    grad_scale, found_inf = _launch.amp_scalars(device, grad_scale, found_inf)
+    grad_scale, found_inf = _launch.amp_scalars(device, args.grad_scale, args.found_inf)
     dtype = g_hist.dtype
     cfg = _launch.settings(dtype)
     has_wd = weight_decay != 0
@@ -121,7 +111,7 @@ def gram_row(
         count if grad_scale is None else grad_scale, count if found_inf is None else found_inf,
         partials, tabs.nblocks,
         num_warps=cfg.num_warps,
-        K=k, SLOTS=slots, STORE=bool(store), MAXIMIZE=bool(maximize), HAS_WD=has_wd,
+        K=k, SLOTS=slots, STORE=bool(store), MAXIMIZE=bool(args.maximize), HAS_WD=has_wd,
         SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None,
         GDT=_launch.tl_dtype(grads[0].dtype),
         PDT=_launch.tl_dtype(params[0].dtype if has_wd else grads[0].dtype),

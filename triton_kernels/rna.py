@@ -10,15 +10,17 @@ per-program partials ``<r_0, r_j>`` (float64 products and sums, D3) and the sour
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from . import _launch
 from ._helpers import _block_of, _ld, _ring_ptr, _slot, _st, _tensor_ptr
 from .reduce import reduce_partials
+
+if TYPE_CHECKING:
+    from interpolatron.backends.base import ExtrapArgs, RecordArgs
 
 
 @triton.jit
@@ -97,15 +99,9 @@ def _rna_extrapolate_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start,
                                S, ODT, CD, RING_ALIGNED, BLOCK, False)
 
 
-def rna_record(
-    sources: Sequence[Tensor],
-    offsets: Sequence[int],
-    window: Tensor,
-    count: Tensor,
-    out: Tensor | None,
-    cache: dict,
-) -> None:
+def rna_record(args: RecordArgs, cache: dict) -> None:
     """Launch the record pass for one bucket (see :meth:`Backend.rna_record`)."""
+    sources, offsets, window, count, out = args.sources, args.offsets, args.window, args.count, args.out
     slots = window.shape[0]
     if slots < 1:
         raise ValueError("rna_record needs a window with at least one slot")
@@ -137,15 +133,9 @@ def rna_record(
         reduce_partials(partials, out)
 
 
-def rna_extrapolate(
-    window: Tensor,
-    offsets: Sequence[int],
-    count: Tensor,
-    coefs: Tensor,
-    outs: Sequence[Tensor],
-    cache: dict,
-) -> None:
+def rna_extrapolate(args: ExtrapArgs, cache: dict) -> None:
     """Launch the extrapolation for one bucket (see :meth:`Backend.rna_extrapolate`)."""
+    window, offsets, count, coefs, outs = args.window, args.offsets, args.count, args.coefs, args.outs
     slots = window.shape[0]
     m = coefs.numel()
     if not 1 <= m <= slots:

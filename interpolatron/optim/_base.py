@@ -11,7 +11,7 @@ can rebuild the buckets from it.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -642,6 +642,39 @@ class BucketedOptimizer(Optimizer):
             cls._effective_grad_into(first, p, group, amp)
             if gv.shape[0] > 1:
                 gv[1:].copy_(first.unsqueeze(0).expand_as(gv[1:]))
+
+    # -- the step ---------------------------------------------------------
+    @scheduler_ready
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None):
+        """One step. ``closure`` re-evaluates the loss (optional).
+
+        ``grad_scale`` / ``found_inf``: GradScaler's fused contract (it passes
+        them itself, as optimizer attributes): the gradients are divided by
+        ``grad_scale``, and a nonzero ``found_inf`` skips the step on the device
+        (nothing is written, the step count stays).
+
+        The skeleton every algorithm shares; its own device work is
+        :meth:`_step_buckets`. Plain method calls only: under ``torch.compile``
+        a training step that calls ``opt.step()`` traces into one frame."""
+        loss = self._closure_loss(closure)
+        amp = self._begin_step(grad_scale, found_inf)
+        swapped = self._enter_master()
+        try:
+            self._setup()
+            work = self._prepare(amp)
+            self._step_buckets(work, amp)
+            self._advance(work, amp)
+        finally:
+            self._end_step(swapped)
+        return loss
+
+    def _step_buckets(self, work: list[Work], amp: AmpStep) -> None:
+        """The algorithm's device work of one step on the buckets in ``work``
+        (after the host setup; 16-bit parameters with master copies are their
+        float32 masters here). The step count advances afterwards."""
+        raise NotImplementedError
 
     @staticmethod
     def _closure_loss(closure):

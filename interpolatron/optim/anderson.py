@@ -6,7 +6,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -15,7 +15,8 @@ from .. import ops
 from ..gram import reduce_gram, reduce_sharded, ring_gram, shift_in_row
 from ..sharding import collective_device
 from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
-from ._base import BucketedOptimizer, scheduler_ready
+from ._amp import AmpStep
+from ._base import BucketedOptimizer, Work
 from ._checkpoint import CheckpointError, load_count, load_tensor
 from ._checks import check_real
 
@@ -392,29 +393,10 @@ class Anderson(BucketedOptimizer):
             else:  # GradScaler's skipped step keeps the Gram
                 st["anderson_gram"].copy_(torch.where(skip, st["anderson_gram"], fresh))
 
-    @scheduler_ready
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
-             found_inf: Tensor | None = None):
-        """One Anderson step: the read-only Gram pass, the on-device solve, the update
-        pass (which stores the gradient and the old iterate).
-
-        ``grad_scale`` / ``found_inf``: GradScaler's fused contract (see
-        :meth:`Interpolatron.step`); a skipped step also keeps the Gram matrix,
-        the coefficients and the step and fallback counts."""
-        loss = self._closure_loss(closure)
-        amp = self._begin_step(grad_scale, found_inf)
-        swapped = self._enter_master()
-        try:
-            self._update(amp)
-        finally:
-            self._end_step(swapped)
-        return loss
-
-    def _update(self, amp) -> None:
-        """The step after :meth:`_setup` (16-bit parameters with masters are float32 here)."""
-        self._setup()
-        work = self._prepare(amp)
+    def _step_buckets(self, work: list[Work], amp: AmpStep) -> None:
+        """The read-only Gram pass, the on-device solve, the update pass (which
+        stores the gradient and the old iterate). GradScaler's skipped step also
+        keeps the Gram matrix, the coefficients and the step and fallback counts."""
         reductions = self._reductions()
         if not work and not reductions:
             return
@@ -455,7 +437,6 @@ class Anderson(BucketedOptimizer):
             ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, mine, self._lr(w), b.count,
                         group["weight_decay"], group["maximize"], None, b.backend.name, b.cache,
                         **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
-        self._advance(work, amp)
 
     def _older_from_rings(self, work, home: torch.device) -> Tensor:
         """A ``k x k`` matrix whose ages ``0..k-2`` block is recomputed from the
