@@ -225,7 +225,7 @@ class RNA:
     def _accumulate(self, optimizer, args, kwargs) -> None:
         """Adds the gradient of the base optimizer's objective (coupled weight
         decay included, see the class docstring) before its step."""
-        check = getattr(optimizer, "_check_step", None)
+        check = getattr(optimizer, "validate_step", None)
         if check is not None:
             check()  # a step our optimizer will refuse must not reach the averages either
         names = self._names_by_id

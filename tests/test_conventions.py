@@ -14,7 +14,7 @@ import torch
 from _oracle import AndersonOracle, InterpolatronOracle, Problem
 
 import interpolatron
-from interpolatron.optim._base import check_grad
+from interpolatron.optim._checks import check_grad
 
 SHAPES = [(3, 5), (7,), (2, 3, 4), ()]
 

@@ -13,7 +13,7 @@ import interpolatron
 from interpolatron import gram, ops
 from interpolatron.backends import torch_backend
 from interpolatron.benchmark import measure_memory
-from interpolatron.optim import _base
+from interpolatron.optim import _buckets
 
 FIXED = 4 << 20  # bytes: the chunk (2 slots x 65536 columns x 8 bytes = 1 MiB) with room to spare
 
@@ -97,9 +97,9 @@ def test_chunked_ring_gram_equals_the_gathered_float64_gram(dtype, monkeypatch):
 
 @pytest.mark.parametrize("slots", [1, 2, 3])
 def test_rotate_moves_each_entry_one_slot_on(slots, monkeypatch):
-    monkeypatch.setattr(_base, "ROTATE_CHUNK", 5)
+    monkeypatch.setattr(_buckets, "ROTATE_CHUNK", 5)
     members = [torch.zeros(4, 3), torch.zeros(7)]
-    bucket = _base.Bucket((0, torch.device("cpu"), torch.float32), None, members, slots, slots,
+    bucket = _buckets.Bucket((0, torch.device("cpu"), torch.float32), None, members, slots, slots,
                           torch.zeros((), dtype=torch.int64), slots + 1)
     bucket.x_hist.copy_(torch.randn_like(bucket.x_hist))
     bucket.g_hist.copy_(torch.randn_like(bucket.g_hist))
@@ -126,7 +126,8 @@ def test_torch_backend_column_cache_is_bounded_and_changes_no_result(monkeypatch
             for p, on in zip(params, mask):
                 p.grad = (p.detach() * 0.5 + 0.1) if on else None
             opt.step()
-            sizes.append(max(len(ops.cache_of(b.cache).get("columns", ())) for b in opt._buckets.values()))
+            buckets = opt._plan.buckets.values()
+            sizes.append(max(len(ops.cache_of(b.cache).get("columns", ())) for b in buckets))
         return [p.detach().clone() for p in params], sizes
 
     bounded, sizes = run()

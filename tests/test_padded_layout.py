@@ -38,7 +38,7 @@ def test_optimizer_buckets_are_aligned(dtype):
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    (bucket,) = opt._buckets.values()
+    (bucket,) = opt._plan.buckets.values()
     es = dtype.itemsize
     for off in bucket.offsets:
         assert (off * es) % ALIGN_BYTES == 0

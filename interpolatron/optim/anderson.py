@@ -16,7 +16,8 @@ from ..gram import reduce_gram, reduce_sharded, ring_gram, shift_in_row
 from ..sharding import collective_device
 from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
 from ._amp import AmpStep
-from ._base import BucketedOptimizer, Work
+from ._base import BucketedOptimizer
+from ._buckets import Work
 from ._checkpoint import CheckpointError, load_count, load_tensor
 from ._checks import check_real
 
@@ -364,7 +365,7 @@ class Anderson(BucketedOptimizer):
         are recomputed from the rings, here, before any op of the step (under
         torch.compile this runs while tracing, when such a change retraces)."""
         super()._init_group()  # every check first: a refused step changes nothing
-        work = self._plan
+        work = self._plan.work
         reductions = self._reductions()
         if not work and not reductions:
             return
@@ -381,7 +382,7 @@ class Anderson(BucketedOptimizer):
         # Sharded, each rank keeps partial Grams per reduction key instead
         # (refreshed from its own rings in _sharded_gram): the optimizer-wide
         # matrix is the all-reduced sum, not refreshed from local rings.
-        if not reductions and (self._membership_changed or changed) and k > 1:
+        if not reductions and (self._plan.membership_changed or changed) and k > 1:
             # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
             older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work],
                               k - 1, anchor.device)
@@ -473,12 +474,12 @@ class Anderson(BucketedOptimizer):
             row = reduce_gram([w.bucket.gram for w in ws], home)
             signature = self._active_signature(ws)
             kept, had = self._local_grams.get(key, (None, None))
-            if kept is None or self._membership_changed or had != signature:
+            if kept is None or self._plan.membership_changed or had != signature:
                 kept = self._older_from_rings(ws, home)
             parts[key] = shift_in_row(kept, row)
             stored = parts[key]
             if skip is not None:
-                same = had == signature and not self._membership_changed and kept is not None
+                same = had == signature and not self._plan.membership_changed and kept is not None
                 prev = self._local_grams.get(key, (None, None))[0]
                 if same and prev is not None:
                     stored = torch.where(skip, prev, stored)

@@ -12,7 +12,8 @@ from .. import ops
 from ..gram import reduce_gram
 from ..sharding import collective_device
 from ._amp import AmpStep
-from ._base import BucketedOptimizer, Work
+from ._base import BucketedOptimizer
+from ._buckets import Work
 
 
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
@@ -114,7 +115,7 @@ class Interpolatron(BucketedOptimizer):
 
     def _init_group(self) -> None:
         super()._init_group()  # every check first: a refused step changes nothing
-        for w in self._plan:
+        for w in self._plan.work:
             b, group = w.bucket, w.group
             if group["alphas"] != b.coefs_seen:  # host setup: eager, also under torch.compile
                 # Pinned + non_blocking: no synchronous pageable host-to-device copy.
