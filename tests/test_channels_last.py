@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import interpolatron
-from interpolatron.backends import layout
+from interpolatron import ring
 
 BACKENDS = [b for b, why in interpolatron.availability("cpu").items() if why is None]
 MAKERS = {
@@ -70,11 +70,11 @@ def test_channels_last_matches_the_contiguous_torch_run(name, backend):
 
 def test_layout_helpers_round_trip():
     t = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
-    order = layout.dim_order(t)
+    order = ring.dim_order(t)
     assert order == (0, 2, 3, 1)
-    v = layout.flat(t, order)
+    v = ring.flat(t, order)
     assert v.data_ptr() == t.data_ptr()  # a view: storage order
-    assert torch.equal(layout.unflat(v, t, order), t)
-    assert layout.dim_order(torch.randn(3, 4)) is None
-    assert layout.dim_order(torch.randn(4, 3).t()) == (1, 0)
-    assert layout.dim_order(torch.randn(4, 6)[:, ::2]) is None  # not dense: row-major
+    assert torch.equal(ring.unflat(v, t, order), t)
+    assert ring.dim_order(torch.randn(3, 4)) is None
+    assert ring.dim_order(torch.randn(4, 3).t()) == (1, 0)
+    assert ring.dim_order(torch.randn(4, 6)[:, ::2]) is None  # not dense: row-major

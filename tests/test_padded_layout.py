@@ -11,7 +11,7 @@ import torch
 import interpolatron
 from interpolatron.backends import availability, resolve
 from interpolatron.backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
-from interpolatron.layout import ALIGN_BYTES, padded_offsets
+from interpolatron.ring import ALIGN_BYTES, padded_offsets
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
 SHAPES = [(37,), (5, 3), (0,), (1,), (64,), (19, 2)]

@@ -24,7 +24,7 @@ keeps the dict from growing.
 
 Dense tensors (contiguous, channels_last, transposed) are addressed as
 ``base + i``: the ring holds each tensor's columns in its storage order
-(interpolatron/backends/layout.py), and a tensor paired with it (a gradient)
+(interpolatron/ring.py), and a tensor paired with it (a gradient)
 streams directly when it is strided the same way. Anything else (a tensor with
 gaps, a gradient laid out unlike its parameter) is staged through a cached
 buffer laid out like the row-0 tensor (one copy in before the launch and/or
@@ -42,7 +42,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from interpolatron.backends.layout import is_dense
+from interpolatron.ring import is_dense
 
 BLOCK_ENV = "INTERPOLATRON_TRITON_BLOCK"
 """Environment override of the elements per program (a power of two). Tests set

@@ -7,7 +7,7 @@ owns the columns ``[offsets[i], offsets[i] + params[i].numel())``. The ops
 receive the *active* parameters only (those with a gradient this step) with
 their offsets, so the offsets need not be contiguous. A tensor's columns hold
 its elements in storage order when it is dense (channels_last included), else
-in row-major order (``backends/layout.py``); a gradient is read in its
+in row-major order (:mod:`interpolatron.ring`); a gradient is read in its
 parameter's order.
 
 Ring convention (shared by every op and every backend)

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import rounding
-from ..layout import align_elems, round_up
-from . import layout
+from ..ring import align_elems, dim_order, flat, round_up, unflat
 from .base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs, compute_dtype
 
 # How many column sets a bucket's cache keeps (least recently used dropped):
@@ -33,7 +32,7 @@ def _column_layout(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tens
 
     ``columns`` is None when the tensors cover the ring's columns in order (the
     usual case), else a device index of the columns they own. "In order" allows
-    the padding of the bucket layout (:mod:`interpolatron.layout`): each tensor
+    the padding of the bucket layout (:mod:`interpolatron.ring`): each tensor
     starting at the next 128-byte boundary after the previous one, the row
     ending at the next boundary after the last. The flat work buffers then take
     the ring's layout, gaps included: ``splits`` are the sizes of
@@ -134,7 +133,7 @@ def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device,
            else torch.empty(n, dtype=dtype, device=device))
     if tensors:
         refs = tensors if like is None else like
-        pieces = [layout.flat(t, layout.dim_order(r)) for t, r in zip(tensors, refs)]
+        pieces = [flat(t, dim_order(r)) for t, r in zip(tensors, refs)]
         if splits:
             zeros = _zeros(cache, max(splits[0::2]), tensors[0].dtype, device)
             gaps = [zeros[:g] for g in splits[0::2]]
@@ -212,11 +211,11 @@ def _slot_dots(new: Tensor, ring: Tensor, cache: dict) -> Tensor:
     return torch.stack([_dot64(new, ring[s], cache) for s in range(ring.shape[0])])
 
 
-def _scatter_back(targets: Sequence[Tensor], flat: Tensor, splits: tuple | None = None) -> None:
+def _scatter_back(targets: Sequence[Tensor], values: Tensor, splits: tuple | None = None) -> None:
     if not targets:
         return
-    pieces = flat.split(list(splits))[1::2] if splits else flat.split([t.numel() for t in targets])
-    torch._foreach_copy_(list(targets), [layout.unflat(v, t, layout.dim_order(t))
+    pieces = values.split(list(splits))[1::2] if splits else values.split([t.numel() for t in targets])
+    torch._foreach_copy_(list(targets), [unflat(v, t, dim_order(t))
                                          for v, t in zip(pieces, targets)])
 
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..backends import layout, resolve
-from ..layout import padded_offsets
+from ..backends import resolve
+from ..ring import dim_order, padded_offsets, ring_view
 from ..sharding import as_history, history_placements, is_dtensor, local
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
 
@@ -91,9 +91,9 @@ class Bucket:
         dense non-contiguous tensor keeps its columns in storage order)."""
         off, t = self.offset_of[id(p)], local(p)
         n = t.numel()
-        order = layout.dim_order(t)
-        return (layout.ring_view(self.x_hist[:, off:off + n], t, order),
-                layout.ring_view(self.g_hist[:, off:off + n], t, order))
+        order = dim_order(t)
+        return (ring_view(self.x_hist[:, off:off + n], t, order),
+                ring_view(self.g_hist[:, off:off + n], t, order))
 
 
 class Work:

@@ -1,12 +1,19 @@
-"""Which element order a tensor's ring columns use: storage order.
+"""The ring layout: where each tensor of a bucket lives in the bucket's flat
+ring rows, and in which element order.
 
-A parameter that is dense but not contiguous (channels_last, a transposed
-weight) is elementwise the same as a contiguous one laid out along its
-strides. Every backend stores such a tensor's ring columns in its storage
-order, so the fused kernels stream it as ``data_ptr() + i`` like any other,
-and a tensor paired with it (its gradient, a snapshot target) is read in the
-same order. A tensor that is not dense (a strided slice with gaps) uses the
-row-major order of ``reshape(-1)``.
+Columns. Every tensor's columns start on a 128-byte boundary (ALGORITHMS.md
+section 4), and a row's width is a multiple of 128 bytes, so every ring row of
+every tensor is aligned for vector loads whatever the sizes before it. The
+gaps (under 128 bytes each) hold zeros and are never part of a result
+(:func:`padded_offsets`).
+
+Element order: storage order. A parameter that is dense but not contiguous
+(channels_last, a transposed weight) is elementwise the same as a contiguous
+one laid out along its strides. Every backend stores such a tensor's ring
+columns in its storage order, so the fused kernels stream it as
+``data_ptr() + i`` like any other, and a tensor paired with it (its gradient,
+a snapshot target) is read in the same order. A tensor that is not dense (a
+strided slice with gaps) uses the row-major order of ``reshape(-1)``.
 
 ``order`` below is the permutation of the dimensions from the outermost
 (largest stride) to the innermost; ``None`` means row-major (the identity).
@@ -14,7 +21,31 @@ row-major order of ``reshape(-1)``.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import Tensor
+
+ALIGN_BYTES = 128
+
+
+def align_elems(element_size: int) -> int:
+    """Elements per alignment unit."""
+    return max(1, ALIGN_BYTES // element_size)
+
+
+def round_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def padded_offsets(numels: Sequence[int], element_size: int) -> tuple[list[int], int]:
+    """(first column of each tensor, row width) of the padded layout."""
+    a = align_elems(element_size)
+    offsets, pos = [], 0
+    for n in numels:
+        pos = round_up(pos, a)
+        offsets.append(pos)
+        pos += n
+    return offsets, round_up(pos, a)
 
 
 def _order(t: Tensor) -> tuple[int, ...]:
