@@ -1,4 +1,4 @@
-"""The Triton stochastic rounding (triton_kernels/rounding.py) against the
+"""The Triton stochastic rounding (interpolatron/triton_kernels/rounding.py) against the
 definition's reference (interpolatron/rounding.py), bit for bit, on the inputs
 the combine tests do not reach: seeds of 2^31 and more (passed as int32 bits),
 counts and columns past 2^32 (taken mod 2^32), values at and beyond the
