@@ -20,7 +20,7 @@ from triton.compiler import ASTSource
 
 from interpolatron.triton_kernels import _launch
 from interpolatron.triton_kernels.combine import _combine_kernel
-from interpolatron.triton_kernels.gram import _gram_row_kernel
+from interpolatron.triton_kernels.gram_row import _gram_row_kernel
 from interpolatron.triton_kernels.rna import _rna_extrapolate_kernel, _rna_record_kernel
 
 _TABLES = ["ptrs", "numels", "cols", "flags", "blk_tensor", "blk_start"]

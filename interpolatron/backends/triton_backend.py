@@ -19,7 +19,7 @@ from .base import SUPPORTED_DTYPES, CombineArgs, ExtrapArgs, GramArgs, RecordArg
 
 try:
     from interpolatron.triton_kernels import combine as _combine
-    from interpolatron.triton_kernels import gram as _gram
+    from interpolatron.triton_kernels import gram_row as _gram_row
     from interpolatron.triton_kernels import rna as _rna
 except ImportError as exc:  # triton missing (or broken): reported by unavailable_reason
     _IMPORT_ERROR: ImportError | None = exc
@@ -62,7 +62,7 @@ class TritonBackend:
 
     def gram_row(self, args: GramArgs, cache: dict) -> None:
         with _on(args.g_hist.device):
-            _gram.gram_row(args, cache)
+            _gram_row.gram_row(args, cache)
 
     def rna_record(self, args: RecordArgs, cache: dict) -> None:
         with _on(args.window.device):

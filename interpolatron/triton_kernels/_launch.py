@@ -48,7 +48,7 @@ BLOCK_ENV = "INTERPOLATRON_TRITON_BLOCK"
 """Environment override of the elements per program (a power of two). Tests set
 a small value so that the CPU interpreter runs many programs per tensor."""
 
-ALIGN_BYTES = 16  # one 128-bit vector load
+VECTOR_BYTES = 16  # one 128-bit vector load (the ring's columns are padded to 128: ring.ALIGN_BYTES)
 
 RETIRED_TABLES = 4
 """Replaced pointer tables kept alive per bucket (see :func:`tables`)."""
@@ -158,7 +158,7 @@ class Tables:
     def ring_aligned(*rings: Tensor) -> bool:
         """Whether the rings' rows start 16-byte aligned (the columns are checked per
         tensor, in ``flags``). Passed as a constexpr: a step's rings rarely change."""
-        return all(r.data_ptr() % ALIGN_BYTES == 0 and (r.stride(0) * r.element_size()) % ALIGN_BYTES == 0
+        return all(r.data_ptr() % VECTOR_BYTES == 0 and (r.stride(0) * r.element_size()) % VECTOR_BYTES == 0
                    for r in rings if r.numel())
 
     def check_ring(self, ring: Tensor, name: str) -> None:
@@ -246,9 +246,9 @@ def _build(key: tuple, rows: Sequence[Sequence[Tensor]], modes: Sequence[str],
     ring_es = torch.empty(0, dtype=ring_dtype).element_size()
     sizes = [ring_es] + [row[0].element_size() for row in rows if row]
     # A block must span whole 16-byte vectors of every stream for the hints to hold.
-    block_ok = all((block * es) % ALIGN_BYTES == 0 for es in sizes)
-    flags = [int(block_ok and (int(off) * ring_es) % ALIGN_BYTES == 0
-                 and all(ptr_row[i] % ALIGN_BYTES == 0 for ptr_row in ptr_rows))
+    block_ok = all((block * es) % VECTOR_BYTES == 0 for es in sizes)
+    flags = [int(block_ok and (int(off) * ring_es) % VECTOR_BYTES == 0
+                 and all(ptr_row[i] % VECTOR_BYTES == 0 for ptr_row in ptr_rows))
              for i, off in enumerate(offsets)]
     col_end = max((int(offsets[i]) + n for i, n in enumerate(numels) if n), default=0)
 
