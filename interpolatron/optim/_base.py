@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from ..backends import BACKEND_NAMES, canonical_name, resolve
 from ..sharding import ReductionKeys, check_grad_layout, is_dtensor, reduction_key
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
-from ._buckets import BucketPlan, Work
+from ._buckets import BucketPlan, PlanRules, Work
 from ._checkpoint import CheckpointSpec, plan_load
 from ._checks import (
     LATER_GROUP_KEYS,
@@ -77,7 +77,7 @@ class BucketedOptimizer(Optimizer):
         self.backend = backend
         self.process_group = process_group
         self._keys = ReductionKeys(process_group)
-        self._plan = self._new_plan()
+        self._plan = BucketPlan()
         # The host setup of the last step holds for the next (a compiled step
         # may skip it). A flag on the optimizer itself, not on the plan: Dynamo
         # runs _init_group eagerly and reads the optimizer's attributes after
@@ -90,9 +90,6 @@ class BucketedOptimizer(Optimizer):
         self._stale_warm: list[StaleWarmStart] = []
         self._amp = NO_AMP
         super().__init__(params, defaults)
-
-    def _new_plan(self) -> BucketPlan:
-        return BucketPlan(self._ring_slots, self._coef_len, self._keys.of)
 
     def _reductions(self) -> list[tuple]:
         """Every reduction key of this optimizer's parameters, in an order all ranks share."""
@@ -316,8 +313,9 @@ class BucketedOptimizer(Optimizer):
             if not isinstance(group["lr"], Tensor):  # a float assigned since: validated above
                 self._tensor_lr(group)
                 self._lr_checked[gi] = group["lr"]
-        plain = None if self._keys.has_dtensors else self._keys.plain()
-        self._plan.update(self.param_groups, self.state, self.backend, self._amp, self._stale_warm, plain)
+        rules = PlanRules(self.backend, self._ring_slots, self._coef_len, self._keys.of,
+                          None if self._keys.has_dtensors else self._keys.plain())
+        self._plan.update(self.param_groups, self.state, rules, self._amp, self._stale_warm)
         self._stale_warm = self._plan.refresh_stale_warm_starts(self.param_groups, self.state, self._amp,
                                                                 self._stale_warm)
 
@@ -399,7 +397,7 @@ class BucketedOptimizer(Optimizer):
         pass
 
     def _forget_buckets(self) -> None:
-        self._plan = self._new_plan()
+        self._plan = BucketPlan()
         self._settled = False
 
     # -- copies (copy.deepcopy, pickle) ---------------------------------

@@ -16,6 +16,7 @@ must be recomputed).
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -27,7 +28,7 @@ from ..ring import dim_order, padded_offsets, ring_view
 from ..sharding import as_history, history_placements, is_dtensor, local
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
 
-__all__ = ["Bucket", "BucketKey", "BucketPlan", "Work"]
+__all__ = ["Bucket", "BucketKey", "BucketPlan", "PlanRules", "Work"]
 
 # (group index, device, dtype, reduction key): the reduction key (the process
 # groups that hold the other shards, () for none) keeps parameters whose dot
@@ -160,16 +161,29 @@ def warm_start(p: Tensor, group: dict, xv: Tensor, gv: Tensor, amp: AmpStep = NO
             gv[1:].copy_(first.unsqueeze(0).expand_as(gv[1:]))
 
 
+@dataclass(frozen=True)
+class PlanRules:
+    """What the optimizer decides for its buckets, handed to each
+    :meth:`BucketPlan.update` (not kept: a plan holding the optimizer's
+    methods would make the two a reference cycle, and a dropped optimizer's
+    rings would wait for the cycle collector)."""
+
+    #: The backend name new buckets resolve (``"auto"`` or one of the backends).
+    backend: str
+    #: ``(x slots, g slots)`` of a group's rings.
+    ring_slots: Callable[[dict], tuple[int, int]]
+    #: How many coefficients a group's step mixes.
+    coef_len: Callable[[dict], int]
+    #: A parameter's reduction key.
+    reduction: Callable[[Tensor], tuple]
+    #: Every parameter's reduction key when all share it (no DTensor), else None.
+    plain: tuple | None = None
+
+
 class BucketPlan:
-    """The optimizer's buckets and the work of the current step.
+    """The optimizer's buckets and the work of the current step."""
 
-    The algorithm supplies its ring sizes (``ring_slots(group) -> (x, g)``)
-    and its coefficient count (``coef_len(group)``); the optimizer supplies
-    each parameter's reduction key (``reduction(p)``)."""
-
-    def __init__(self, ring_slots: Callable[[dict], tuple[int, int]], coef_len: Callable[[dict], int],
-                 reduction: Callable[[Tensor], tuple]):
-        self.ring_slots, self.coef_len, self.reduction = ring_slots, coef_len, reduction
+    def __init__(self) -> None:
         self.buckets: dict[BucketKey, Bucket] = {}
         self.work: list[Work] = []
         # Per bucket (id, ids of the members with a gradient): the work list is
@@ -194,17 +208,17 @@ class BucketPlan:
                     return False
         return True
 
-    def update(self, groups: list[dict], state: dict, backend: str, amp: AmpStep,
-               stale: list[StaleWarmStart], plain: tuple | None) -> None:
-        """Grow the buckets to this step's parameters with gradients (new
-        buckets served by ``backend``) and list the work. ``plain``: every
-        parameter's reduction key, when all share it (no DTensor), else None.
-        Warm starts made while the step may be skipped are appended to ``stale``."""
+    def update(self, groups: list[dict], state: dict, rules: PlanRules, amp: AmpStep,
+               stale: list[StaleWarmStart]) -> None:
+        """Grow the buckets to this step's parameters with gradients and list
+        the work. Warm starts made while the step may be skipped are appended
+        to ``stale``."""
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
+        plain = rules.plain
         for gi, group in enumerate(groups):
             for p in group["params"]:
                 if p.grad is not None:
-                    wanted[(gi, p.device, p.dtype, self.reduction(p) if plain is None else plain)].append(p)
+                    wanted[(gi, p.device, p.dtype, rules.reduction(p) if plain is None else plain)].append(p)
         if torch.compiler.is_compiling():
             for key, active in wanted.items():
                 bucket = self.buckets.get(key)
@@ -219,7 +233,7 @@ class BucketPlan:
             group = groups[key[0]]
             bucket = self.buckets.get(key)
             if bucket is None or any(id(p) not in bucket.offset_of for p in active):
-                bucket = self._rebuild(key, groups, state, backend, active, bucket, amp, stale)
+                bucket = self._rebuild(key, groups, state, rules, active, bucket, amp, stale)
             if len(active) != len(bucket.members):
                 self.membership_changed = True
             plan_key.append((id(bucket), tuple(id(p) for p in active)))
@@ -242,8 +256,9 @@ class BucketPlan:
                 w.bucket.rotate(p, amp.skip(w.bucket.device))
         return self.work
 
-    def _rebuild(self, key: BucketKey, groups: list[dict], state: dict, backend: str, active: list[Tensor],
-                 old: Bucket | None, amp: AmpStep, stale: list[StaleWarmStart]) -> Bucket:
+    def _rebuild(self, key: BucketKey, groups: list[dict], state: dict, rules: PlanRules,
+                 active: list[Tensor], old: Bucket | None, amp: AmpStep,
+                 stale: list[StaleWarmStart]) -> Bucket:
         group = groups[key[0]]
         order = {id(p): (gi, pi) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])}
         present = {id(p): p for p in (old.members if old else [])}
@@ -255,7 +270,7 @@ class BucketPlan:
             for p in group["params"]:
                 st = state.get(p)
                 if (st and "x_hist" in st and p.device == device and p.dtype == dtype
-                        and self.reduction(p) == key[3]):
+                        and rules.reduction(p) == key[3]):
                     present[id(p)] = p
         present.update({id(p): p for p in active})
         # A new member (a first gradient) changes the optimizer's x; a bucket
@@ -263,7 +278,7 @@ class BucketPlan:
         if old is not None or any("x_hist" not in state.get(p, {}) for p in present.values()):
             self.membership_changed = True
         members = sorted(present.values(), key=lambda p: order[id(p)])
-        x_slots, g_slots = self.ring_slots(group)
+        x_slots, g_slots = rules.ring_slots(group)
         device = key[1]
         if old is not None:
             count = old.count
@@ -271,8 +286,8 @@ class BucketPlan:
             loaded = [state[p]["step"] for p in members if "step" in state[p]]
             count = (loaded[0].to(device=device, dtype=torch.int64).clone() if loaded
                      else torch.zeros((), dtype=torch.int64, device=device))
-        bucket = Bucket(key, resolve(backend, device, key[2]), members, x_slots, g_slots,
-                        count, self.coef_len(group))
+        bucket = Bucket(key, resolve(rules.backend, device, key[2]), members, x_slots, g_slots,
+                        count, rules.coef_len(group))
         for p in members:
             st = state[p]
             xv, gv = bucket.views(p)
