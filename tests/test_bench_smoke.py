@@ -48,7 +48,7 @@ def test_bytes_per_element_follow_algorithms_md():
               f"rna-extrapolate-w{bm.RNA_WINDOW}": bm.RNA_WINDOW + 1,
               "interpolatron-2-master": 7, "anderson-2-master": 9,
               "interpolatron-2-sr": 7, "anderson-2-sr": 9}
-    assert {name: bm._accesses(name) for name in bm.OPTIMIZER_NAMES} == expect
+    assert {name: bm.accesses(name) for name in bm.OPTIMIZER_NAMES} == expect
     # master weights on 16-bit parameters: the float32 step, the gradient's
     # upcast and the rounded write-back (bytes per element)
     assert bm.bytes_per_element("interpolatron-2", 2) == 14
@@ -65,8 +65,8 @@ def test_every_case_runs(result):
     for dtype in (torch.float32, torch.bfloat16):
         cases, _ = bm.enumerate_cases("cpu", dtype)
         # the torch backend and torch.optim's foreach always exist
-        assert {c.optimizer for c in cases if c.impl == "torch"} == set(bm._OURS)
-        assert {c.optimizer for c in cases if c.impl == "foreach"} == set(bm._TORCH_OPTIMIZERS)
+        assert {c.optimizer for c in cases if c.impl == "torch"} == set(bm.OUR_OPTIMIZERS)
+        assert {c.optimizer for c in cases if c.impl == "foreach"} == set(bm.TORCH_OPTIMIZERS)
         name = str(dtype).removeprefix("torch.")
         got = {(r["set_name"], r["optimizer"], r["impl"]) for r in rows if r["dtype"] == name}
         assert got == {(s, c.optimizer, c.impl) for s in TINY for c in cases}
