@@ -36,3 +36,16 @@ def test_optimizer_accepts_the_old_name():
         opt = interpolatron.Interpolatron([p], lr=0.1, backend="cuda")
     opt.step()
     assert set(opt.backends_in_use().values()) == {"native"}
+
+
+def test_old_module_warns_on_import_and_still_works():
+    import importlib
+    import sys
+
+    from interpolatron.backends import native_backend
+
+    sys.modules.pop("interpolatron.backends.cuda_backend", None)
+    with pytest.warns(FutureWarning, match=r"removed in interpolatron 0\.3\.0.*native_backend"):
+        old = importlib.import_module("interpolatron.backends.cuda_backend")
+    assert old.BACKEND is native_backend.BACKEND
+    assert old.unavailable_reason is native_backend.unavailable_reason

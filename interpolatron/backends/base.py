@@ -21,10 +21,14 @@ be captured in a CUDA graph; the caller increments ``count`` after the op.
 
 Coefficients ``coefs`` are in age order (``coefs[0]`` weights the newest
 iterate/gradient, ALGORITHMS.md's ``a_1``). ``coefs`` and ``lr`` are float64
-device tensors; a backend computes in float32 for 16/32-bit data and in
-float64 for float64 data, accumulates dot products per block in that compute
-dtype and reduces the block partials in float64, in a fixed order (no atomics:
-run to run bitwise identical).
+device tensors; a backend computes the update in float32 for 16/32-bit data
+and in float64 for float64 data. Dot products (the Gram rows) are float64
+whatever the data (ALGORITHMS.md section 6, D3): each product is taken in
+float64 (exact for float32 and 16-bit values) and summed in float64 per
+block, and the block partials are reduced in float64 in a fixed order (no
+atomics: run to run bitwise identical). A dot then depends on how the
+elements are cut into blocks (the layout, the shards, the rank count) only at
+float64 rounding.
 
 The effective gradient is ``g = sign * grad + weight_decay * param`` with
 ``sign = -1`` when ``maximize`` else ``+1`` (weight decay is coupled: it

@@ -231,11 +231,6 @@ def _slot_weights(coefs: Tensor, count: Tensor, slots: int, first_age: int, dtyp
     return coefs.index_select(0, age).to(dtype)
 
 
-def _dots(new: Tensor, others: Tensor) -> Tensor:
-    """``<new, others[j]>`` in float64 (the reference is more exact than any kernel)."""
-    return others.to(torch.float64) @ new.to(torch.float64)
-
-
 class TorchBackend:
     name = "torch"
 
