@@ -1,5 +1,5 @@
 """Compiles the Triton kernels for a GPU target without a device (used by
-tests/test_cuda_sass.py in a subprocess without TRITON_INTERPRET): Triton's
+tests/backends/test_cuda_sass.py in a subprocess without TRITON_INTERPRET): Triton's
 own compiler down to PTX, then the ptxas that ships with Triton down to a
 cubin with the spill report. Each case is the production configuration of one
 op (default block and warps, aligned rings) and says how many 128-bit loads

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "csrc" / "check_cuda_compile.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "csrc" / "check_cuda_compile.sh"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nvcc") is None and not os.environ.get("NVCC"),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 ARCH = "sm_90"
 
@@ -156,7 +156,7 @@ def test_cuda_kernels_do_not_spill(cuda_sass):
 
 _TRITON_SCRIPT = r"""
 import json, sys
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests/_support"]
 from triton.backends.compiler import GPUTarget
 import _triton_sass
 print(json.dumps(_triton_sass.compile_all(GPUTarget("cuda", 90, 32), sys.argv[2])))

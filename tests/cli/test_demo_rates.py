@@ -12,7 +12,7 @@ import torch
 
 from interpolatron import Anderson, Interpolatron, cli, demo
 
-SWEEP = Path(__file__).resolve().parents[1] / "bench" / "results" / "convergence" / "lr_sweep.json"
+SWEEP = Path(__file__).resolve().parents[2] / "bench" / "results" / "convergence" / "lr_sweep.json"
 
 
 def test_tuned_rates_are_the_sweeps_best():

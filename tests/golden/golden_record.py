@@ -322,7 +322,7 @@ def run_all(names: list[str]) -> dict[str, dict]:
     if sharded:
         # The two ranks run in their own processes while this one runs the
         # single-process cases (a thread only waits for them).
-        sys.path.insert(0, str(HERE.parent))
+        sys.path.insert(0, str(HERE.parent / "_support"))
         import golden_record
         from _dist import run_ranks
 

@@ -1,5 +1,5 @@
 """Whole trajectories of every optimizer against the independent float64 oracle
-(tests/_oracle.py): odd shapes, two param groups, a learning-rate schedule,
+(tests/_support/_oracle.py): odd shapes, two param groups, a learning-rate schedule,
 weight decay, maximize, k = 1..4, random coefficients on the simplex."""
 
 from __future__ import annotations
