@@ -10,6 +10,7 @@ import functools
 
 import torch
 import torch.distributed as dist
+from optimizers import make
 from torch import nn
 
 import interpolatron
@@ -236,12 +237,9 @@ def loss_of(model, step):
     return ((model(x) - y) ** 2).mean()
 
 
-OPTIMIZERS = {
-    "anderson": lambda params, **kw: interpolatron.Anderson(params, lr=0.05, history=3, weight_decay=1e-3,
-                                                           backend="torch", **kw),
-    "interpolatron": lambda params, **kw: interpolatron.Interpolatron(params, lr=0.05, alphas=(0.1, 0.3, 0.6),
-                                                                     backend="torch", **kw),
-}
+def _optimizer(name: str, params, **kw):
+    """The registry's configuration ``name`` on the torch backend."""
+    return make(name, params, "torch", weight_decay=1e-3, **kw)
 
 
 def train(model, opt, first: int, last: int, coefs: list | None = None):
@@ -263,11 +261,11 @@ def run_model_plain(name: str, steps: int, restart_at: int | None = None):
     """The single-process run; ``restart_at``: a fresh optimizer from that step on
     (what a resume that lost the optimizer's state would do)."""
     model = make_model()
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = _optimizer(name, model.parameters())
     coefs: list = []
     if restart_at is not None:
         train(model, opt, 0, restart_at)
-        opt = OPTIMIZERS[name](model.parameters())
+        opt = _optimizer(name, model.parameters())
         coefs = [None] * restart_at
         train(model, opt, restart_at, steps, coefs)
         return {"params": full_params(model), "coefs": torch.stack(coefs[restart_at:]) if coefs[restart_at:]
@@ -292,7 +290,7 @@ def _fsdp2_model(layers: bool = True):
 
 def fsdp2(rank, world, name, steps):
     model = _fsdp2_model()
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = _optimizer(name, model.parameters())
     coefs: list = []
     train(model, opt, 0, steps, coefs)
     st = opt.state[model[0].weight]
@@ -304,7 +302,7 @@ def ddp(rank, world, name, steps):
     from torch.nn.parallel import DistributedDataParallel
 
     model = DistributedDataParallel(make_model())
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = _optimizer(name, model.parameters())
     coefs: list = []
     train(model, opt, 0, steps, coefs)
     return {"params": full_params(model.module), "coefs": torch.stack(coefs) if coefs else None}
@@ -316,7 +314,7 @@ def zero(rank, world, name, steps, group=True):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     model = make_model()
-    cls = functools.partial(OPTIMIZERS[name], process_group=dist.group.WORLD if group else None)
+    cls = functools.partial(_optimizer, name, process_group=dist.group.WORLD if group else None)
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls)
     coefs: list = []
     for step in range(steps):
@@ -333,7 +331,7 @@ def fsdp1(rank, world, name, steps):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = FullyShardedDataParallel(make_model(), use_orig_params=False, device_id=torch.device("cpu"))
-    opt = OPTIMIZERS[name](model.parameters(), process_group=dist.group.WORLD)
+    opt = _optimizer(name, model.parameters(), process_group=dist.group.WORLD)
     coefs: list = []
     train(model, opt, 0, steps, coefs)
     with FullyShardedDataParallel.summon_full_params(model):
@@ -397,7 +395,7 @@ def dcp_save(rank, world, name, saved_at, steps, path):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     model = _fsdp2_model()
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = _optimizer(name, model.parameters())
     coefs: list = []
     train(model, opt, 0, saved_at, coefs)
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -418,7 +416,7 @@ def dcp_load(rank, world, name, saved_at, steps, path):
     )
 
     model = _fsdp2_model()
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = _optimizer(name, model.parameters())
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
@@ -441,7 +439,7 @@ def count_collectives(rank, world, steps):
     counts = {}
     for name in ("interpolatron", "anderson"):
         model = _fsdp2_model(layers=False)
-        opt = OPTIMIZERS[name](model.parameters())
+        opt = _optimizer(name, model.parameters())
         total = 0
         for step in range(steps):
             opt.zero_grad(set_to_none=True)

@@ -5,8 +5,7 @@ about 0.34 in 200 steps at lr 1e-3."""
 from __future__ import annotations
 
 import torch
-
-from interpolatron.optim import Anderson, Interpolatron
+from optimizers import make
 
 
 def make_model(dtype: torch.dtype) -> torch.nn.Module:
@@ -26,11 +25,9 @@ def make_data(dtype: torch.dtype = torch.float32):
 
 
 def make_optimizer(algo: str, params, backend: str, **kw):
-    if algo == "interpolatron":
-        return Interpolatron(params, lr=kw.pop("lr", 0.05), alphas=(0.3, 0.7), weight_decay=0.01,
-                             backend=backend, **kw)
-    return Anderson(params, lr=kw.pop("lr", 0.05), history=3, reg=1e-3, weight_decay=0.01, backend=backend,
-                    **kw)
+    """Interpolatron k = 2 or Anderson k = 3 of the registry, with weight decay."""
+    return make("interpolatron-k2" if algo == "interpolatron" else "anderson-k3", params, backend,
+                **{"weight_decay": 0.01, **kw})
 
 
 def assert_skipped_step_writes_nothing(algo: str, backend: str, **kw) -> None:

@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from optimizers import ALGORITHMS, backend_params, make
 
-import interpolatron
 from interpolatron import ring
-
-BACKENDS = [b for b, why in interpolatron.availability("cpu").items() if why is None]
-MAKERS = {
-    "interpolatron": lambda ps, be: interpolatron.Interpolatron(ps, lr=0.05, alphas=(0.1, 0.3, 0.6),
-                                                                weight_decay=1e-3, backend=be),
-    "anderson": lambda ps, be: interpolatron.Anderson(ps, lr=0.05, history=3, weight_decay=1e-3, backend=be),
-}
 
 
 def _model(channels_last: bool, dtype=torch.float32):
@@ -46,16 +39,16 @@ def no_fallback(monkeypatch):
 
 
 @pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_channels_last_matches_the_contiguous_torch_run(name, backend):
     ref = _model(False)
-    ref_opt = MAKERS[name](ref.parameters(), "torch")
+    ref_opt = make(name, ref.parameters(), "torch", weight_decay=1e-3)
     _run(ref, ref_opt)
     model = _model(True)
     conv = model[0].weight
     assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
-    opt = MAKERS[name](model.parameters(), backend)
+    opt = make(name, model.parameters(), backend, weight_decay=1e-3)
     _run(model, opt)
     for a, b in zip(model.parameters(), ref.parameters()):
         # Same elementwise math; the Gram (Anderson) sums in storage order, so

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from optimizers import backend_params
 
-import interpolatron
 from interpolatron import ops
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-BACKENDS = [b for b, why in interpolatron.availability("cpu").items() if why is None]
+
+BACKENDS = backend_params()  # (test_ops_grad_scaler.py takes the same)
 
 
 def _args(op: str, dtype: torch.dtype, backend: str, k: int = 3):
@@ -39,14 +40,14 @@ def _args(op: str, dtype: torch.dtype, backend: str, k: int = 3):
     raise AssertionError(op)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("op", list(ops.OPS))
 def test_opcheck(op, dtype, backend):
     torch.library.opcheck(ops.OPS[op], _args(op, dtype, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_opcheck_combine_with_stochastic_rounding(dtype, backend):
     torch.library.opcheck(ops.combine, _args("combine", dtype, backend), {"sr_seed": 12345})

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from optimizers import backend_params
 
 import interpolatron
-from interpolatron.backends import availability, resolve
+from interpolatron.backends import resolve
 from interpolatron.backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
 from interpolatron.ring import ALIGN_BYTES, padded_offsets
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
 SHAPES = [(37,), (5, 3), (0,), (1,), (64,), (19, 2)]
-
-
-def _backends() -> list[str]:
-    names = [n for n, why in availability("cpu", torch.float32).items() if why is None]
-    return names
 
 
 def test_padded_offsets():
@@ -57,7 +53,7 @@ def _gap_mask(offsets, numels, width):
     return mask
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_ops_on_padded_layout_match_compact(backend, dtype):
     """combine (with its Gram row), gram_row, rna_record and rna_extrapolate on

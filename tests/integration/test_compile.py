@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from optimizers import ALGORITHMS, backend_params, make
 from torch._dynamo.testing import CompileCounter
-
-import interpolatron
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -26,12 +25,6 @@ SCHEDULERS = {
                                                                  cycle_momentum=False),
     "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=2, factor=0.5),
 }
-MAKERS = {
-    "interpolatron": lambda ps, be: interpolatron.Interpolatron(ps, lr=0.05, alphas=(0.1, 0.3, 0.6),
-                                                                weight_decay=1e-3, backend=be),
-    "anderson": lambda ps, be: interpolatron.Anderson(ps, lr=0.05, history=3, weight_decay=1e-3, backend=be),
-}
-BACKENDS = [b for b, why in interpolatron.availability("cpu").items() if why is None]
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +40,7 @@ def _fresh_dynamo():
 def _setup(name: str, backend: str, sched: str | None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
-    opt = MAKERS[name](model.parameters(), backend)
+    opt = make(name, model.parameters(), backend, weight_decay=1e-3)
     return model, opt, (SCHEDULERS[sched](opt) if sched else None)
 
 
@@ -87,8 +80,9 @@ def _assert_same(model_a, model_b):
 
 
 # Every scheduler on the torch backend; the C++ backend under one (its ops take the same path).
-SWEEP = ([(n, s, "torch") for n in MAKERS for s in SCHEDULERS]
-         + [(n, "OneCycleLR", b) for n in MAKERS for b in BACKENDS if b != "torch"])
+SWEEP = ([(n, s, "torch") for n in ALGORITHMS for s in SCHEDULERS]
+         + [pytest.param(n, "OneCycleLR", b.values[0], marks=b.marks, id=f"{n}-OneCycleLR-{b.id}")
+            for n in ALGORITHMS for b in backend_params() if b.id != "torch"])
 
 
 @pytest.mark.parametrize("name,sched,backend", SWEEP)

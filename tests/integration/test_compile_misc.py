@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_compile import DATA, MAKERS, _assert_same, _fresh_dynamo, _run, _setup, _train_step  # noqa: F401
+from optimizers import ALGORITHMS
+from test_compile import DATA, _assert_same, _fresh_dynamo, _run, _setup, _train_step  # noqa: F401
 from torch._dynamo.testing import CompileCounter
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_aot_eager_is_bitwise(name):
     compiled = torch.compile(_train_step, backend="aot_eager", fullgraph=True)
     ref_model, *_ = _run(name, "torch", "CosineAnnealingLR", _train_step, steps=20)
@@ -20,7 +21,7 @@ def test_aot_eager_is_bitwise(name):
     _assert_same(model, ref_model)
 
 
-@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_compiled_opt_step_from_the_first_step(name):
     """torch.compile(opt.step, fullgraph=True) from step 1 (the first call sets the
     state up eagerly while tracing): the lr-0 bug is gone (the compiled steps move
@@ -62,7 +63,7 @@ def test_eager_steps_after_compiled_ones_keep_the_lr(BACKEND):
     _assert_same(model, ref)
 
 
-@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_explain_shows_no_graph_breaks(name):
     model, opt, _ = _setup(name, "torch", None)
     x, y = DATA[0]

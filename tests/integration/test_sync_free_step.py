@@ -14,10 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 from _gpu import gpu_backends
+from optimizers import backend_params, make
 from torch.profiler import ProfilerActivity, profile
 
-import interpolatron
-from interpolatron.backends import availability
 from interpolatron.solvers import anderson_coefficients
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
@@ -45,8 +44,11 @@ def _device_ops(events) -> int:
                if e.name not in NO_KERNEL and not any(c.name.startswith("aten::") for c in e.cpu_children))
 
 
-def _cpu_backends() -> list[str]:
-    return [name for name, why in availability("cpu", torch.float32).items() if why is None]
+def _optimizer(name: str, params, backend: str):
+    """The registry's configuration ``name``; ``-diag`` adds Interpolatron's diagnostics."""
+    if name.endswith("-diag"):
+        return make(name.removesuffix("-diag"), params, backend, diagnostics=True)
+    return make(name, params, backend, weight_decay=0.01)
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -59,23 +61,14 @@ def _backward(model: torch.nn.Module, x: torch.Tensor) -> None:
     model(x).square().sum().backward()
 
 
-OPTIMIZERS = {
-    "interpolatron-2": lambda ps, be: interpolatron.Interpolatron(ps, lr=0.05, alphas=(0.6, 0.4), backend=be,
-                                                                  weight_decay=0.01),
-    "interpolatron-2-diag": lambda ps, be: interpolatron.Interpolatron(ps, lr=0.05, alphas=(0.6, 0.4),
-                                                                       backend=be, diagnostics=True),
-    "anderson-2": lambda ps, be: interpolatron.Anderson(ps, lr=0.05, history=2, backend=be),
-    "anderson-2-simplex": lambda ps, be: interpolatron.Anderson(ps, lr=0.05, history=2, backend=be,
-                                                                constraint="simplex"),
-    "anderson-3-reg": lambda ps, be: interpolatron.Anderson(ps, lr=0.05, history=3, backend=be, reg=1e-3),
-}
+NAMES = ("interpolatron-k2", "interpolatron-k2-diag", "anderson-k2", "anderson-k2-simplex", "anderson-k3")
 
 
-@pytest.mark.parametrize("backend", _cpu_backends())
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", NAMES)
 def test_step_has_no_host_sync(name, backend):
     model = _model()
-    opt = OPTIMIZERS[name](model.parameters(), backend)
+    opt = _optimizer(name, model.parameters(), backend)
     x = torch.randn(5, 12)
     for _ in range(3):  # past the warm-up, and the device tables exist
         _backward(model, x)
@@ -146,8 +139,8 @@ def test_anderson_2_closed_form_matches_general_solve():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends())
-@pytest.mark.parametrize("name", ["interpolatron-2", "interpolatron-2-diag", "anderson-2",
-                                  "anderson-2-simplex"])
+@pytest.mark.parametrize("name", ["interpolatron-k2", "interpolatron-k2-diag", "anderson-k2",
+                                  "anderson-k2-simplex"])
 def test_gpu_whole_step_graph_replays_like_eager(name, backend):
     """A captured ``opt.step()`` replayed with new gradients and an in-place lr
     change gives the same parameters as eager steps (fp32, tight tolerance)."""
@@ -158,7 +151,7 @@ def test_gpu_whole_step_graph_replays_like_eager(name, backend):
     def run(capture: bool):
         model = _model().to(dev)
         lr = torch.tensor(lrs[0], device=dev)
-        opt = OPTIMIZERS[name](model.parameters(), backend)
+        opt = _optimizer(name, model.parameters(), backend)
         opt.param_groups[0]["lr"] = lr
         static_x = xs[0].clone()
         for i in range(2):  # warm-up, uncaptured: tables, caches, solver constants
@@ -196,10 +189,10 @@ def test_gpu_whole_step_graph_replays_like_eager(name, backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends())
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", NAMES)
 def test_gpu_step_under_sync_debug_error(name, backend):
     model = _model().to("cuda")
-    opt = OPTIMIZERS[name](model.parameters(), backend)
+    opt = _optimizer(name, model.parameters(), backend)
     x = torch.randn(5, 12, device="cuda")
     for _ in range(2):
         _backward(model, x)

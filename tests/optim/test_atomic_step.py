@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _oracle import Problem
+from optimizers import make, need_backend
 
 import interpolatron
 
@@ -30,9 +31,7 @@ def _params(seed=0, dtype=torch.float32):
 def _make(name, backend, params):
     groups = [dict(params=params[a:b], lr=0.1 / (i + 1), weight_decay=1e-2 * i)
               for i, (a, b) in enumerate(GROUPS)]
-    if name == "interpolatron":
-        return interpolatron.Interpolatron(groups, lr=0.1, alphas=(0.2, 0.3, 0.5), backend=backend)
-    return interpolatron.Anderson(groups, lr=0.1, history=3, reg=1e-4, backend=backend)
+    return make(name, groups, backend, lr=0.1)
 
 
 PROBLEM = Problem(SHAPES, seed=7)
@@ -128,8 +127,7 @@ def _cases():
 
 @pytest.mark.parametrize("name, backend, fault", list(_cases()))
 def test_a_fault_in_any_group_changes_nothing(name, backend, fault):
-    if interpolatron.availability("cpu", torch.float32)[backend] is not None:
-        pytest.skip(f"backend {backend} unavailable")
+    need_backend(backend)
     faults = dict(FAULTS, **ANDERSON_FAULTS)
     for gi in range(len(GROUPS)):
         params, twin_params = _params(), _params()

@@ -23,8 +23,8 @@ import torch
 from _oracle import Problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from optimizers import OPTIMIZERS, make, need_backend
 
-import interpolatron
 from interpolatron.optim._checkpoint import CheckpointError
 
 SHAPES = [(3, 4), (5,), (2, 3), ()]
@@ -32,26 +32,9 @@ BEFORE, AFTER = 4, 3  # steps before the checkpoint and after resuming
 EXAMPLES = int(os.environ.get("INTERPOLATRON_CORRUPTIONS", "250"))  # per optimizer and backend
 RANDOM = os.environ.get("INTERPOLATRON_CORRUPTIONS_RANDOM")  # set: a fresh random sample (a longer hunt)
 
-CONFIGS = {
-    "interpolatron-k1": (interpolatron.Interpolatron, dict(alphas=(1.0,))),
-    "interpolatron-k2": (interpolatron.Interpolatron, dict(alphas=(0.3, 0.7))),
-    "interpolatron-k3": (interpolatron.Interpolatron, dict(alphas=(0.2, 0.3, 0.5))),
-    "anderson-k2": (interpolatron.Anderson, dict(history=2)),
-    "anderson-k3": (interpolatron.Anderson, dict(history=3, reg=1e-3)),
-    "anderson-k2-simplex": (interpolatron.Anderson, dict(history=2, constraint="simplex")),
-    "anderson-k3-simplex": (interpolatron.Anderson, dict(history=3, constraint="simplex")),
-}
-BACKENDS = ["torch", "native"]
-
-
-def _backend_ok(backend: str) -> bool:
-    return interpolatron.availability("cpu", torch.float32)[backend] is None
-
-
 def _make(config: str, backend: str, params):
-    cls, kw = CONFIGS[config]
     groups = [dict(params=params[:2], lr=0.1, weight_decay=1e-2), dict(params=params[2:], lr=0.05)]
-    return cls(groups, lr=0.1, backend=backend, **kw)
+    return make(config, groups, backend, lr=0.1)
 
 
 def _params(seed: int):
@@ -305,13 +288,13 @@ def _check_one(config: str, backend: str, corruption: list[tuple]) -> str:
     return "accepted"
 
 
-CASES = [pytest.param(c, b, id=f"{c}-{b}") for c in CONFIGS for b in BACKENDS]
+# Every configuration of the registry, on the CPU backends.
+CASES = [pytest.param(c, b, id=f"{c}-{b}") for c in OPTIMIZERS for b in ("torch", "native")]
 
 
 @pytest.mark.parametrize("config, backend", CASES)
 def test_corrupted_checkpoints_are_refused_or_resume_identically(config, backend):
-    if not _backend_ok(backend):
-        pytest.skip(f"backend {backend} unavailable")
+    need_backend(backend)
     candidates = _candidates(_reference(config, backend)[1])
     outcomes: dict[str, int] = {}
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _oracle import AndersonOracle, InterpolatronOracle, Problem
+from optimizers import info, make
 
 import interpolatron
 from interpolatron.optim._checks import check_grad
@@ -33,14 +34,11 @@ def _groups(params):
 
 
 def make_interpolatron(params, **kw):
-    kw.setdefault("alphas", (0.2, 0.3, 0.5))
-    return interpolatron.Interpolatron(_groups(params), lr=0.1, backend="torch", **kw)
+    return make("interpolatron", _groups(params), lr=0.1, **kw)
 
 
 def make_anderson(params, **kw):
-    kw.setdefault("history", 3)
-    kw.setdefault("reg", 1e-3)
-    return interpolatron.Anderson(_groups(params), lr=0.1, backend="torch", **kw)
+    return make("anderson", _groups(params), lr=0.1, **kw)
 
 
 MAKERS = {"interpolatron": make_interpolatron, "anderson": make_anderson}
@@ -157,12 +155,14 @@ def test_state_holds_k_minus_1_iterates_and_gradients(name):
 # -- params without gradients -------------------------------------------------------------
 
 def _oracle_for(name, init, **kw):
+    """The oracle of ``make(name)`` with this file's groups."""
     groups = [dict(params=init[:2], lr=0.1, weight_decay=1e-2), dict(params=init[2:], lr=0.05)]
+    settings = info(name).kwargs
     if name == "interpolatron":
         for g in groups:
-            g["alphas"] = (0.2, 0.3, 0.5)
+            g["alphas"] = settings["alphas"]
         return InterpolatronOracle(groups)
-    return AndersonOracle(groups, history=3, reg=1e-3, **kw)
+    return AndersonOracle(groups, history=settings["history"], reg=settings["reg"], **kw)
 
 
 def _check_against_oracle(name, skips, steps=12):
@@ -417,9 +417,8 @@ def _assert_goes_on_like_a_twin(opt, params, problem):
     """The optimizer goes on exactly like a twin rebuilt from its state_dict."""
     snap = _snapshot(opt, params)
     twin_params = _params([s.numpy() for s in snap[0]])
-    kw = ({"alphas": (0.2, 0.3, 0.5)} if isinstance(opt, interpolatron.Interpolatron)
-          else {"history": 3, "reg": 1e-3})
-    twin = type(opt)(_groups(twin_params), lr=0.1, backend="torch", **kw)
+    maker = make_interpolatron if isinstance(opt, interpolatron.Interpolatron) else make_anderson
+    twin = maker(twin_params)
     twin.load_state_dict(copy.deepcopy(snap[1]))
     for _ in range(2):
         grads = problem.grad([p.detach().numpy() for p in params])

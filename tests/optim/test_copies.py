@@ -7,16 +7,12 @@ import pickle
 
 import pytest
 import torch
+from optimizers import backend_params, make
 
 import interpolatron
 
-BACKENDS = [b for b in ("torch", "native") if interpolatron.availability("cpu")[b] is None]
-MAKERS = {
-    "interpolatron": lambda ps, be: interpolatron.Interpolatron(ps, lr=0.05, alphas=(0.1, 0.3, 0.6),
-                                                                weight_decay=1e-3, backend=be),
-    "anderson": lambda ps, be: interpolatron.Anderson(ps, lr=0.05, history=3, reg=1e-6, constraint="simplex",
-                                                      weight_decay=1e-3, backend=be),
-}
+# Anderson with the simplex constraint: its solver state is the most to copy.
+CONFIGS = ("interpolatron-k3", "anderson-k3-simplex")
 COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda obj: pickle.loads(pickle.dumps(obj))}
 X = torch.randn(16, 6)
 Y = torch.randn(16, 1)
@@ -35,11 +31,11 @@ def _step(model, opt, t):
 
 
 @pytest.mark.parametrize("how", list(COPIES))
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("backend", backend_params(("torch", "native")))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_copied_optimizer_continues_the_trajectory(name, backend, how):
     model = _model()
-    opt = MAKERS[name](model.parameters(), backend)
+    opt = make(name, model.parameters(), backend, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.8)
     for t in range(4):
         _step(model, opt, t)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from optimizers import need_backend
 
 import interpolatron
 from interpolatron import gram, ops
@@ -29,18 +30,13 @@ def _model(n: int):
     return params, sum(p.numel() * p.element_size() for p in params)
 
 
-def _needs(backend):
-    if interpolatron.availability("cpu", torch.float32)[backend] is not None:
-        pytest.skip(f"backend {backend} unavailable")
-
-
 @pytest.mark.parametrize("skip_one", [False, True], ids=["all-grads", "one-without-grad"])
 def test_anderson_k3_first_step_and_membership_change_peak_at_state_plus_a_chunk(skip_one):
     """Before: 10x the parameter bytes at the first step (12x with a parameter
     without gradient), 6x at a membership change; now the 4x state (2 iterates,
     2 gradients) plus one chunk. (A parameter's first gradient after the
     first step re-lays the flat rings out: the new rings plus a chunk.)"""
-    _needs("native")
+    need_backend("native")
     params, pbytes = _model(1 << 22)
     if skip_one:
         params[1].grad = None

@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 import torch
 from _oracle import Problem
+from optimizers import ALGORITHMS, BACKENDS, need_backend
 
 import interpolatron
 
-BACKENDS = ["torch", "native", "triton"]
 SHAPES = [(3, 4), (5,)]
-
-
-def _available(backend):
-    return interpolatron.availability("cpu", torch.float32)[backend] is None
 
 
 def _params(seed=0):
@@ -61,7 +57,7 @@ ANDERSON_BAD = [
 
 def _bad_cases():
     for backend in BACKENDS:
-        for name in ("interpolatron", "anderson"):
+        for name in ALGORITHMS:
             for kw, match in BAD + (ANDERSON_BAD if name == "anderson" else []):
                 key = next(iter(kw))
                 yield pytest.param(name, backend, kw, match, id=f"{name}-{backend}-{key}-{kw[key]!r}")
@@ -69,8 +65,7 @@ def _bad_cases():
 
 @pytest.mark.parametrize("name, backend, kw, match", list(_bad_cases()))
 def test_invalid_settings_are_refused_on_every_backend(name, backend, kw, match):
-    if not _available(backend):
-        pytest.skip(f"backend {backend} unavailable")
+    need_backend(backend)
     kw = dict(dict(lr=0.1), **kw)
     with pytest.raises(ValueError, match=match):
         _cls(name)(_params(), backend=backend, **kw)
@@ -82,12 +77,11 @@ def test_invalid_settings_are_refused_on_every_backend(name, backend, kw, match)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["interpolatron", "anderson"])
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_one_element_tensor_lr_works_like_the_float(name, backend):
     """``torch.tensor([0.1])`` (which torch.optim accepts) and a 0-dim float64
     tensor give bitwise the float lr's trajectory."""
-    if not _available(backend):
-        pytest.skip(f"backend {backend} unavailable")
+    need_backend(backend)
     problem = Problem(SHAPES, seed=1)
     finals = []
     for lr in (0.1, torch.tensor([0.1], dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64)):
@@ -103,7 +97,7 @@ def test_one_element_tensor_lr_works_like_the_float(name, backend):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["interpolatron", "anderson"])
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_a_new_tensor_lr_object_is_checked_at_step_but_the_same_one_is_not_reread(name, monkeypatch):
     """The value of a tensor lr is read (a host sync) when the group gets a new
     tensor object, not at every step."""
@@ -130,10 +124,9 @@ def test_a_new_tensor_lr_object_is_checked_at_step_but_the_same_one_is_not_rerea
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["interpolatron", "anderson"])
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_duplicate_parameters_are_refused(name, backend):
-    if not _available(backend):
-        pytest.skip(f"backend {backend} unavailable")
+    need_backend(backend)
     p, q = _params()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clear error, not torch's warning

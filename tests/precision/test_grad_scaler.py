@@ -23,21 +23,13 @@ from __future__ import annotations
 import pytest
 import torch
 from _gpu import gpu_backends
-from _triton_cases import kernel_device
+from optimizers import BACKENDS, need_backend
 
-from interpolatron.backends import availability
 from interpolatron.optim import Anderson, Interpolatron
 
-BACKENDS = ["torch", "native", "triton"]
 INF_STEPS = (0, 3, 7)  # the first step too: its warm start must not keep the inf gradient
 
 
-def _need(backend: str) -> None:
-    if backend == "triton" and kernel_device() != "cpu":
-        pytest.skip("the Triton kernels do not run on the CPU in this session")
-    why = availability("cpu", torch.float32)[backend]
-    if why:
-        pytest.skip(why)
 
 
 def _model(dtype=torch.float32, device="cpu") -> torch.nn.Module:
@@ -120,7 +112,7 @@ def test_flag_is_set():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_k1_equals_fused_sgd_under_grad_scaler(backend):
-    _need(backend)
+    need_backend(backend)
     ref, _, ref_scales = _scaled_run(lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True))
     got, opt, scales = _scaled_run(lambda ps: Interpolatron(ps, lr=0.1, alphas=(1.0,), backend=backend))
     assert scales == ref_scales  # the same skipped steps, the same scale sequence
@@ -143,7 +135,7 @@ def _k2_factory(algo: str, backend: str):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 def test_k2_scaled_equals_pre_unscaled(backend, algo):
-    _need(backend)
+    need_backend(backend)
     make = _k2_factory(algo, backend)
     got, opt, scales = _scaled_run(make)
     want, ref_opt = _unscaled_run(make, scales)
@@ -159,7 +151,7 @@ def test_k2_scaled_equals_pre_unscaled(backend, algo):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 def test_skipped_step_writes_nothing(backend, algo):
-    _need(backend)
+    need_backend(backend)
     m = _model()
     if algo == "interpolatron":
         opt = Interpolatron(m.parameters(), lr=0.05, alphas=(0.1, 0.3, 0.6), backend=backend)
@@ -187,7 +179,7 @@ def test_skipped_step_writes_nothing(backend, algo):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unscale_clip_step(backend):
-    _need(backend)
+    need_backend(backend)
 
     def make(ps):
         return Anderson(ps, lr=0.05, history=2, backend=backend)
@@ -201,7 +193,7 @@ def test_unscale_clip_step(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attributes_and_keywords_agree(backend):
     """GradScaler passes optimizer attributes; a direct call passes keywords."""
-    _need(backend)
+    need_backend(backend)
     runs = []
     for how in ("attr", "kw"):
         m = _model()
@@ -240,7 +232,7 @@ def test_bad_scaler_input_changes_nothing():
 @pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 def test_scaled_step_reads_nothing_on_the_host(backend, algo):
-    _need(backend)
+    need_backend(backend)
     m = _model()
     if algo == "interpolatron":
         opt = Interpolatron(m.parameters(), lr=0.05, alphas=(0.3, 0.7), backend=backend)
@@ -290,7 +282,7 @@ def test_cuda_scaled_equals_pre_unscaled(backend, algo):
 def test_skipped_step_with_parameters_without_gradient(backend):
     """Members without a gradient have their rings rotated on a taken step; a
     skipped step leaves them where they are (decided on the device)."""
-    _need(backend)
+    need_backend(backend)
     m = _model()
     opt = Anderson(m.parameters(), lr=0.05, history=3, backend=backend)
     x, y = _data()
@@ -316,7 +308,7 @@ def test_skipped_step_with_parameters_without_gradient(backend):
 def test_k2_scaled_equals_pre_unscaled_bf16(backend):
     """16-bit parameters, gradients and rings: the unscaling happens in float32
     registers; a power-of-two scale keeps it exact."""
-    _need(backend)
+    need_backend(backend)
 
     def make(ps):
         return Anderson(ps, lr=0.05, history=2, weight_decay=0.01, backend=backend)

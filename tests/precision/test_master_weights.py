@@ -19,27 +19,16 @@ import copy
 import pytest
 import torch
 from _sixteen_bit import assert_skipped_step_writes_nothing, make_data, make_model, make_optimizer
-from _triton_cases import kernel_device
+from optimizers import BACKENDS, need_backend
 
-from interpolatron.backends import availability
 from interpolatron.optim import Interpolatron
-
-BACKENDS = ["torch", "native", "triton"]
-
-
-def _need(backend: str, dtype: torch.dtype = torch.float32) -> None:
-    if backend == "triton" and kernel_device() != "cpu":
-        pytest.skip("the Triton kernels do not run on the CPU in this session")
-    why = availability("cpu", dtype)[backend]
-    if why:
-        pytest.skip(why)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_master_equals_float32_run_on_the_same_gradients(backend, algo, dtype):
-    _need(backend, dtype)
+    need_backend(backend, dtype)
     m = make_model(dtype)
     shadow = [p.detach().float().clone().requires_grad_() for p in m.parameters()]
     opt = make_optimizer(algo, m.parameters(), backend, master_weights=True)
@@ -78,7 +67,7 @@ def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_master_tracks_float32_at_small_lr(backend):
-    _need(backend, torch.bfloat16)
+    need_backend(backend, torch.bfloat16)
     steps = 60 if backend == "triton" else 200
     start = [p.detach().float() for p in make_model(torch.float32).parameters()]
     fp32 = _train(torch.float32, steps, backend)
@@ -94,7 +83,7 @@ def test_bf16_master_tracks_float32_at_small_lr(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
 def test_state_dict_carries_the_master(backend, algo):
-    _need(backend, torch.bfloat16)
+    need_backend(backend, torch.bfloat16)
     x, y = make_data(torch.bfloat16)
 
     def run(m, opt, steps):
@@ -123,7 +112,7 @@ def test_state_dict_carries_the_master(backend, algo):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_skipped_step_keeps_master(backend):
-    _need(backend, torch.float16)
+    need_backend(backend, torch.float16)
     assert_skipped_step_writes_nothing("interpolatron", backend, master_weights=True)
 
 

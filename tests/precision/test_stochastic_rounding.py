@@ -26,25 +26,19 @@ import pytest
 import torch
 from _bucket_cases import CASES, clones, make_bucket
 from _sixteen_bit import assert_skipped_step_writes_nothing, make_data, make_model, make_optimizer
-from _triton_cases import kernel_device
+from optimizers import BACKENDS, need_backend
 
 from interpolatron import rounding
-from interpolatron.backends import availability
 from interpolatron.backends.base import CombineArgs
 from interpolatron.backends.torch_backend import BACKEND as ORACLE
 from interpolatron.optim import Interpolatron
 
-BACKENDS = ["torch", "native", "triton"]
 LOW = [torch.bfloat16, torch.float16]
 LOW_IDS = ["bf16", "fp16"]
 
 
 def _backend(name: str, dtype: torch.dtype):
-    if name == "triton" and kernel_device() != "cpu":
-        pytest.skip("the Triton kernels do not run on the CPU in this session")
-    why = availability("cpu", dtype)[name]
-    if why:
-        pytest.skip(why)
+    need_backend(name, dtype)
     from interpolatron.ops import _backend as load
 
     return load(name)
