@@ -101,3 +101,36 @@ def tol(dtype: torch.dtype) -> dict:
         torch.float16: dict(rtol=2e-3, atol=2e-3),
         torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
     }[dtype]
+
+
+DOT_EPS = 1e-12
+"""Dot products agree to this fraction of their scale on every backend and for
+every data dtype: each backend multiplies and sums in float64 (ALGORITHMS.md
+section 6, D3), so from the same inputs two of them differ only where float64
+rounds (measured: under 2e-15 of the scale on the native and Triton kernels).
+A float32 accumulation errs by 1e-10 to 1e-7 of it."""
+
+
+def assert_dots_close(got: Tensor, want: Tensor, scale: Tensor, dtype: torch.dtype, *,
+                      weight_decay: float = 0.0) -> None:
+    """Dot products (a Gram row) against the oracle's, relative to ``scale[j] =
+    ||a|| ||b_j||`` (the size of the products summed: cancellation makes a
+    relative error meaningless): at most :data:`DOT_EPS` of it.
+
+    With ``weight_decay`` the inputs themselves may differ: the effective
+    gradient ``sign * grad + weight_decay * param`` is formed in the compute
+    dtype, where a backend may round it differently (one fused multiply-add or
+    two roundings), by at most one ulp per element, which moves a dot by at
+    most that ulp times ``sum |g_i o_i| <= scale``. Tests hold D3 with their
+    cases without weight decay."""
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    assert torch.isfinite(got).all(), got
+    err = (got.cpu() - want.cpu()).abs()
+    scale = scale.cpu().to(torch.float64)
+    eps = DOT_EPS
+    if weight_decay:
+        eps += torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    worst = (err / (scale + 1e-300)).max().item() if err.numel() else 0.0
+    assert (err <= eps * scale + 1e-300).all(), (
+        f"{dtype} dots differ by {worst:.3g} of their scale (bound {eps:.3g}): "
+        f"got {got.tolist()}, want {want.tolist()}")

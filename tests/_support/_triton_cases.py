@@ -8,7 +8,16 @@ Triton backend can be run on identical copies and compared.
 from __future__ import annotations
 
 import torch
-from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_bucket, tol  # noqa: F401
+from _bucket_cases import (  # noqa: F401
+    CASES,
+    Bucket,
+    Case,
+    assert_dots_close,
+    clones,
+    device_scalars,
+    make_bucket,
+    tol,
+)
 from torch import Tensor
 
 
@@ -60,15 +69,3 @@ def assert_lists_close(got: list[Tensor], want: list[Tensor], dtype: torch.dtype
         assert a.shape == b.shape and a.dtype == b.dtype, i
         torch.testing.assert_close(a, b, equal_nan=False, msg=lambda m, i=i: f"tensor {i}: {m}",
                                    **tol(dtype))
-
-
-def assert_gram_close(got: Tensor, want: Tensor, scale: Tensor, dtype: torch.dtype) -> None:
-    """Dot products are compared relative to ``scale[j] = ||a|| ||b_j||`` (the size
-    of the products summed), since cancellation makes relative error meaningless."""
-    assert got.dtype == torch.float64 and got.shape == want.shape
-    assert torch.isfinite(got).all(), got
-    eps = 1e-13 if dtype == torch.float64 else 1e-5
-    err = (got - want).abs()
-    bound = eps * scale + 1e-30
-    assert (err <= bound).all(), (got, want, err / (scale + 1e-30))
-

@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 import torch
-from _bucket_cases import CASES, Bucket, Case, clones, device_scalars, make_bucket, tol
+from _bucket_cases import CASES, Bucket, Case, assert_dots_close, clones, device_scalars, make_bucket, tol
 from torch import Tensor
 
 from interpolatron.backends import native_backend
@@ -55,17 +55,6 @@ def assert_close(got, want, dtype: torch.dtype) -> None:
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape and a.dtype == b.dtype, i
         torch.testing.assert_close(a, b, msg=lambda m, i=i: f"tensor {i}: {m}", **tol(dtype))
-
-
-def assert_dots_close(got: Tensor, want: Tensor, scale: Tensor, dtype: torch.dtype) -> None:
-    """Dot products relative to ``scale[j] = ||a|| ||b_j||`` (the size of the
-    summed products): the kernels accumulate 16/32-bit data in float32 per chunk."""
-    assert got.dtype == torch.float64 and got.shape == want.shape
-    assert torch.isfinite(got).all(), got
-    eps = 1e-12 if dtype == torch.float64 else 2e-6
-    err = (got.cpu() - want.cpu()).abs()
-    bound = eps * scale.cpu() + 1e-30
-    assert (err <= bound).all(), (got, want, err / (scale.cpu() + 1e-30))
 
 
 def flat(tensors: list[Tensor]) -> Tensor:
@@ -140,7 +129,7 @@ def check_interpolatron(b: Bucket, k: int, opts: dict) -> None:
     if opts["gram"]:
         g0 = flat(b.grads) * (-1 if opts["maximize"] else 1) + opts["weight_decay"] * flat(b.params)
         others = [g0] + [cols(g_hist[(opts["count"] - j) % (k - 1)], b) for j in range(1, k)]
-        assert_dots_close(got[3], want[3], scale_for(g0, others), b.dtype)
+        assert_dots_close(got[3], want[3], scale_for(g0, others), b.dtype, weight_decay=opts["weight_decay"])
 
 
 @pytest.mark.parametrize("k", KS)
@@ -213,7 +202,7 @@ def check_gram_row(b: Bucket, k: int, opts: dict, store: bool = True) -> None:
         assert torch.equal(gh, g_hist), "the read-only Gram pass wrote into the ring"
     g0 = flat(b.grads) * (-1 if opts["maximize"] else 1) + opts["weight_decay"] * flat(b.params)
     others = [g0] + [cols(g_hist[(opts["count"] - j) % slots], b) for j in range(1, k)]
-    assert_dots_close(out, out_ref, scale_for(g0, others), b.dtype)
+    assert_dots_close(out, out_ref, scale_for(g0, others), b.dtype, weight_decay=opts["weight_decay"])
 
 
 @pytest.mark.parametrize("store", (True, False), ids=("store", "read_only"))
@@ -475,7 +464,8 @@ def test_cuda_ops_against_oracle(case, dtype):
             if opts["gram"]:
                 g0 = flat(b.grads) * (-1 if opts["maximize"] else 1) + opts["weight_decay"] * flat(b.params)
                 others = [g0] + [cols(g_hist[(opts["count"] - j) % (k - 1)], b) for j in range(1, k)]
-                assert_dots_close(got[3], want[3], scale_for(g0, others), dtype)
+                assert_dots_close(got[3], want[3], scale_for(g0, others), dtype,
+                                  weight_decay=opts["weight_decay"])
             check_gram_row(b, k, opts, store=False)
     for k in (1, 3, 9):
         g_hist = b.ring(k)
@@ -489,7 +479,7 @@ def test_cuda_ops_against_oracle(case, dtype):
         assert_close(res[0][0], res[1][0], dtype)
         g0 = -flat(b.grads) + 0.01 * flat(b.params)
         others = [g0] + [cols(g_hist[(5 - j) % k], b) for j in range(1, k)]
-        assert_dots_close(res[0][1], res[1][1], scale_for(g0, others), dtype)
+        assert_dots_close(res[0][1], res[1][1], scale_for(g0, others), dtype, weight_decay=0.01)
     for slots in (1, 3, 10):
         window = b.ring(slots)
         b.poison(window, 4 % slots)
@@ -624,8 +614,6 @@ def _train(make_opt, backend, steps=12, dtype=torch.float32, device="cpu"):
                                                 ((0.1, 0.3, 0.6), 0.0, True)])
 def test_interpolatron_trajectory(alphas, wd, maximize, device):
     ip = _optimizers()
-    if not hasattr(ip, "Interpolatron"):
-        pytest.skip("interpolatron.Interpolatron is not there yet")
 
     def make(params, backend):
         return ip.Interpolatron(params, lr=0.05, alphas=alphas, weight_decay=wd, maximize=maximize,
@@ -639,8 +627,6 @@ def test_interpolatron_trajectory(alphas, wd, maximize, device):
 @pytest.mark.parametrize("history,constraint", [(2, None), (3, "simplex"), (4, None)])
 def test_anderson_trajectory(history, constraint, device):
     ip = _optimizers()
-    if not hasattr(ip, "Anderson"):
-        pytest.skip("interpolatron.Anderson is not there yet")
 
     def make(params, backend):
         return ip.Anderson(params, lr=0.05, history=history, reg=1e-6, constraint=constraint,
@@ -661,8 +647,6 @@ def _flat_params(model) -> Tensor:
                                            ("gradients", "offline")])
 def test_rna_trajectory(residual, mode, device):
     ip = _optimizers()
-    if not hasattr(ip, "RNA"):
-        pytest.skip("interpolatron.RNA is not there yet")
     results = {}
     for backend in ("native", "torch"):
         model = _model(device=device)

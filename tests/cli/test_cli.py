@@ -7,18 +7,26 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from interpolatron import cli
+from interpolatron.backends import BACKEND_NAMES, availability, resolve
 
 
-def test_info_lists_every_backend_with_a_verdict(capsys):
+def test_info_lists_every_backend_with_its_verdict(capsys):
+    """Each backend's line says what availability() says: "available", or
+    "unavailable: " and the reason (a bare "available" substring would also
+    match the latter)."""
     cli.main(["info"])
     out = capsys.readouterr().out
-    assert "torch " in out and "backends for torch.float32 on cpu" in out
-    for name in ("torch", "triton", "native"):
-        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + " "))
-        assert "available" in line
-    assert "auto -> " in out
+    lines = out.splitlines()
+    section = lines.index("backends for torch.float32 on cpu:")
+    for name, why in availability("cpu", torch.float32).items():
+        line = next(ln.strip() for ln in lines[section + 1:] if ln.strip().startswith(name + " "))
+        verdict = line[len(name):].strip()
+        assert verdict == ("available" if why is None else f"unavailable: {why}"), line
+    assert lines[section + 1 + len(BACKEND_NAMES)].strip() == (
+        f"auto -> {resolve('auto', torch.device('cpu'), torch.float32).name}")
 
 
 def test_demo_trains_writes_plot_and_json(tmp_path, capsys):
