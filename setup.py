@@ -179,7 +179,6 @@ setup(
     python_requires=">=3.10",
     packages=["interpolatron", "interpolatron.backends", "interpolatron.optim",
               "interpolatron.triton_kernels"],
-    package_dir={"interpolatron.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton"],

@@ -1,7 +1,7 @@
 """pytest-benchmark runs of one optimizer step: ``pytest bench/ --benchmark-only``.
 
 Kept out of the default test run (``testpaths = ["tests"]``); the default run
-smoke-tests every row on tiny sets instead (``tests/test_bench_smoke.py``).
+smoke-tests every row on tiny sets instead (``tests/cli/test_bench_smoke.py``).
 
 Settings (environment variables, so they also work from scripts):
 

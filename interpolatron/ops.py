@@ -18,11 +18,15 @@ collected. A new bucket (after ``load_state_dict``, a rebuild, a copy) takes a
 new handle, so its caches start empty exactly as a new dict did. Handle 0 is a
 throwaway dict (opcheck, one-off calls).
 
-``combine`` and ``gram_row`` end with GradScaler's ``grad_scale`` and
-``found_inf``, optional tensors defaulting to None (read-only: not in
-``mutates_args``; custom ops do not allow keyword-only tensors, callers pass
-them by keyword); None keeps the unscaled behaviour. ``combine`` then takes
-``sr_seed`` (None: round to nearest), a plain int: a constant of the graph.
+Arguments. Each op builds its frozen argument object
+(:class:`~interpolatron.backends.base.CombineArgs`, ``GramArgs``,
+``RecordArgs``, ``ExtrapArgs``) once and hands it to the backend: the schema
+is spelled out here and in that object only. ``combine`` and ``gram_row`` end
+with GradScaler's ``grad_scale`` and ``found_inf``, optional tensors
+defaulting to None (read-only: not in ``mutates_args``; custom ops do not
+allow keyword-only tensors, callers pass them by keyword); None keeps the
+unscaled behaviour. ``combine`` then takes ``sr_seed`` (None: round to
+nearest), a plain int: a constant of the graph.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .backends import BACKEND_NAMES
+from .backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
 
 _CACHES: dict[int, dict] = {}
 _HANDLES = itertools.count(1)
@@ -73,9 +78,9 @@ def combine(params: list[Tensor], grads: list[Tensor], offsets: list[int], x_his
     """:meth:`Backend.combine` of ``backend`` (``grad_scale`` / ``found_inf``:
     GradScaler's fused contract, read on the device; ``sr_seed``: stochastic
     rounding of the 16-bit writes)."""
-    _backend(backend).combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
-                              maximize, gram, cache_of(cache), grad_scale=grad_scale, found_inf=found_inf,
-                              sr_seed=sr_seed)
+    args = CombineArgs(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay, maximize, gram,
+                       grad_scale, found_inf, sr_seed)
+    _backend(backend).combine(args, cache_of(cache))
 
 
 @torch.library.custom_op("interpolatron::gram_row", mutates_args=("out",))
@@ -83,8 +88,9 @@ def gram_row(params: list[Tensor], grads: list[Tensor], offsets: list[int], g_hi
              weight_decay: float, maximize: bool, out: Tensor, backend: str, cache: int,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:  # noqa: UP045
     """:meth:`Backend.gram_row` with ``store=False`` (read-only: Anderson's Gram pass)."""
-    _backend(backend).gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out,
-                               cache_of(cache), store=False, grad_scale=grad_scale, found_inf=found_inf)
+    args = GramArgs(params, grads, offsets, g_hist, count, weight_decay, maximize, out, False, grad_scale,
+                    found_inf)
+    _backend(backend).gram_row(args, cache_of(cache))
 
 
 @torch.library.custom_op("interpolatron::gram_row_store", mutates_args=("g_hist", "out"))
@@ -92,51 +98,32 @@ def gram_row_store(params: list[Tensor], grads: list[Tensor], offsets: list[int]
                    count: Tensor, weight_decay: float, maximize: bool, out: Tensor, backend: str,
                    cache: int) -> None:
     """:meth:`Backend.gram_row` with ``store=True`` (RNA's gradient record)."""
-    _backend(backend).gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out,
-                               cache_of(cache), store=True)
+    args = GramArgs(params, grads, offsets, g_hist, count, weight_decay, maximize, out, True)
+    _backend(backend).gram_row(args, cache_of(cache))
 
 
 @torch.library.custom_op("interpolatron::rna_record", mutates_args=("window", "out"))
 def rna_record(sources: list[Tensor], offsets: list[int], window: Tensor, count: Tensor,
                out: Optional[Tensor], backend: str, cache: int) -> None:  # noqa: UP045 (the schema)
     """:meth:`Backend.rna_record` of ``backend``."""
-    _backend(backend).rna_record(sources, offsets, window, count, out, cache_of(cache))
+    _backend(backend).rna_record(RecordArgs(sources, offsets, window, count, out), cache_of(cache))
 
 
 @torch.library.custom_op("interpolatron::rna_extrapolate", mutates_args=("outs",))
 def rna_extrapolate(window: Tensor, offsets: list[int], count: Tensor, coefs: Tensor, outs: list[Tensor],
                     backend: str, cache: int) -> None:
     """:meth:`Backend.rna_extrapolate` of ``backend``."""
-    _backend(backend).rna_extrapolate(window, offsets, count, coefs, outs, cache_of(cache))
+    _backend(backend).rna_extrapolate(ExtrapArgs(window, offsets, count, coefs, outs), cache_of(cache))
 
 
-# The ops return nothing and only write into their arguments: under fake
-# tensors there is nothing to compute.
-@combine.register_fake
-def _(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay, maximize, gram, backend,
-      cache, grad_scale=None, found_inf=None, sr_seed=None) -> None:
+def _no_output(*args, **kwargs) -> None:
+    """The fake kernel of every op: they return nothing and only write into
+    their arguments, so under fake tensors there is nothing to compute."""
     return None
 
 
-@gram_row.register_fake
-def _(params, grads, offsets, g_hist, count, weight_decay, maximize, out, backend, cache,
-      grad_scale=None, found_inf=None) -> None:
-    return None
-
-
-@gram_row_store.register_fake
-def _(params, grads, offsets, g_hist, count, weight_decay, maximize, out, backend, cache) -> None:
-    return None
-
-
-@rna_record.register_fake
-def _(sources, offsets, window, count, out, backend, cache) -> None:
-    return None
-
-
-@rna_extrapolate.register_fake
-def _(window, offsets, count, coefs, outs, backend, cache) -> None:
-    return None
+for _op in (combine, gram_row, gram_row_store, rna_record, rna_extrapolate):
+    _op.register_fake(_no_output)
 
 
 OPS = {"combine": combine, "gram_row": gram_row, "gram_row_store": gram_row_store,

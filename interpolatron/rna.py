@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .backends import layout, resolve
+from .backends import resolve
 from .gram import reduce_gram, shift_in_row
-from .layout import padded_offsets
+from .ring import dim_order, padded_offsets, unflat
 from .sharding import local, reduction_key
 from .solvers import rna_coefficients
 
@@ -225,7 +225,7 @@ class RNA:
     def _accumulate(self, optimizer, args, kwargs) -> None:
         """Adds the gradient of the base optimizer's objective (coupled weight
         decay included, see the class docstring) before its step."""
-        check = getattr(optimizer, "_check_step", None)
+        check = getattr(optimizer, "validate_step", None)
         if check is not None:
             check()  # a step our optimizer will refuse must not reach the averages either
         names = self._names_by_id
@@ -401,9 +401,9 @@ class RNA:
                 continue
             slots = torch.remainder(b.count - 1 - torch.arange(ages, device=b.device), b.slots)
             snaps = b.window.index_select(0, slots)[:, off:off + t.numel()]
-            order = layout.dim_order(t)  # t is laid out like its source: the window's order
-            lo = layout.unflat(snaps.amin(0), t, order).to(t.dtype)
-            hi = layout.unflat(snaps.amax(0), t, order).to(t.dtype)
+            order = dim_order(t)  # t is laid out like its source: the window's order
+            lo = unflat(snaps.amin(0), t, order).to(t.dtype)
+            hi = unflat(snaps.amax(0), t, order).to(t.dtype)
             torch.maximum(t, lo, out=t)
             torch.minimum(t, hi, out=t)
 

@@ -133,3 +133,51 @@ def collective_device(process_group: Any) -> torch.device:
     if "nccl" in str(backend).lower() and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class ReductionKeys:
+    """One optimizer's reduction keys: each parameter's (cached: placements do
+    not change), and the list of every key a step sums over.
+
+    Without a DTensor parameter (``has_dtensors`` False, the fast path) every
+    parameter's key is the ``process_group``'s; ``add_param_group`` sets the
+    flag when a DTensor arrives."""
+
+    def __init__(self, process_group: Any = None):
+        self.process_group = process_group
+        self.has_dtensors = False
+        # id(p) -> (p, its key): computed once per parameter, not per parameter per step.
+        self._of: dict[int, tuple[Tensor, ReductionKey]] = {}
+        self._plain: ReductionKey | None = None
+        self._list: tuple[tuple, list[ReductionKey]] | None = None
+
+    def plain(self) -> ReductionKey:
+        """The key of a plain-tensor parameter (the ``process_group``'s)."""
+        if self._plain is None:
+            self._plain = group_key(self.process_group)
+        return self._plain
+
+    def of(self, p: Tensor) -> ReductionKey:
+        """The process groups ``p``'s dot products are summed over."""
+        if not self.has_dtensors:
+            return self.plain()
+        entry = self._of.get(id(p))
+        if entry is None or entry[0] is not p:
+            entry = self._of[id(p)] = (p, reduction_key(p, self.process_group))
+        return entry[1]
+
+    def all(self, groups: list[dict]) -> list[ReductionKey]:
+        """Every key of the parameters of ``groups``, in parameter order (the
+        same on every rank: collectives are issued in this order), plus the
+        ``process_group``'s own (a ZeRO rank may own no parameter, yet it must
+        join the sum)."""
+        if not self.has_dtensors:
+            plain = self.plain()
+            return [plain] if plain else []
+        params = tuple(id(p) for g in groups for p in g["params"])
+        if self._list is None or self._list[0] != params:
+            keys = [self.of(p) for g in groups for p in g["params"]]
+            if self.process_group is not None:
+                keys.append(group_key(self.process_group))
+            self._list = (params, [k for k in dict.fromkeys(keys) if k])
+        return self._list[1]

@@ -10,7 +10,7 @@ points or the step sizes, and its counts (heavy ball 29 steps against 4;
 same learning rate, "escaped" means the iterate stays out from that step on
 (:func:`escape_step`), and every step counts, odd ones included. What they
 show (``bench/convergence/toys_1d.py`` prints and plots every step;
-``tests/test_theory.py`` checks it):
+``tests/optim/test_theory.py`` checks it):
 
 - :func:`flat_valley` (Figure 2): a local minimum at ``x = 0`` between a
   sheer wall on the left and a long, slightly rising flat part ``[0, width]``;

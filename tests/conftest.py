@@ -1,7 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The test folders carry no __init__.py (their basenames are unique): the
+# shared helpers (tests/_support: the oracle, the bucket and distributed
+# cases, ...) are imported by name from every folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "_support"))
 
 # Without a GPU the Triton kernels run on the CPU through Triton's
 # interpreter; it must be chosen before any module that defines a @triton.jit

@@ -38,11 +38,11 @@ def out_dir(path: str | None) -> Path:
 
 def run_info(device: torch.device, started: float) -> dict[str, Any]:
     """What a result file says about how it was made."""
-    from interpolatron.benchmark import _git_commit, device_name
+    from interpolatron.benchmark import device_name, git_commit
 
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
             "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-            "python": platform.python_version(), "git_commit": _git_commit(),
+            "python": platform.python_version(), "git_commit": git_commit(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - started, 1), "torch_threads": torch.get_num_threads()}
 

@@ -153,7 +153,8 @@ def stage1() -> dict:
                      "-e", "."], 200, env)
     st.run("info", [PY, "-m", "interpolatron", "info"], 30)
     junit = out_dir() / "stage1-tests.xml"
-    tests = ["tests/test_native_backend.py", "tests/test_triton_backend.py", "tests/test_sync_free_step.py"]
+    tests = ["tests/backends/test_native_backend.py", "tests/backends/test_triton_backend.py",
+             "tests/integration/test_sync_free_step.py"]
     entry = st.run("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-ra",
                                  f"--junitxml={junit}", *tests], st.left() - 5)
     entry["summary"] = _pytest_summary(junit)

@@ -7,7 +7,7 @@ owns the columns ``[offsets[i], offsets[i] + params[i].numel())``. The ops
 receive the *active* parameters only (those with a gradient this step) with
 their offsets, so the offsets need not be contiguous. A tensor's columns hold
 its elements in storage order when it is dense (channels_last included), else
-in row-major order (``backends/layout.py``); a gradient is read in its
+in row-major order (:mod:`interpolatron.ring`); a gradient is read in its
 parameter's order.
 
 Ring convention (shared by every op and every backend)
@@ -21,17 +21,21 @@ be captured in a CUDA graph; the caller increments ``count`` after the op.
 
 Coefficients ``coefs`` are in age order (``coefs[0]`` weights the newest
 iterate/gradient, ALGORITHMS.md's ``a_1``). ``coefs`` and ``lr`` are float64
-device tensors; a backend computes in float32 for 16/32-bit data and in
-float64 for float64 data, accumulates dot products per block in that compute
-dtype and reduces the block partials in float64, in a fixed order (no atomics:
-run to run bitwise identical).
+device tensors; a backend computes the update in float32 for 16/32-bit data
+and in float64 for float64 data. Dot products (the Gram rows) are float64
+whatever the data (ALGORITHMS.md section 6, D3): each product is taken in
+float64 (exact for float32 and 16-bit values) and summed in float64 per
+block, and the block partials are reduced in float64 in a fixed order (no
+atomics: run to run bitwise identical). A dot then depends on how the
+elements are cut into blocks (the layout, the shards, the rank count) only at
+float64 rounding.
 
 The effective gradient is ``g = sign * grad + weight_decay * param`` with
 ``sign = -1`` when ``maximize`` else ``+1`` (weight decay is coupled: it
 enters the history, ALGORITHMS.md section 1).
 
 GradScaler's fused contract (ALGORITHMS.md section 7): ``combine`` and
-``gram_row`` take the keyword-only ``grad_scale`` and ``found_inf``, one-element
+``gram_row`` take ``grad_scale`` and ``found_inf``, one-element
 float32 tensors on the bucket's device (or None). The gradient is
 ``grad * (1 / grad_scale)`` before the sign and the weight decay (the
 reciprocal formed in float64 and rounded to the compute dtype, as
@@ -40,7 +44,7 @@ reciprocal formed in float64 and rounded to the compute dtype, as
 the device, never on the host. ``gram`` / ``out`` are then undefined: the
 caller discards them.
 
-Stochastic rounding: ``combine`` takes the keyword-only ``sr_seed`` (an int,
+Stochastic rounding: ``combine`` takes ``sr_seed`` (an int,
 or None to round to nearest). With a seed, every bfloat16/float16 value it
 computes (the new parameter and the effective gradient stored in the ring;
 the old iterate is a 16-bit value already) is rounded stochastically, with
@@ -58,36 +62,85 @@ it cached when they do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+# One frozen object per op call, built once by the custom op in
+# interpolatron/ops.py (the one place that unpacks the op's schema) and handed
+# to every backend and launcher as is. The field names are the schema's
+# argument names (without ``backend`` and ``cache``): a new argument is one
+# field here, one parameter of the op, and the kernels that read it.
+
+
+@dataclass(frozen=True, slots=True)
+class CombineArgs:
+    """The arguments of :meth:`Backend.combine`."""
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    offsets: Sequence[int]
+    x_hist: Tensor
+    g_hist: Tensor
+    coefs: Tensor
+    lr: Tensor
+    count: Tensor
+    weight_decay: float
+    maximize: bool
+    gram: Tensor | None
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    sr_seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GramArgs:
+    """The arguments of :meth:`Backend.gram_row`."""
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    offsets: Sequence[int]
+    g_hist: Tensor
+    count: Tensor
+    weight_decay: float
+    maximize: bool
+    out: Tensor
+    store: bool
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordArgs:
+    """The arguments of :meth:`Backend.rna_record`."""
+
+    sources: Sequence[Tensor]
+    offsets: Sequence[int]
+    window: Tensor
+    count: Tensor
+    out: Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExtrapArgs:
+    """The arguments of :meth:`Backend.rna_extrapolate`."""
+
+    window: Tensor
+    offsets: Sequence[int]
+    count: Tensor
+    coefs: Tensor
+    outs: Sequence[Tensor]
+
 
 class Backend(Protocol):
-    """What a backend provides. See the module docstring for the conventions."""
+    """What a backend provides. See the module docstring for the conventions.
+    Each op takes its argument object and the bucket's ``cache``."""
 
     name: str
 
-    def combine(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        offsets: Sequence[int],
-        x_hist: Tensor,
-        g_hist: Tensor,
-        coefs: Tensor,
-        lr: Tensor,
-        count: Tensor,
-        weight_decay: float,
-        maximize: bool,
-        gram: Tensor | None,
-        cache: dict,
-        *,
-        grad_scale: Tensor | None = None,
-        found_inf: Tensor | None = None,
-        sr_seed: int | None = None,
-    ) -> None:
+    def combine(self, args: CombineArgs, cache: dict) -> None:
         """The interpolation step ``x = sum_j a_j x(age j) - lr * sum_j a_j g(age j)``.
 
         ``k = coefs.numel()``; ``x_hist`` has ``k - 1`` slots holding the
@@ -107,22 +160,7 @@ class Backend(Protocol):
         """
         ...
 
-    def gram_row(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        offsets: Sequence[int],
-        g_hist: Tensor,
-        count: Tensor,
-        weight_decay: float,
-        maximize: bool,
-        out: Tensor,
-        cache: dict,
-        store: bool = True,
-        *,
-        grad_scale: Tensor | None = None,
-        found_inf: Tensor | None = None,
-    ) -> None:
+    def gram_row(self, args: GramArgs, cache: dict) -> None:
         """Write into ``out`` (float64, shape ``(k,)``) this bucket's partial
         ``<g(age 0), g(age j)>`` for ``j = 0..k-1`` (``out[0] = ||g||^2``), where
         age 0 is the effective gradient of ``grads``.
@@ -138,15 +176,7 @@ class Backend(Protocol):
         ``params`` are read only when ``weight_decay != 0``."""
         ...
 
-    def rna_record(
-        self,
-        sources: Sequence[Tensor],
-        offsets: Sequence[int],
-        window: Tensor,
-        count: Tensor,
-        out: Tensor | None,
-        cache: dict,
-    ) -> None:
+    def rna_record(self, args: RecordArgs, cache: dict) -> None:
         """Copy ``sources`` into slot ``c mod S`` of ``window`` (``S`` slots).
 
         If ``out`` (float64, shape ``(S - 1,)``) is given, also write this
@@ -158,15 +188,7 @@ class Backend(Protocol):
         masks the entries that are not yet meaningful."""
         ...
 
-    def rna_extrapolate(
-        self,
-        window: Tensor,
-        offsets: Sequence[int],
-        count: Tensor,
-        coefs: Tensor,
-        outs: Sequence[Tensor],
-        cache: dict,
-    ) -> None:
+    def rna_extrapolate(self, args: ExtrapArgs, cache: dict) -> None:
         """``outs[i] = sum_a coefs[a] * y(age a)`` over ``a = 0..coefs.numel()-1``,
         with ``y(age a)`` in slot ``(count - 1 - a) mod S`` (``count`` is the
         number of records done; the newest record has age 0). ``outs`` have

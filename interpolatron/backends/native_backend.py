@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Sequence
 
 import torch
-from torch import Tensor
 
-from .base import SUPPORTED_DTYPES
+from .base import SUPPORTED_DTYPES, CombineArgs, ExtrapArgs, GramArgs, RecordArgs
 from .torch_backend import BACKEND as _REFERENCE
 
 # The interface version of csrc/bindings.cpp this module speaks.
@@ -148,52 +146,50 @@ def _tables(cache: dict, op: str, device: torch.device):
 
 
 class NativeBackend:
+    """The seam on ``_C``, whose functions still take the op's arguments one by
+    one: each method below is the one place that unpacks its argument object
+    for the extension. A call the extension declines (it returns False: a
+    non-contiguous tensor) runs on the torch backend."""
+
     name = "native"
 
-    def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor],
-                offsets: Sequence[int], x_hist: Tensor, g_hist: Tensor, coefs: Tensor, lr: Tensor,
-                count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
-                cache: dict, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                sr_seed: int | None = None) -> None:
+    def combine(self, args: CombineArgs, cache: dict) -> None:
+        a = args
         # The kernels round 16-bit writes stochastically themselves (the seed mod 2^32,
         # as interpolatron.rounding takes it); wider dtypes ignore the seed.
-        seed = None if sr_seed is None else int(sr_seed) & 0xFFFFFFFF
-        done = _C.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, float(weight_decay),
-                          bool(maximize), gram, _tables(cache, "combine", x_hist.device),
-                          grad_scale=grad_scale, found_inf=found_inf, sr_seed=seed)
+        seed = None if a.sr_seed is None else int(a.sr_seed) & 0xFFFFFFFF
+        done = _C.combine(a.params, a.grads, a.offsets, a.x_hist, a.g_hist, a.coefs, a.lr, a.count,
+                          float(a.weight_decay), bool(a.maximize), a.gram,
+                          _tables(cache, "combine", a.x_hist.device),
+                          grad_scale=a.grad_scale, found_inf=a.found_inf, sr_seed=seed)
         if not done:
             _fallback("combine")
-            _REFERENCE.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay,
-                               maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf,
-                               sr_seed=sr_seed)
+            _REFERENCE.combine(args, cache)
 
-    def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
-                 g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
-                 cache: dict, store: bool = True, *, grad_scale: Tensor | None = None,
-                 found_inf: Tensor | None = None) -> None:
-        done = _C.gram_row(params, grads, offsets, g_hist, count, float(weight_decay), bool(maximize), out,
-                           _tables(cache, "gram_row", g_hist.device), bool(store),
-                           grad_scale=grad_scale, found_inf=found_inf)
+    def gram_row(self, args: GramArgs, cache: dict) -> None:
+        a = args
+        done = _C.gram_row(a.params, a.grads, a.offsets, a.g_hist, a.count, float(a.weight_decay),
+                           bool(a.maximize), a.out, _tables(cache, "gram_row", a.g_hist.device),
+                           bool(a.store), grad_scale=a.grad_scale, found_inf=a.found_inf)
         if not done:
             _fallback("gram_row")
-            _REFERENCE.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache,
-                                store, grad_scale=grad_scale, found_inf=found_inf)
+            _REFERENCE.gram_row(args, cache)
 
-    def rna_record(self, sources: Sequence[Tensor], offsets: Sequence[int], window: Tensor,
-                   count: Tensor, out: Tensor | None, cache: dict) -> None:
-        done = _C.rna_record(sources, offsets, window, count, out,
-                             _tables(cache, "rna_record", window.device))
+    def rna_record(self, args: RecordArgs, cache: dict) -> None:
+        a = args
+        done = _C.rna_record(a.sources, a.offsets, a.window, a.count, a.out,
+                             _tables(cache, "rna_record", a.window.device))
         if not done:
             _fallback("rna_record")
-            _REFERENCE.rna_record(sources, offsets, window, count, out, cache)
+            _REFERENCE.rna_record(args, cache)
 
-    def rna_extrapolate(self, window: Tensor, offsets: Sequence[int], count: Tensor, coefs: Tensor,
-                        outs: Sequence[Tensor], cache: dict) -> None:
-        done = _C.rna_extrapolate(window, offsets, count, coefs, outs,
-                                  _tables(cache, "rna_extrapolate", window.device))
+    def rna_extrapolate(self, args: ExtrapArgs, cache: dict) -> None:
+        a = args
+        done = _C.rna_extrapolate(a.window, a.offsets, a.count, a.coefs, a.outs,
+                                  _tables(cache, "rna_extrapolate", a.window.device))
         if not done:
             _fallback("rna_extrapolate")
-            _REFERENCE.rna_extrapolate(window, offsets, count, coefs, outs, cache)
+            _REFERENCE.rna_extrapolate(args, cache)
 
 
 BACKEND = NativeBackend()

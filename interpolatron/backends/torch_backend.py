@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 
 from .. import rounding
-from ..layout import align_elems, round_up
-from . import layout
-from .base import compute_dtype
+from ..ring import align_elems, dim_order, flat, round_up, unflat
+from .base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs, compute_dtype
 
 # How many column sets a bucket's cache keeps (least recently used dropped):
 # a mixture of experts changes the set of parameters with gradients every step,
@@ -33,7 +32,7 @@ def _column_layout(tensors: Sequence[Tensor], offsets: Sequence[int], ring: Tens
 
     ``columns`` is None when the tensors cover the ring's columns in order (the
     usual case), else a device index of the columns they own. "In order" allows
-    the padding of the bucket layout (:mod:`interpolatron.layout`): each tensor
+    the padding of the bucket layout (:mod:`interpolatron.ring`): each tensor
     starting at the next 128-byte boundary after the previous one, the row
     ending at the next boundary after the last. The flat work buffers then take
     the ring's layout, gaps included: ``splits`` are the sizes of
@@ -134,7 +133,7 @@ def _flat(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device,
            else torch.empty(n, dtype=dtype, device=device))
     if tensors:
         refs = tensors if like is None else like
-        pieces = [layout.flat(t, layout.dim_order(r)) for t, r in zip(tensors, refs)]
+        pieces = [flat(t, dim_order(r)) for t, r in zip(tensors, refs)]
         if splits:
             zeros = _zeros(cache, max(splits[0::2]), tensors[0].dtype, device)
             gaps = [zeros[:g] for g in splits[0::2]]
@@ -212,11 +211,11 @@ def _slot_dots(new: Tensor, ring: Tensor, cache: dict) -> Tensor:
     return torch.stack([_dot64(new, ring[s], cache) for s in range(ring.shape[0])])
 
 
-def _scatter_back(targets: Sequence[Tensor], flat: Tensor, splits: tuple | None = None) -> None:
+def _scatter_back(targets: Sequence[Tensor], values: Tensor, splits: tuple | None = None) -> None:
     if not targets:
         return
-    pieces = flat.split(list(splits))[1::2] if splits else flat.split([t.numel() for t in targets])
-    torch._foreach_copy_(list(targets), [layout.unflat(v, t, layout.dim_order(t))
+    pieces = values.split(list(splits))[1::2] if splits else values.split([t.numel() for t in targets])
+    torch._foreach_copy_(list(targets), [unflat(v, t, dim_order(t))
                                          for v, t in zip(pieces, targets)])
 
 
@@ -232,17 +231,12 @@ def _slot_weights(coefs: Tensor, count: Tensor, slots: int, first_age: int, dtyp
     return coefs.index_select(0, age).to(dtype)
 
 
-def _dots(new: Tensor, others: Tensor) -> Tensor:
-    """``<new, others[j]>`` in float64 (the reference is more exact than any kernel)."""
-    return others.to(torch.float64) @ new.to(torch.float64)
-
-
 class TorchBackend:
     name = "torch"
 
-    def combine(self, params, grads, offsets, x_hist, g_hist, coefs, lr, count,
-                weight_decay, maximize, gram, cache, *, grad_scale=None, found_inf=None,
-                sr_seed=None) -> None:
+    def combine(self, args: CombineArgs, cache: dict) -> None:
+        params, grads, offsets, coefs, count = args.params, args.grads, args.offsets, args.coefs, args.count
+        x_hist, g_hist, gram, sr_seed = args.x_hist, args.g_hist, args.gram, args.sr_seed
         k = coefs.numel()
         dtype = params[0].dtype if params else x_hist.dtype
         cd = compute_dtype(dtype)
@@ -250,15 +244,15 @@ class TorchBackend:
         cx = _columns(params, offsets, x_hist, cache)
         sp = _splits(params, offsets, x_hist, cache)
         x = _flat(params, cd, device, cache, "x", sp)
-        lr_c, a0 = lr.to(cd), coefs[0].to(cd)
+        lr_c, a0 = args.lr.to(cd), coefs[0].to(cd)
         new = _buffer(cache, "new", x.numel(), cd, device)
         torch.mul(x, a0, out=new)
         if k > 1:  # + sum over the stored iterates, weighted per slot
             new.addmv_(_read(x_hist, cx, cd).t(), _slot_weights(coefs, count, k - 1, 1, cd))
         step = _buffer(cache, "step", x.numel(), cd, device)
-        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache, x, sp,
-                            _inv_scale(grad_scale, cd))
-        skip = _skip(found_inf)
+        g = _effective_grad(params, grads, args.weight_decay, args.maximize, cd, device, cache, x, sp,
+                            _inv_scale(args.grad_scale, cd))
+        skip = _skip(args.found_inf)
         gh = _read(g_hist, cx, cd) if k > 1 else None
         torch.mul(g, a0, out=step)
         if k > 1:
@@ -283,8 +277,9 @@ class TorchBackend:
             new = rounding.stochastic_round(new, cx, sr_seed, count, rounding.STREAM_PARAM, dtype)
         _scatter_back(params, new if dtype == cd else new.to(dtype), sp)
 
-    def gram_row(self, params, grads, offsets, g_hist, count, weight_decay, maximize,
-                 out, cache, store=True, *, grad_scale=None, found_inf=None) -> None:
+    def gram_row(self, args: GramArgs, cache: dict) -> None:
+        params, grads, offsets, g_hist, count, store = (args.params, args.grads, args.offsets, args.g_hist,
+                                                         args.count, args.store)
         slots = g_hist.shape[0]
         if store and slots < 1:
             raise ValueError("gram_row with store=True needs a g ring with at least one slot")
@@ -292,18 +287,19 @@ class TorchBackend:
         device = g_hist.device
         cd = compute_dtype(g_hist.dtype)
         cols = _columns(grads, offsets, g_hist, cache)
-        g = _effective_grad(params, grads, weight_decay, maximize, cd, device, cache,
+        g = _effective_grad(params, grads, args.weight_decay, args.maximize, cd, device, cache,
                             splits=_splits(grads, offsets, g_hist, cache),
-                            inv_scale=_inv_scale(grad_scale, cd))
+                            inv_scale=_inv_scale(args.grad_scale, cd))
         row = [_dot64(g, g, cache).view(1)]
         if k > 1:
             by_age = _age_slots(count, torch.arange(1, k, device=device), slots)
             row.append(_slot_dots(g, _read(g_hist, cols, cd), cache).index_select(0, by_age))
-        out.copy_(torch.cat(row))
+        args.out.copy_(torch.cat(row))
         if store:
-            _write_slot(g_hist, cols, torch.remainder(count, slots), g, _skip(found_inf))
+            _write_slot(g_hist, cols, torch.remainder(count, slots), g, _skip(args.found_inf))
 
-    def rna_record(self, sources, offsets, window, count, out, cache) -> None:
+    def rna_record(self, args: RecordArgs, cache: dict) -> None:
+        sources, offsets, window, count, out = args.sources, args.offsets, args.window, args.count, args.out
         slots = window.shape[0]
         device = window.device
         cd = compute_dtype(window.dtype)
@@ -325,7 +321,8 @@ class TorchBackend:
             out.copy_(torch.stack(dots))
         _write_slot(window, cols, torch.remainder(count, slots), y0)
 
-    def rna_extrapolate(self, window, offsets, count, coefs, outs, cache) -> None:
+    def rna_extrapolate(self, args: ExtrapArgs, cache: dict) -> None:
+        window, offsets, count, coefs, outs = args.window, args.offsets, args.count, args.coefs, args.outs
         slots = window.shape[0]
         m = coefs.numel()
         cd = compute_dtype(window.dtype)

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Sequence
 
 import torch
-from torch import Tensor
 
-from .base import SUPPORTED_DTYPES
+from .base import SUPPORTED_DTYPES, CombineArgs, ExtrapArgs, GramArgs, RecordArgs
 
 try:
     from interpolatron.triton_kernels import combine as _combine
-    from interpolatron.triton_kernels import gram as _gram
+    from interpolatron.triton_kernels import gram_row as _gram_row
     from interpolatron.triton_kernels import rna as _rna
 except ImportError as exc:  # triton missing (or broken): reported by unavailable_reason
     _IMPORT_ERROR: ImportError | None = exc
@@ -58,33 +56,21 @@ def _on(device: torch.device):
 class TritonBackend:
     name = "triton"
 
-    def combine(self, params: Sequence[Tensor], grads: Sequence[Tensor],
-                offsets: Sequence[int], x_hist: Tensor, g_hist: Tensor, coefs: Tensor, lr: Tensor,
-                count: Tensor, weight_decay: float, maximize: bool, gram: Tensor | None,
-                cache: dict, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                sr_seed: int | None = None) -> None:
-        with _on(x_hist.device):
-            _combine.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count,
-                             weight_decay, maximize, gram, cache, grad_scale=grad_scale, found_inf=found_inf,
-                             sr_seed=sr_seed)
+    def combine(self, args: CombineArgs, cache: dict) -> None:
+        with _on(args.x_hist.device):
+            _combine.combine(args, cache)
 
-    def gram_row(self, params: Sequence[Tensor], grads: Sequence[Tensor], offsets: Sequence[int],
-                 g_hist: Tensor, count: Tensor, weight_decay: float, maximize: bool, out: Tensor,
-                 cache: dict, store: bool = True, *, grad_scale: Tensor | None = None,
-                 found_inf: Tensor | None = None) -> None:
-        with _on(g_hist.device):
-            _gram.gram_row(params, grads, offsets, g_hist, count, weight_decay, maximize, out, cache, store,
-                           grad_scale=grad_scale, found_inf=found_inf)
+    def gram_row(self, args: GramArgs, cache: dict) -> None:
+        with _on(args.g_hist.device):
+            _gram_row.gram_row(args, cache)
 
-    def rna_record(self, sources: Sequence[Tensor], offsets: Sequence[int], window: Tensor,
-                   count: Tensor, out: Tensor | None, cache: dict) -> None:
-        with _on(window.device):
-            _rna.rna_record(sources, offsets, window, count, out, cache)
+    def rna_record(self, args: RecordArgs, cache: dict) -> None:
+        with _on(args.window.device):
+            _rna.rna_record(args, cache)
 
-    def rna_extrapolate(self, window: Tensor, offsets: Sequence[int], count: Tensor, coefs: Tensor,
-                        outs: Sequence[Tensor], cache: dict) -> None:
-        with _on(window.device):
-            _rna.rna_extrapolate(window, offsets, count, coefs, outs, cache)
+    def rna_extrapolate(self, args: ExtrapArgs, cache: dict) -> None:
+        with _on(args.window.device):
+            _rna.rna_extrapolate(args, cache)
 
 
 BACKEND = TritonBackend()

@@ -1,36 +1,24 @@
-"""What Interpolatron and Anderson share: parameter buckets with flat ring
-histories, input validation, backend resolution and checkpointing.
-
-A bucket holds the parameters of one param group on one device with one dtype
-that have state. Its rings are two flat buffers; each parameter's state holds
-*views* into them (``state[p]["x_hist"]`` has shape ``(S, *p.shape)``), so
-``state_dict()`` looks like any ``torch.optim`` state and ``load_state_dict``
-can rebuild the buckets from it.
+"""What Interpolatron and Anderson share: settings and their checks, the step
+scaffold, checkpoints and copies. The bucket plan (:mod:`._buckets`), the
+master-weight swap (:mod:`._master`), GradScaler's inputs (:mod:`._amp`) and
+the reduction keys (:class:`~interpolatron.sharding.ReductionKeys`) live in
+their own modules; this class wires them into one ``step``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import ops
-from ..backends import BACKEND_NAMES, canonical_name, layout, resolve
-from ..layout import padded_offsets
-from ..sharding import (
-    as_history,
-    check_grad_layout,
-    group_key,
-    history_placements,
-    is_dtensor,
-    local,
-    reduction_key,
-)
+from ..backends import BACKEND_NAMES, canonical_name, resolve
+from ..sharding import ReductionKeys, check_grad_layout, is_dtensor, reduction_key
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
-from ._checkpoint import plan_load
+from ._buckets import BucketPlan, PlanRules, Work
+from ._checkpoint import CheckpointSpec, plan_load
 from ._checks import (
     LATER_GROUP_KEYS,
     check_grad,
@@ -40,115 +28,9 @@ from ._checks import (
     check_real,
     check_rounding,
 )
+from ._master import Swapped, enter_master, exit_master, state_dtype
 
-__all__ = ["Bucket", "BucketedOptimizer", "Work", "check_grad", "check_param"]
-
-# (group index, device, dtype, reduction key): the reduction key (the process
-# groups that hold the other shards, () for none) keeps parameters whose dot
-# products are summed over different groups in different buckets.
-BucketKey = tuple[int, torch.device, torch.dtype, tuple]
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-# Columns per chunk when a skipped parameter's ring entries move one slot on.
-ROTATE_CHUNK = 1 << 16
-
-
-class Bucket:
-    """The parameters of one (group, device, dtype, reduction) and their flat
-    history. The rings hold each member's local shard (the whole tensor when
-    it is not sharded); ``members`` are the optimizer's parameters themselves."""
-
-    def __init__(self, key: BucketKey, backend, members: list[Tensor], x_slots: int, g_slots: int,
-                 count: Tensor, coef_len: int):
-        device, dtype = key[1], key[2]
-        self.key = key
-        self.reduction = key[3] if len(key) > 3 else ()
-        self.backend = backend
-        self.members = members
-        self.device = device
-        self.sharded = any(is_dtensor(p) for p in members)
-        # Each member's columns start on a 128-byte boundary (aligned vector accesses).
-        self.offsets, self.numel = padded_offsets([local(p).numel() for p in members], dtype.itemsize)
-        self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
-        self.x_hist = torch.zeros(x_slots, self.numel, dtype=dtype, device=device)
-        self.g_hist = torch.zeros(g_slots, self.numel, dtype=dtype, device=device)
-        self.count = count
-        self.coefs = torch.zeros(coef_len, dtype=torch.float64, device=device)
-        self.coefs_seen: tuple | None = None
-        self.gram = torch.zeros(coef_len, dtype=torch.float64, device=device)
-        # The backend's private cache (pointer tables, work buffers), by handle:
-        # a dict cannot cross a custom op's boundary.
-        self.cache = ops.new_cache(self)
-
-    def rotate(self, p: Tensor, skip: Tensor | None = None) -> None:
-        """Move ``p``'s ring entries one slot on (slot ``s`` takes slot ``s - 1``'s
-        entry, slot 0 the last's), column chunk by column chunk: the only
-        temporary is one chunk, whatever the parameter's size. ``skip`` (a
-        device bool, GradScaler's skipped step): the entries stay where they are."""
-        off, n = self.offset_of[id(p)], local(p).numel()
-        for ring in (self.x_hist, self.g_hist):
-            slots = ring.shape[0]
-            if slots < 2:
-                continue
-            for start in range(off, off + n, ROTATE_CHUNK):
-                cols = ring[:, start:min(start + ROTATE_CHUNK, off + n)]
-                if skip is not None:
-                    cols.copy_(torch.where(skip, cols, cols.roll(1, 0)))
-                    continue
-                last = cols[slots - 1].clone()
-                for s in range(slots - 1, 0, -1):
-                    cols[s].copy_(cols[s - 1])
-                cols[0].copy_(last)
-
-    def views(self, p: Tensor) -> tuple[Tensor, Tensor]:
-        """The ring slots of ``p``'s local shard (``p`` itself when it is not
-        sharded) as ``(S, *local_shape)``, each slot strided like the shard (a
-        dense non-contiguous tensor keeps its columns in storage order)."""
-        off, t = self.offset_of[id(p)], local(p)
-        n = t.numel()
-        order = layout.dim_order(t)
-        return (layout.ring_view(self.x_hist[:, off:off + n], t, order),
-                layout.ring_view(self.g_hist[:, off:off + n], t, order))
-
-
-class Work:
-    """One bucket's share of a step: the members that have a gradient now
-    (``keys``, the optimizer's parameters) and those that have none (``idle``:
-    their rings are rotated to stay aligned). ``params`` and ``grads`` are the
-    local shards the backends work on (``keys`` and their gradients when the
-    bucket is not sharded). It is kept between steps while the set does not
-    change, so that a compiled step guards on one object."""
-
-    __slots__ = ("bucket", "group", "keys", "params", "offsets", "idle")
-
-    def __init__(self, bucket: Bucket, group: dict, keys: list[Tensor], idle: list[Tensor]):
-        self.bucket, self.group, self.keys, self.idle = bucket, group, keys, idle
-        # A DTensor's local tensor is a fixed attribute: the list stays valid.
-        self.params = [local(p) for p in keys] if bucket.sharded else keys
-        self.offsets = [bucket.offset_of[id(p)] for p in keys]
-
-    @property
-    def grads(self) -> list[Tensor]:
-        if self.bucket.sharded:
-            return [local(p.grad) for p in self.keys]
-        return [p.grad for p in self.params]
-
-
-def _local_history(saved: Tensor, p: Tensor) -> Tensor:
-    """The local rows of a saved history for ``p``'s shard: a DTensor is first
-    laid out like ``p`` (a checkpoint may come from another layout); a plain
-    tensor saved unsharded is split like ``p``."""
-    if not is_dtensor(p):
-        return local(saved) if not is_dtensor(saved) else saved.full_tensor()
-    from torch.distributed.tensor import distribute_tensor
-
-    target = history_placements(p)
-    if is_dtensor(saved):
-        if saved.device_mesh != p.device_mesh or tuple(saved.placements) != tuple(target):
-            saved = saved.redistribute(p.device_mesh, target)
-        return saved.to_local()
-    return distribute_tensor(saved, p.device_mesh, target).to_local()
+__all__ = ["BucketedOptimizer", "scheduler_ready"]
 
 
 def scheduler_ready(step):
@@ -163,8 +45,9 @@ def scheduler_ready(step):
 
 
 class BucketedOptimizer(Optimizer):
-    """Base of the ring-history optimizers. Subclasses set the ring sizes and
-    the step; this class owns buckets, validation and checkpoints.
+    """Base of the ring-history optimizers. A subclass gives its ring sizes,
+    its settings' checks and its device work (:meth:`_step_buckets`); this
+    class owns the step's skeleton, validation and checkpoints.
 
     What is checked when (no check reads a device value inside ``step``, so a
     step never waits for the device):
@@ -193,63 +76,36 @@ class BucketedOptimizer(Optimizer):
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
         self.process_group = process_group
-        # id(p) -> (p, its reduction key): computed once per parameter (placements
-        # do not change), not per parameter per step.
-        self._reduction_of: dict[int, tuple[Tensor, tuple]] = {}
-        self._has_dtensors = False  # else every parameter's key is the process group's (the fast path)
-        self._buckets: dict[BucketKey, Bucket] = {}
+        self._keys = ReductionKeys(process_group)
+        self._plan = BucketPlan()
+        # The host setup of the last step holds for the next (a compiled step
+        # may skip it). A flag on the optimizer itself, not on the plan: Dynamo
+        # runs _init_group eagerly and reads the optimizer's attributes after
+        # it, while a flag on another object is guarded at its value before
+        # that run, which recompiled the second compiled step (test_compile_misc).
+        self._settled = False
         # The settings a saved param group must carry (not what torch adds later).
         self._hyperparameter_keys = tuple(defaults)
         self._lr_checked: dict[int, Tensor] = {}  # group index -> the tensor lr last validated
         self._stale_warm: list[StaleWarmStart] = []
         self._amp = NO_AMP
-        self._plan: list[Work] = []
-        self._plan_key: tuple | None = None
-        self._has_grad: list[list[bool]] = []
-        self._settled = False
         super().__init__(params, defaults)
 
-    def _reduction(self, p: Tensor) -> tuple:
-        """The process groups ``p``'s dot products are summed over (cached)."""
-        if not getattr(self, "_has_dtensors", True):
-            return self._plain_reduction()
-        cache = self.__dict__.get("_reduction_of")
-        if cache is None:
-            cache = self._reduction_of = {}
-        entry = cache.get(id(p))
-        if entry is None or entry[0] is not p:
-            entry = cache[id(p)] = (p, reduction_key(p, getattr(self, "process_group", None)))
-        return entry[1]
-
-    def _plain_reduction(self) -> tuple:
-        key = self.__dict__.get("_plain_key")
-        if key is None:
-            key = self._plain_key = group_key(getattr(self, "process_group", None))
-        return key
-
     def _reductions(self) -> list[tuple]:
-        """Every reduction key of this optimizer's parameters, in parameter order
-        (the same on every rank: collectives are issued in this order), plus the
-        ``process_group``'s own (a ZeRO rank may own no parameter, yet it must
-        join the sum)."""
-        if not getattr(self, "_has_dtensors", True):
-            plain = self._plain_reduction()
-            return [plain] if plain else []
-        params = tuple(id(p) for g in self.param_groups for p in g["params"])
-        cached = self.__dict__.get("_reduction_list")
-        if cached is None or cached[0] != params:
-            keys = [self._reduction(p) for g in self.param_groups for p in g["params"]]
-            group = getattr(self, "process_group", None)
-            if group is not None:
-                keys.append(group_key(group))
-            cached = self._reduction_list = (params, [k for k in dict.fromkeys(keys) if k])
-        return cached[1]
+        """Every reduction key of this optimizer's parameters, in an order all ranks share."""
+        return self._keys.all(self.param_groups)
 
     # -- subclass hooks -------------------------------------------------
     def _ring_slots(self, group: dict) -> tuple[int, int]:
         raise NotImplementedError
 
     def _coef_len(self, group: dict) -> int:
+        raise NotImplementedError
+
+    def _step_buckets(self, work: list[Work], amp: AmpStep) -> None:
+        """The algorithm's device work of one step on the buckets in ``work``
+        (after the host setup; 16-bit parameters with master copies are their
+        float32 masters here). The step count advances afterwards."""
         raise NotImplementedError
 
     def _validate_group(self, group: dict, read_lr: bool = True) -> None:
@@ -264,11 +120,6 @@ class BucketedOptimizer(Optimizer):
         if group["stochastic_rounding"] and getattr(self, "master_weights", False):
             raise ValueError("stochastic_rounding and master_weights exclude each other: a master copy "
                              "keeps the small updates already (its 16-bit parameter is rounded to nearest)")
-
-    @staticmethod
-    def _sr_seed(group: dict) -> int | None:
-        """The seed ``combine`` rounds this group's 16-bit writes with (None: to nearest)."""
-        return group["sr_seed"] if group["stochastic_rounding"] else None
 
     def _validate_groups(self, groups: list[dict]) -> None:
         """Rules across groups (Anderson's optimizer-wide settings)."""
@@ -285,16 +136,21 @@ class BucketedOptimizer(Optimizer):
         """The groups' settings still fit the histories that exist."""
         for gi, group in enumerate(self.param_groups):
             slots = self._ring_slots(group)
-            for (bgi, *_), b in self._buckets.items():
+            for (bgi, *_), b in self._plan.buckets.items():
                 if bgi == gi and (b.x_hist.shape[0], b.g_hist.shape[0]) != slots:
                     raise ValueError(f"param group {gi}: the number of steps k cannot change once the "
                                      f"history exists; build a new optimizer instead")
-            if not any(key[0] == gi for key in self._buckets):  # loaded, no step yet
+            if not any(key[0] == gi for key in self._plan.buckets):  # loaded, no step yet
                 for p in group["params"]:
                     st = self.state.get(p)
                     if st and "x_hist" in st and (st["x_hist"].shape[0], st["g_hist"].shape[0]) != slots:
                         raise ValueError(f"param group {gi}: the number of steps k cannot change once "
                                          f"the history exists; build a new optimizer instead")
+
+    @staticmethod
+    def _sr_seed(group: dict) -> int | None:
+        """The seed ``combine`` rounds this group's 16-bit writes with (None: to nearest)."""
+        return group["sr_seed"] if group["stochastic_rounding"] else None
 
     # -- param groups ---------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -314,7 +170,7 @@ class BucketedOptimizer(Optimizer):
                 check_param(p)
                 if is_dtensor(p):
                     reduction_key(p)  # a Partial placement fails now
-                    self._has_dtensors = True
+                    self._keys.has_dtensors = True
                 resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
             self._validate_group(group)
             self._validate_groups(self.param_groups)
@@ -322,13 +178,20 @@ class BucketedOptimizer(Optimizer):
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
         self._tensor_lr(group)
-        self._plan_key = None
+        self._plan.key = None
         if isinstance(group["lr"], Tensor):
             self._lr_checked[len(self.param_groups) - 1] = group["lr"]
 
+    def validate_step(self) -> None:
+        """Check everything a step needs (settings, gradients, that k has not
+        changed) without writing anything: raises what :meth:`step` would
+        raise before it writes. A wrapper that must not act on a step the
+        optimizer will refuse (RNA's gradient record) calls this first."""
+        self._check_step()
+
     def _check_step(self) -> None:
         """Everything a step needs, before it writes anything."""
-        has_dtensors = getattr(self, "_has_dtensors", True)
+        has_dtensors = self._keys.has_dtensors
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             try:
@@ -345,69 +208,63 @@ class BucketedOptimizer(Optimizer):
         self._validate_groups(self.param_groups)
         self._check_k_unchanged()
 
-    # -- 16-bit parameters: float32 master weights --------------------------
-    def _state_dtype(self, p: Tensor) -> torch.dtype:
-        """The dtype of ``p``'s rings (float32 for a 16-bit parameter with a master copy)."""
-        return torch.float32 if self.master_weights and p.dtype in LOW_PRECISION else p.dtype
-
-    def _enter_master(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
-        """For the step, a 16-bit parameter with a master copy *is* its float32
-        master (``p.data`` swapped) with a float32 copy of its gradient, so every
-        backend runs the float32 math on float32 rings unchanged. Returns what
-        :meth:`_exit_master` puts back."""
-        swapped: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        if not self.master_weights:
-            return swapped
-        if torch.compiler.is_compiling():
-            # The swap rebinds parameters' storage (p.data), which a compiled
-            # graph cannot express; refuse instead of training something else.
-            raise NotImplementedError("master_weights=True is not supported inside torch.compile: "
-                                      "step this optimizer eagerly")
-        fresh: list[tuple[Tensor, Tensor]] = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dtype not in LOW_PRECISION:
-                    continue
-                master = self.state[p].get("master") if p in self.state else None
-                if master is None:
-                    if p.grad is None:
-                        continue
-                    master = self.state[p]["master"] = torch.empty_like(p, dtype=torch.float32)
-                    fresh.append((master, p.detach()))
-                swapped.append((p, master, p.grad))
-        # One multi-tensor copy per direction: per-tensor casting copies measured
-        # 20-50x slower on the CPU (ResNet-50 x 0.25, bf16: 229 ms against 4.6 ms).
-        if fresh:
-            torch._foreach_copy_([m for m, _ in fresh], [v for _, v in fresh])
-        with_grad = [(p, g) for p, _, g in swapped if g is not None]
-        grads32 = [torch.empty_like(g, dtype=torch.float32) for _, g in with_grad]
-        if grads32:
-            torch._foreach_copy_(grads32, [g for _, g in with_grad])
-        up = {id(p): g32 for (p, _), g32 in zip(with_grad, grads32)}
-        out = []
-        for p, master, grad in swapped:
-            low = p.data
-            p.data = master
-            if grad is not None:
-                p.grad = up[id(p)]
-            out.append((p, low, grad))
-        return out
+    @staticmethod
+    def _tensor_lr(group: dict) -> None:
+        """Keep the group's (validated) learning rate in a 0-dim float64 tensor on
+        its parameters' device: the kernels read it from memory, schedulers
+        update it in place (``fill_``), and a compiled step reads it as an input
+        instead of specialising on (and recompiling for) every float value."""
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float64, device=device)
 
     @staticmethod
-    def _exit_master(swapped: list[tuple[Tensor, Tensor, Tensor | None]]) -> None:
-        """Put the 16-bit parameters back, each the rounded (nearest-even) master."""
-        lows, masters = [], []
-        for p, low, grad in swapped:
-            masters.append(p.data)
-            lows.append(low)
-            p.data = low
-            p.grad = grad
-        if lows:
-            torch._foreach_copy_(lows, masters)
+    def _lr(w: Work) -> Tensor:
+        """The group's lr on the bucket's device (a device copy if elsewhere; no state write)."""
+        lr = w.group["lr"]
+        if not isinstance(lr, Tensor):  # a float assigned between compiled steps
+            return torch.full((), lr, dtype=torch.float64, device=w.bucket.device)
+        lr = lr.detach().reshape(())
+        return lr if lr.device == w.bucket.device else lr.to(w.bucket.device)
 
-    # -- buckets --------------------------------------------------------
     def _group_index(self) -> dict[int, tuple[int, int]]:
         return {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
+
+    # -- the step ---------------------------------------------------------
+    @scheduler_ready
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None):
+        """One step. ``closure`` re-evaluates the loss (optional).
+
+        ``grad_scale`` / ``found_inf``: GradScaler's fused contract (it passes
+        them itself, as optimizer attributes): the gradients are divided by
+        ``grad_scale``, and a nonzero ``found_inf`` skips the step on the device
+        (nothing is written, the step count stays).
+
+        The skeleton every algorithm shares; its own device work is
+        :meth:`_step_buckets`. Plain method calls only: under ``torch.compile``
+        a training step that calls ``opt.step()`` traces into one frame."""
+        loss = self._closure_loss(closure)
+        amp = self._begin_step(grad_scale, found_inf)
+        swapped = self._enter_master()
+        try:
+            self._setup()
+            work = self._plan.rotate_idle(amp)
+            self._step_buckets(work, amp)
+            self._advance(work, amp)
+        finally:
+            self._end_step(swapped)
+        return loss
+
+    @staticmethod
+    def _closure_loss(closure):
+        """The loss of ``closure`` evaluated with gradients on (``step`` runs under no_grad)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _amp_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> AmpStep:
         """GradScaler's inputs of this step: the keyword arguments, else the
@@ -430,55 +287,13 @@ class BucketedOptimizer(Optimizer):
         self._amp = amp
         return amp
 
-    def _end_step(self, swapped: list) -> None:
+    def _enter_master(self) -> Swapped:
+        """With master weights, 16-bit parameters become their float32 masters for the step."""
+        return enter_master(self.param_groups, self.state) if self.master_weights else []
+
+    def _end_step(self, swapped: Swapped) -> None:
         self._amp = NO_AMP
-        self._exit_master(swapped)
-
-    def _refresh_stale_warm_starts(self, amp: AmpStep) -> None:
-        """Refill the g rings warm-started in steps that were (maybe) skipped
-        from this step's gradient, where the device flag says so."""
-        if not self._stale_warm:
-            return
-        where = {id(p): g for g in self.param_groups for p in g["params"]}
-        kept = []
-        for entry in self._stale_warm:
-            p = entry.param
-            if entry.cleared():
-                continue
-            kept.append(entry)
-            st = self.state.get(p, {})
-            if p.grad is None or "g_hist" not in st or st["g_hist"].shape[0] == 0:
-                continue
-            gv = st["g_hist"]
-            fresh = torch.empty_like(gv[0])
-            self._effective_grad_into(fresh, p, where[id(p)], amp)
-            gv.copy_(torch.where(entry.stale, fresh.unsqueeze(0).expand_as(gv), gv))
-            entry.update(amp.skip(p.device))
-        self._stale_warm = kept
-        if kept:
-            # A ring may have changed: what was derived from the rings (Anderson's
-            # kept Gram matrix) is recomputed, as after a change of members.
-            self._membership_changed = True
-
-    @staticmethod
-    def _tensor_lr(group: dict) -> None:
-        """Keep the group's (validated) learning rate in a 0-dim float64 tensor on
-        its parameters' device: the kernels read it from memory, schedulers
-        update it in place (``fill_``), and a compiled step reads it as an input
-        instead of specialising on (and recompiling for) every float value."""
-        lr = group["lr"]
-        if not isinstance(lr, Tensor):
-            device = group["params"][0].device if group["params"] else torch.device("cpu")
-            group["lr"] = torch.tensor(float(lr), dtype=torch.float64, device=device)
-
-    @staticmethod
-    def _lr(w: Work) -> Tensor:
-        """The group's lr on the bucket's device (a device copy if elsewhere; no state write)."""
-        lr = w.group["lr"]
-        if not isinstance(lr, Tensor):  # a float assigned between compiled steps
-            return torch.full((), lr, dtype=torch.float64, device=w.bucket.device)
-        lr = lr.detach().reshape(())
-        return lr if lr.device == w.bucket.device else lr.to(w.bucket.device)
+        exit_master(swapped)
 
     def _init_group(self) -> None:
         """Host-side setup of a step: every check (:meth:`_check_step`, before
@@ -498,41 +313,11 @@ class BucketedOptimizer(Optimizer):
             if not isinstance(group["lr"], Tensor):  # a float assigned since: validated above
                 self._tensor_lr(group)
                 self._lr_checked[gi] = group["lr"]
-        wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
-        plain = None if getattr(self, "_has_dtensors", True) else self._plain_reduction()
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None:
-                    wanted[(gi, p.device, p.dtype, self._reduction(p) if plain is None else plain)].append(p)
-        if torch.compiler.is_compiling():
-            for key, active in wanted.items():
-                bucket = self._buckets.get(key)
-                if bucket is not None and len(active) < len(bucket.members):
-                    raise NotImplementedError(
-                        "interpolatron under torch.compile: every parameter that has a history must "
-                        "have a gradient at every step (this one has none for some); step this "
-                        "optimizer eagerly for such steps")
-        self._membership_changed = False
-        plan_key = []
-        for key, active in wanted.items():
-            group = self.param_groups[key[0]]
-            bucket = self._buckets.get(key)
-            if bucket is None or any(id(p) not in bucket.offset_of for p in active):
-                bucket = self._rebuild(key, group, active, bucket)
-            if len(active) != len(bucket.members):
-                self._membership_changed = True
-            plan_key.append((id(bucket), tuple(id(p) for p in active)))
-        plan_key = tuple(plan_key)
-        if plan_key != self._plan_key:  # the same objects while nothing changes (compile guards)
-            plan = []
-            for key, active in wanted.items():
-                bucket = self._buckets[key]
-                have = {id(p) for p in active}
-                plan.append(Work(bucket, self.param_groups[key[0]], active,
-                                 [p for p in bucket.members if id(p) not in have]))
-            self._plan, self._plan_key = plan, plan_key
-        self._has_grad = [[p.grad is not None for p in g["params"]] for g in self.param_groups]
-        self._refresh_stale_warm_starts(self._amp)
+        rules = PlanRules(self.backend, self._ring_slots, self._coef_len, self._keys.of,
+                          None if self._keys.has_dtensors else self._keys.plain())
+        self._plan.update(self.param_groups, self.state, rules, self._amp, self._stale_warm)
+        self._stale_warm = self._plan.refresh_stale_warm_starts(self.param_groups, self.state, self._amp,
+                                                                self._stale_warm)
 
     def _setup(self) -> None:
         """:meth:`_init_group`, except in a compiled step that changes nothing.
@@ -543,113 +328,15 @@ class BucketedOptimizer(Optimizer):
         then compiles into one graph once the optimizer has taken a step (its
         first step must see real gradients: it builds the state)."""
         if torch.compiler.is_compiling():
-            if self._ready():
+            if self._settled and self._plan.ready(self.param_groups):
                 return
             self._init_group()
             # A traced attribute write: applied once the compiled step has run.
-            # Until then _ready() stays False, so that a restarted analysis
+            # Until then ready() stays False, so that a restarted analysis
             # (Dynamo retraces after some passes) takes the same path.
             self._settled = True
             return
         self._init_group()
-
-    def _ready(self) -> bool:
-        if not self._settled:
-            return False
-        if self._plan_key is None or len(self._has_grad) != len(self.param_groups):
-            return False
-        for group, expect in zip(self.param_groups, self._has_grad):
-            if not isinstance(group["lr"], Tensor) or len(expect) != len(group["params"]):
-                return False
-            for p, e in zip(group["params"], expect):
-                if (p.grad is not None) != e:
-                    return False
-        return True
-
-    def _prepare(self, amp: AmpStep = NO_AMP) -> list[Work]:
-        """The work of this step after :meth:`_init_group` (which also refills warm
-        starts made in skipped steps); rotates the rings of members without a
-        gradient (device work, so it is traced; a skipped step rotates nothing)."""
-        for w in self._plan:
-            for p in w.idle:  # no gradient: keep its history aligned with the ring
-                w.bucket.rotate(p, amp.skip(w.bucket.device))
-        return self._plan
-
-    def _rebuild(self, key: BucketKey, group: dict, active: list[Tensor], old: Bucket | None) -> Bucket:
-        order = self._group_index()
-        present = {id(p): p for p in (old.members if old else [])}
-        if old is None:
-            # After load_state_dict every parameter with a saved history is a
-            # member again (as it was when saved), gradient or not: its ring
-            # stays aligned and the saved Gram stays valid.
-            device, dtype = key[1], key[2]
-            for p in group["params"]:
-                st = self.state.get(p)
-                if (st and "x_hist" in st and p.device == device and p.dtype == dtype
-                        and self._reduction(p) == key[3]):
-                    present[id(p)] = p
-        present.update({id(p): p for p in active})
-        # A new member (a first gradient) changes the optimizer's x; a bucket
-        # rebuilt from a checkpoint with exactly its saved members does not.
-        if old is not None or any("x_hist" not in self.state.get(p, {}) for p in present.values()):
-            self._membership_changed = True
-        members = sorted(present.values(), key=lambda p: order[id(p)])
-        x_slots, g_slots = self._ring_slots(group)
-        device = key[1]
-        if old is not None:
-            count = old.count
-        else:
-            loaded = [self.state[p]["step"] for p in members if "step" in self.state[p]]
-            count = (loaded[0].to(device=device, dtype=torch.int64).clone() if loaded
-                     else torch.zeros((), dtype=torch.int64, device=device))
-        bucket = Bucket(key, resolve(self.backend, device, key[2]), members, x_slots, g_slots,
-                        count, self._coef_len(group))
-        for p in members:
-            st = self.state[p]
-            xv, gv = bucket.views(p)
-            if "x_hist" in st:
-                xv.copy_(_local_history(st["x_hist"], p))
-                gv.copy_(_local_history(st["g_hist"], p))
-            else:  # warm start: every missing slot holds x^(0), g^(0)
-                self._warm_start(p, group, xv, gv, self._amp)
-                if self._amp.may_skip and gv.shape[0]:
-                    self._stale_warm.append(StaleWarmStart(p, self._amp.skip(device)))
-            st["step"], st["x_hist"], st["g_hist"] = count, as_history(xv, p), as_history(gv, p)
-        self._buckets[key] = bucket
-        return bucket
-
-    @staticmethod
-    def _effective_grad_into(out: Tensor, p: Tensor, group: dict, amp: AmpStep) -> None:
-        """``out = sign * grad / grad_scale + weight_decay * p`` (as the kernels form it)."""
-        out.copy_(local(p.grad))
-        inv = amp.inv_scale(p.device, torch.float32 if out.dtype != torch.float64 else torch.float64)
-        if inv is not None:
-            out.mul_(inv)
-        if group["maximize"]:
-            out.neg_()
-        if group["weight_decay"] != 0:
-            out.add_(local(p).detach(), alpha=group["weight_decay"])
-
-    @classmethod
-    def _warm_start(cls, p: Tensor, group: dict, xv: Tensor, gv: Tensor, amp: AmpStep = NO_AMP) -> None:
-        """Fill every slot with ``x^(0)`` and the effective ``g^(0)``, computed
-        in place in the first slot (no parameter-sized temporary)."""
-        x = local(p).detach()
-        if xv.shape[0]:
-            xv.copy_(x.unsqueeze(0).expand_as(xv))
-        if gv.shape[0]:
-            first = gv[0]
-            cls._effective_grad_into(first, p, group, amp)
-            if gv.shape[0] > 1:
-                gv[1:].copy_(first.unsqueeze(0).expand_as(gv[1:]))
-
-    @staticmethod
-    def _closure_loss(closure):
-        """The loss of ``closure`` evaluated with gradients on (``step`` runs under no_grad)."""
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
 
     @staticmethod
     def _advance(work: list[Work], amp: AmpStep = NO_AMP) -> None:
@@ -674,6 +361,16 @@ class BucketedOptimizer(Optimizer):
         sd["interpolatron"] = self._config()
         return sd
 
+    def _checkpoint_spec(self) -> CheckpointSpec:
+        """What :func:`~interpolatron.optim._checkpoint.plan_load` validates a state_dict against."""
+        master = self.master_weights
+        return CheckpointSpec(
+            algorithm=self._algorithm, param_groups=self.param_groups,
+            hyperparameter_keys=self._hyperparameter_keys, ring_slots=self._ring_slots,
+            state_dtype=lambda p: state_dtype(p, master), extra_state_keys=self._extra_state_keys,
+            validate_group=self._validate_group, validate_groups=self._validate_groups,
+            plan_extra_state=self._plan_extra_state)
+
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict after validating all of it (see
@@ -686,7 +383,7 @@ class BucketedOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        groups, state = plan_load(self, state_dict)
+        groups, state = plan_load(self._checkpoint_spec(), state_dict)
         # Nothing above wrote to the optimizer; now swap the new state in.
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
         self._forget_buckets()  # rebuilt at the next step from the per-parameter state
@@ -700,16 +397,15 @@ class BucketedOptimizer(Optimizer):
         pass
 
     def _forget_buckets(self) -> None:
-        self._buckets = {}
-        self._plan, self._plan_key, self._has_grad = [], None, []
+        self._plan = BucketPlan()
         self._settled = False
 
     # -- copies (copy.deepcopy, pickle) ---------------------------------
     # torch's Optimizer.__getstate__ keeps defaults, state and param_groups
-    # only: keep this optimizer's own settings too, but not the buckets (their
-    # rings are rebuilt from the per-parameter state, whose views the copy
-    # holds, at the next step) nor the step hooks.
-    _TRANSIENT = ("_buckets", "_plan", "_plan_key", "_has_grad", "_settled")
+    # only: keep this optimizer's own settings too, but not the bucket plan
+    # (its rings are rebuilt from the per-parameter state, whose views the
+    # copy holds, at the next step) nor the step hooks.
+    _TRANSIENT = ("_plan", "_settled")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -726,4 +422,4 @@ class BucketedOptimizer(Optimizer):
     def backends_in_use(self) -> dict[str, str]:
         """Which backend serves each bucket (after the first step)."""
         return {f"group{gi}/{dev}/{str(dt).removeprefix('torch.')}": b.backend.name
-                for (gi, dev, dt, *_), b in self._buckets.items()}
+                for (gi, dev, dt, *_), b in self._plan.buckets.items()}

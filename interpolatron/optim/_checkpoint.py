@@ -5,6 +5,10 @@ the param groups and the per-parameter state the optimizer will hold, as new
 objects (every tensor copied to its parameter's device). Only then does the
 optimizer swap them in, so a refused checkpoint leaves it bitwise unchanged.
 
+The optimizer describes what it accepts in a :class:`CheckpointSpec` (its
+algorithm, settings, ring sizes, state dtypes and its own extra state);
+this module reads nothing else of it.
+
 Cast rule: a history tensor may be saved in a wider floating dtype or on
 another device when the cast to the parameter's dtype is exact (a float32
 history saved as float64 loads; a float64 history that float32 cannot hold
@@ -18,18 +22,41 @@ from __future__ import annotations
 import copy
 import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ._checks import LATER_GROUP_KEYS
 
-if TYPE_CHECKING:
-    from ._base import BucketedOptimizer
-
 HISTORY_KEYS = ("step", "x_hist", "g_hist")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """What an optimizer accepts from a state_dict, as it stands now."""
+
+    #: The ``interpolatron`` tag's algorithm a checkpoint must name (if it has the tag).
+    algorithm: str
+    #: The optimizer's param groups (the parameters a checkpoint's ids map to).
+    param_groups: list[dict]
+    #: The settings a saved param group must carry (but ``LATER_GROUP_KEYS``).
+    hyperparameter_keys: tuple[str, ...]
+    #: ``(x slots, g slots)`` of a group's rings.
+    ring_slots: Callable[[dict], tuple[int, int]]
+    #: The dtype of a parameter's rings.
+    state_dtype: Callable[[Tensor], torch.dtype]
+    #: Per-parameter state keys besides the histories, by parameter index.
+    extra_state_keys: Callable[[int], tuple[str, ...]]
+    #: Validates (and normalises, in place) one group's settings; raises ValueError.
+    validate_group: Callable[[dict], None]
+    #: Validates the rules across groups; raises ValueError.
+    validate_groups: Callable[[list[dict]], None]
+    #: ``(groups, params, state, bucket_steps)``: validates and copies the extra
+    #: keys of the state being loaded, in place in ``state``.
+    plan_extra_state: Callable[[list[dict], list[Tensor], dict, dict], None]
 
 
 class CheckpointError(ValueError):
@@ -84,8 +111,8 @@ def load_count(value: Any, what: str, device: torch.device) -> Tensor:
     return torch.tensor(int(value), dtype=torch.int64, device=device)
 
 
-def plan_load(opt: BucketedOptimizer, state_dict: Any) -> tuple[list[dict], dict[Tensor, dict]]:
-    """The param groups and state ``opt`` holds after loading ``state_dict``,
+def plan_load(spec: CheckpointSpec, state_dict: Any) -> tuple[list[dict], dict[Tensor, dict]]:
+    """The param groups and state the optimizer ``spec`` describes holds after loading ``state_dict``,
     or a :class:`CheckpointError` saying what is wrong (naming the group, the
     parameter and the key)."""
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -93,8 +120,8 @@ def plan_load(opt: BucketedOptimizer, state_dict: Any) -> tuple[list[dict], dict
     tag = state_dict.get("interpolatron")
     if tag is not None:
         algorithm = tag.get("algorithm") if isinstance(tag, Mapping) else None
-        if algorithm != opt._algorithm:
-            raise CheckpointError(f"state_dict was saved by {algorithm}, not {opt._algorithm}")
+        if algorithm != spec.algorithm:
+            raise CheckpointError(f"state_dict was saved by {algorithm}, not {spec.algorithm}")
     saved_state = state_dict["state"]
     if not isinstance(saved_state, Mapping):
         raise CheckpointError(f"state_dict['state'] must be a dict, got {type(saved_state).__name__}")
@@ -103,7 +130,7 @@ def plan_load(opt: BucketedOptimizer, state_dict: Any) -> tuple[list[dict], dict
             "this checkpoint has the old layout with an optimizer-wide state['anderson'] entry; "
             "it cannot be converted (its param groups lack history, reg, constraint and singular_tol): "
             "resume it with the interpolatron version that wrote it")
-    groups = _plan_groups(opt, state_dict["param_groups"])
+    groups = _plan_groups(spec, state_dict["param_groups"])
     params = [p for g in groups for p in g["params"]]
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     index_of = {sid: i for i, sid in enumerate(saved_ids)}
@@ -123,8 +150,8 @@ def plan_load(opt: BucketedOptimizer, state_dict: Any) -> tuple[list[dict], dict
         name = where(index, gi, pi)
         if not isinstance(entry, Mapping):
             raise CheckpointError(f"state of {name} must be a dict, got {type(entry).__name__}")
-        extra = set(opt._extra_state_keys(index))
-        ring_dtype = opt._state_dtype(p)  # float32 for a 16-bit parameter with a master copy
+        extra = set(spec.extra_state_keys(index))
+        ring_dtype = spec.state_dtype(p)  # float32 for a 16-bit parameter with a master copy
         has_master = ring_dtype != p.dtype
         unknown = [k for k in entry if k not in HISTORY_KEYS and k not in extra
                    and not (has_master and k == "master")]
@@ -137,7 +164,7 @@ def plan_load(opt: BucketedOptimizer, state_dict: Any) -> tuple[list[dict], dict
             missing = next(k for k in HISTORY_KEYS if k not in entry)
             raise CheckpointError(f"state of {name} lacks {missing!r} (it has {present})")
         if present:
-            x_slots, g_slots = opt._ring_slots(group)
+            x_slots, g_slots = spec.ring_slots(group)
             new["x_hist"] = load_tensor(entry["x_hist"], f"state of {name}, key 'x_hist'", dtype=ring_dtype,
                                         device=p.device, shape=(x_slots, *p.shape))
             new["g_hist"] = load_tensor(entry["g_hist"], f"state of {name}, key 'g_hist'", dtype=ring_dtype,
@@ -156,24 +183,24 @@ def plan_load(opt: BucketedOptimizer, state_dict: Any) -> tuple[list[dict], dict
         for k in extra & set(entry):
             new[k] = entry[k]  # validated and copied by the subclass below
         state[p] = new
-    opt._plan_extra_state(groups, params, state, {k: v[1] for k, v in bucket_steps.items()})
+    spec.plan_extra_state(groups, params, state, {k: v[1] for k, v in bucket_steps.items()})
     return groups, state
 
 
-def _plan_groups(opt: BucketedOptimizer, saved_groups: Any) -> list[dict]:
+def _plan_groups(spec: CheckpointSpec, saved_groups: Any) -> list[dict]:
     if not isinstance(saved_groups, (list, tuple)):
         raise CheckpointError(f"state_dict['param_groups'] must be a list, got {type(saved_groups).__name__}")
-    if len(saved_groups) != len(opt.param_groups):
+    if len(saved_groups) != len(spec.param_groups):
         raise CheckpointError(f"state_dict has {len(saved_groups)} param groups, the optimizer has "
-                              f"{len(opt.param_groups)}")
+                              f"{len(spec.param_groups)}")
     groups = []
-    for i, (mine, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+    for i, (mine, saved) in enumerate(zip(spec.param_groups, saved_groups)):
         if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
             raise CheckpointError(f"param group {i} of the state_dict is not a dict with a 'params' list")
         if len(saved["params"]) != len(mine["params"]):
             raise CheckpointError(f"param group {i}: the state_dict has {len(saved['params'])} parameters, "
                                   f"the optimizer {len(mine['params'])}")
-        missing = [k for k in opt._hyperparameter_keys if k not in saved and k not in LATER_GROUP_KEYS]
+        missing = [k for k in spec.hyperparameter_keys if k not in saved and k not in LATER_GROUP_KEYS]
         if missing:
             raise CheckpointError(f"param group {i} of the state_dict lacks {missing[0]!r} "
                                   f"(saved by another optimizer?)")
@@ -183,17 +210,17 @@ def _plan_groups(opt: BucketedOptimizer, saved_groups: Any) -> list[dict]:
         if "param_names" in mine and "param_names" not in trial:
             trial["param_names"] = mine["param_names"]
         try:
-            opt._validate_group(trial)
+            spec.validate_group(trial)
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"param group {i} of the state_dict: {exc}") from exc
-        if opt._ring_slots(trial) != opt._ring_slots(mine):
+        if spec.ring_slots(trial) != spec.ring_slots(mine):
             raise CheckpointError(
-                f"param group {i}: the state_dict's settings need ring sizes {list(opt._ring_slots(trial))}, "
-                f"this optimizer {list(opt._ring_slots(mine))} (a different number of steps k: build the "
+                f"param group {i}: the state_dict's settings need ring sizes {list(spec.ring_slots(trial))}, "
+                f"this optimizer {list(spec.ring_slots(mine))} (a different number of steps k: build the "
                 f"optimizer with the k it was saved with)")
         groups.append(trial)
     try:
-        opt._validate_groups(groups)
+        spec.validate_groups(groups)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"the state_dict's param groups: {exc}") from exc
     ids = [id(p) for p in chain.from_iterable(g["params"] for g in groups)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -15,7 +15,9 @@ from .. import ops
 from ..gram import reduce_gram, reduce_sharded, ring_gram, shift_in_row
 from ..sharding import collective_device
 from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
-from ._base import BucketedOptimizer, scheduler_ready
+from ._amp import AmpStep
+from ._base import BucketedOptimizer
+from ._buckets import Work
 from ._checkpoint import CheckpointError, load_count, load_tensor
 from ._checks import check_real
 
@@ -363,7 +365,7 @@ class Anderson(BucketedOptimizer):
         are recomputed from the rings, here, before any op of the step (under
         torch.compile this runs while tracing, when such a change retraces)."""
         super()._init_group()  # every check first: a refused step changes nothing
-        work = self._plan
+        work = self._plan.work
         reductions = self._reductions()
         if not work and not reductions:
             return
@@ -380,7 +382,7 @@ class Anderson(BucketedOptimizer):
         # Sharded, each rank keeps partial Grams per reduction key instead
         # (refreshed from its own rings in _sharded_gram): the optimizer-wide
         # matrix is the all-reduced sum, not refreshed from local rings.
-        if not reductions and (self._membership_changed or changed) and k > 1:
+        if not reductions and (self._plan.membership_changed or changed) and k > 1:
             # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
             older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work],
                               k - 1, anchor.device)
@@ -392,29 +394,10 @@ class Anderson(BucketedOptimizer):
             else:  # GradScaler's skipped step keeps the Gram
                 st["anderson_gram"].copy_(torch.where(skip, st["anderson_gram"], fresh))
 
-    @scheduler_ready
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
-             found_inf: Tensor | None = None):
-        """One Anderson step: the read-only Gram pass, the on-device solve, the update
-        pass (which stores the gradient and the old iterate).
-
-        ``grad_scale`` / ``found_inf``: GradScaler's fused contract (see
-        :meth:`Interpolatron.step`); a skipped step also keeps the Gram matrix,
-        the coefficients and the step and fallback counts."""
-        loss = self._closure_loss(closure)
-        amp = self._begin_step(grad_scale, found_inf)
-        swapped = self._enter_master()
-        try:
-            self._update(amp)
-        finally:
-            self._end_step(swapped)
-        return loss
-
-    def _update(self, amp) -> None:
-        """The step after :meth:`_setup` (16-bit parameters with masters are float32 here)."""
-        self._setup()
-        work = self._prepare(amp)
+    def _step_buckets(self, work: list[Work], amp: AmpStep) -> None:
+        """The read-only Gram pass, the on-device solve, the update pass (which
+        stores the gradient and the old iterate). GradScaler's skipped step also
+        keeps the Gram matrix, the coefficients and the step and fallback counts."""
         reductions = self._reductions()
         if not work and not reductions:
             return
@@ -455,7 +438,6 @@ class Anderson(BucketedOptimizer):
             ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, mine, self._lr(w), b.count,
                         group["weight_decay"], group["maximize"], None, b.backend.name, b.cache,
                         **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
-        self._advance(work, amp)
 
     def _older_from_rings(self, work, home: torch.device) -> Tensor:
         """A ``k x k`` matrix whose ages ``0..k-2`` block is recomputed from the
@@ -492,12 +474,12 @@ class Anderson(BucketedOptimizer):
             row = reduce_gram([w.bucket.gram for w in ws], home)
             signature = self._active_signature(ws)
             kept, had = self._local_grams.get(key, (None, None))
-            if kept is None or self._membership_changed or had != signature:
+            if kept is None or self._plan.membership_changed or had != signature:
                 kept = self._older_from_rings(ws, home)
             parts[key] = shift_in_row(kept, row)
             stored = parts[key]
             if skip is not None:
-                same = had == signature and not self._membership_changed and kept is not None
+                same = had == signature and not self._plan.membership_changed and kept is not None
                 prev = self._local_grams.get(key, (None, None))[0]
                 if same and prev is not None:
                     stored = torch.where(skip, prev, stored)

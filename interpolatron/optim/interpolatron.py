@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -11,7 +11,9 @@ from torch import Tensor
 from .. import ops
 from ..gram import reduce_gram
 from ..sharding import collective_device
-from ._base import BucketedOptimizer, scheduler_ready
+from ._amp import AmpStep
+from ._base import BucketedOptimizer
+from ._buckets import Work
 
 
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
@@ -113,7 +115,7 @@ class Interpolatron(BucketedOptimizer):
 
     def _init_group(self) -> None:
         super()._init_group()  # every check first: a refused step changes nothing
-        for w in self._plan:
+        for w in self._plan.work:
             b, group = w.bucket, w.group
             if group["alphas"] != b.coefs_seen:  # host setup: eager, also under torch.compile
                 # Pinned + non_blocking: no synchronous pageable host-to-device copy.
@@ -123,40 +125,23 @@ class Interpolatron(BucketedOptimizer):
                 b.coefs.copy_(alphas, non_blocking=True)
                 b.coefs_seen = group["alphas"]
 
-    @scheduler_ready
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: Tensor | None = None,
-             found_inf: Tensor | None = None):
-        """One interpolation step. ``closure`` re-evaluates the loss (optional).
-
-        ``grad_scale`` / ``found_inf``: GradScaler's fused contract (it passes
-        them itself, as optimizer attributes): the gradients are divided by
-        ``grad_scale``, and a nonzero ``found_inf`` skips the step on the device
-        (nothing is written, the step count stays)."""
-        loss = self._closure_loss(closure)
-        amp = self._begin_step(grad_scale, found_inf)
-        swapped = self._enter_master()
-        try:
-            self._setup()
-            work = self._prepare(amp)
-            for w in work:
-                b, group = w.bucket, w.group
-                # Reading alphas here makes a compiled step guard on them (a change
-                # retraces, and _init_group refreshes b.coefs).
-                coefs = (b.coefs if group["alphas"] == b.coefs_seen
-                         else torch.tensor(group["alphas"], dtype=torch.float64, device=b.device))
-                gram = b.gram if self._diagnostics_on else None
-                ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
-                            group["weight_decay"], group["maximize"], gram, b.backend.name, b.cache,
-                            **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
-            if self._diagnostics_on:
-                reductions = self._reductions()
-                if work or reductions:
-                    self._record_diagnostics(work, reductions)
-            self._advance(work, amp)
-        finally:
-            self._end_step(swapped)
-        return loss
+    def _step_buckets(self, work: list[Work], amp: AmpStep) -> None:
+        """One fused combine per bucket with the group's fixed alphas (and, with
+        diagnostics, the Gram row it produces on the way)."""
+        for w in work:
+            b, group = w.bucket, w.group
+            # Reading alphas here makes a compiled step guard on them (a change
+            # retraces, and _init_group refreshes b.coefs).
+            coefs = (b.coefs if group["alphas"] == b.coefs_seen
+                     else torch.tensor(group["alphas"], dtype=torch.float64, device=b.device))
+            gram = b.gram if self._diagnostics_on else None
+            ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
+                        group["weight_decay"], group["maximize"], gram, b.backend.name, b.cache,
+                        **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
+        if self._diagnostics_on:
+            reductions = self._reductions()
+            if work or reductions:
+                self._record_diagnostics(work, reductions)
 
     def _record_diagnostics(self, work, reductions: list[tuple]) -> None:
         # Groups with different k give rows of different lengths: only the
