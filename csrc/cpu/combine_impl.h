@@ -69,9 +69,13 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
     g_lo = effective_grad(g_lo, x_lo, signv, wdv, u.has_wd);
     g_hi = effective_grad(g_hi, x_hi, signv, wdv, u.has_wd);
     V ag_lo = g_lo * a0, ag_hi = g_hi * a0;
-    if (DOTS) {
-      dot64(acc[0], g_lo, g_lo);
-      dot64(acc[0], g_hi, g_hi);
+    // g0 widened to float64 once for all k dots.
+    std::decay_t<decltype(widen(g_lo))> w_lo{}, w_hi{};
+    if constexpr (DOTS) {
+      w_lo = widen(g_lo);
+      w_hi = widen(g_hi);
+      fma64(acc[0], w_lo, w_lo);
+      fma64(acc[0], w_hi, w_hi);
     }
     for (int j = 1; j < k; ++j) {
       const V aj(u.coef[j]);
@@ -82,9 +86,9 @@ INTERP_FLATTEN void combine_update(const CombineChunk<S>& u, int k_runtime, doub
       IO<S>::load(u.gh[j] + e, h_lo, h_hi);
       ag_lo = ag_lo + h_lo * aj;
       ag_hi = ag_hi + h_hi * aj;
-      if (DOTS) {
-        dot64(acc[j], g_lo, h_lo);
-        dot64(acc[j], g_hi, h_hi);
+      if constexpr (DOTS) {
+        fma64(acc[j], w_lo, widen(h_lo));
+        fma64(acc[j], w_hi, widen(h_hi));
       }
     }
     // The write slots are the oldest entries, read above: store only now.
@@ -168,6 +172,11 @@ void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
   u.has_wd = a.weight_decay != 0.0;
   u.key_p = a.key_param;
   u.key_g = a.key_grad;
+  // The read-only pass of a long Gram row takes exact16 products where they
+  // are exact (gram_row_impl.h). The fused row keeps widened ones: this pass
+  // streams 7 arrays and hides its conversions, and a non-finite exact16 row
+  // could not be recomputed after the update overwrote the oldest ring slot.
+  const bool exact = !fused_dots && exact16<S>(a.weight_decay, u.sign);
   for (int64_t c = c0; c < c1; ++c) {
     const Chunk& ch = a.chunks[c];
     const Seg& sg = a.segs[ch.seg];
@@ -185,12 +194,7 @@ void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
       // <g0, g(age j)>, j = 0..k-1, before anything in the chunk changes. The
       // update then re-reads the chunk, mostly from cache: a second pass that
       // only a Gram row longer than one register group (k > 8) pays.
-      const S* others[kMaxSlots];
-      others[0] = nullptr;
-      for (int j = 1; j < k; ++j) others[j] = gh[j];
-      dot_groups(k, a.partials + c * k, [&](auto nd, int d0, double* out) {
-        gram_row_dots<S, decltype(nd)::value>(u.p, u.g, u.len, others + d0, u.sign, u.wd, u.has_wd, nullptr, out);
-      });
+      gram_row_chunk<S>(u.p, u.g, u.len, gh, k, u.sign, u.wd, u.has_wd, exact, nullptr, a.partials + c * k);
     }
     update(u, k, fused_dots ? a.partials + c * k : nullptr);
   }

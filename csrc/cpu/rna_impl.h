@@ -32,13 +32,15 @@ INTERP_FLATTEN void residual_dots(const S* y0, const S* y1, const S* const* snap
     IO<S>::load(y0 + e, a_lo, a_hi);
     IO<S>::load(y1 + e, b_lo, b_hi);
     const V r0_lo = a_lo - b_lo, r0_hi = a_hi - b_hi;
+    const auto w_lo = widen(r0_lo);  // r_0 widened to float64 once for all ND dots
+    const auto w_hi = widen(r0_hi);
     V prev_lo, prev_hi;
     IO<S>::load(snaps[0] + e, prev_lo, prev_hi);
     for (int d = 0; d < ND; ++d) {
       V next_lo, next_hi;
       IO<S>::load(snaps[d + 1] + e, next_lo, next_hi);
-      dot64(acc[d], r0_lo, prev_lo - next_lo);
-      dot64(acc[d], r0_hi, prev_hi - next_hi);
+      fma64(acc[d], w_lo, widen(prev_lo - next_lo));
+      fma64(acc[d], w_hi, widen(prev_hi - next_hi));
       prev_lo = next_lo;
       prev_hi = next_hi;
     }
