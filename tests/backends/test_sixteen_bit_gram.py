@@ -4,7 +4,7 @@ weight decay and a power-of-two sign) or widened products otherwise. Held to
 a float64 reference at 1e-12 of ||a|| ||b||, through bfloat16's range edges (an overflowing product recomputed
 widened, the documented underflow bound), and to layout invariance on 1-4
 ranks: the coefficients of a sharded run equal the single-process ones to
-float64 rounding, as tests/test_distributed.py holds the float32 kernels."""
+float64 rounding, as tests/integration/test_distributed.py holds the float32 kernels."""
 
 from __future__ import annotations
 
