@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from interpolatron.backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
 from interpolatron.backends.native_backend import BACKEND as NATIVE
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -195,8 +196,9 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
 
     ref_p = [p.clone() for p in params]
     ref_x, ref_g = x_hist.clone(), g_hist.clone()
-    NATIVE.combine(ref_p, [g.clone() for g in grads], cols, ref_x, ref_g, coefs, lr.reshape(()), cnt,
-                   weight_decay, maximize, gram_t, {}, grad_scale=scale_t, found_inf=inf_t, sr_seed=sr_seed)
+    NATIVE.combine(CombineArgs(ref_p, [g.clone() for g in grads], cols, ref_x, ref_g, coefs, lr.reshape(()),
+                               cnt, weight_decay, maximize, gram_t, grad_scale=scale_t, found_inf=inf_t,
+                               sr_seed=sr_seed), {})
     skipped = found_inf is not None and found_inf != 0
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"param{i}", p, None if skipped else rp, misalign=mis[i]) for i, (p, rp) in
@@ -263,8 +265,8 @@ def gram_case(name: str, dtype: torch.dtype, slots: int, store: bool, numels: li
     inf_t = None if found_inf is None else torch.tensor([found_inf], dtype=torch.float32)
     out = torch.full((ndots,), float("nan"), dtype=torch.float64)
     ref_g = g_hist.clone()
-    NATIVE.gram_row(params, grads, cols, ref_g, cnt, weight_decay, maximize, out, {}, store,
-                    grad_scale=scale_t, found_inf=inf_t)
+    NATIVE.gram_row(GramArgs(params, grads, cols, ref_g, cnt, weight_decay, maximize, out, store,
+                             grad_scale=scale_t, found_inf=inf_t), {})
     skipped = found_inf is not None and found_inf != 0
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"param{i}", p, misalign=mis[i]) for i, p in enumerate(params)]
@@ -296,7 +298,7 @@ def record_case(name: str, dtype: torch.dtype, slots: int, numels: list[int], *,
     cnt = torch.tensor(count, dtype=torch.int64)
     out = torch.full((slots - 1,), float("nan"), dtype=torch.float64) if dots else None
     ref_w = window.clone()
-    NATIVE.rna_record(sources, cols, ref_w, cnt, out, {})
+    NATIVE.rna_record(RecordArgs(sources, cols, ref_w, cnt, out), {})
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"source{i}", s, misalign=mis[i]) for i, s in enumerate(sources)]
     bufs += [Buf("window", window, ref_w), Buf("count", cnt.reshape(1))]
@@ -326,7 +328,7 @@ def extrapolate_case(name: str, dtype: torch.dtype, slots: int, m: int, numels: 
     cnt = torch.tensor(count, dtype=torch.int64)
     coefs = torch.softmax(torch.randn(m, generator=gen, dtype=torch.float64), 0)
     ref_o = [o.clone() for o in outs]
-    NATIVE.rna_extrapolate(window, cols, cnt, coefs, ref_o, {})
+    NATIVE.rna_extrapolate(ExtrapArgs(window, cols, cnt, coefs, ref_o), {})
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"out{i}", o, r, misalign=mis[i]) for i, (o, r) in enumerate(zip(outs, ref_o))]
     bufs += [Buf("window", window), Buf("count", cnt.reshape(1)), Buf("coefs", coefs)]
