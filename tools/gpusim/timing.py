@@ -45,7 +45,7 @@ _OPTIONS = (r"^(-gpgpu_cache:dl2|-dram_bnk_indexing_policy|-gpgpu_perf_sim_memcp
             r"|-gpgpu_kernel_launch_latency)\s+(\S+)")
 
 
-def run_one(sim, exe, kernel: str, n: int, config: dict) -> dict:
+def run_one(sim, exe, kernel: str, n: int, config: dict, provenance: dict) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     run = _gpusim.run(sim, exe, ["bench", kernel, str(n)], functional=False, config=config)
@@ -70,6 +70,7 @@ def run_one(sim, exe, kernel: str, n: int, config: dict) -> dict:
         # the options as the simulator read them (overrides included)
         "simulator_options": dict(re.findall(_OPTIONS, run.stdout, re.M)),
         "other_kernels": [{"kernel": k["kernel"], "cycles": k["gpu_sim_cycle"]} for k in kernels[1:]],
+        **provenance,
         "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
         "wall_seconds": time.time() - t0,
     }
@@ -126,6 +127,10 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "csrc", "tools/gpusim"],
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # Per run: a file collects runs of several commits (the yardsticks are not rerun).
+    provenance = {"project_commit": git, "kernel_sources_modified": bool(dirty), "harness": exe.parent.name}
     result.update({
         "simulator": "GPGPU-Sim (accel-sim/gpgpu-sim_distribution)",
         "simulator_commit": sim.commit,
@@ -140,7 +145,7 @@ def main() -> None:
     })
     for kernel in args.kernels.split(","):
         print(f"timing {kernel} on {args.n} elements per stream ...", flush=True)
-        r = run_one(sim, exe, kernel, args.n, config)
+        r = run_one(sim, exe, kernel, args.n, config, provenance)
         result["runs"][kernel] = r
         copy = result["runs"].get("copy")
         if copy and copy["n"] == args.n:
