@@ -108,12 +108,18 @@ def main() -> None:
                          "simulation time)")
     ap.add_argument("--name", required=True, help="result file name under bench/results/gpusim/")
     ap.add_argument("--note", default="")
+    ap.add_argument("--fmad", action="store_true",
+                    help="build the kernels with nvcc's default contraction (--fmad=true): what the "
+                         "project's rounding rule (--fmad=false) costs in this model")
+    ap.add_argument("--carry", type=Path, default=None,
+                    help="start from the runs of this result file (yardsticks whose code and config "
+                         "are unchanged need not be simulated again); each carried run keeps its provenance")
     args = ap.parse_args()
 
     sim, why = _gpusim.find()
     if sim is None:
         sys.exit(why)
-    exe = _gpusim.build_harness()
+    exe = _gpusim.build_harness(fmad=args.fmad)
     # Cold L2 (host copies do not fill it), and no modelled launch latency
     # (5000 cycles in this config: a constant that would weigh on the short
     # runs, the copy most).
@@ -125,12 +131,23 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "gpusim" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    if args.carry is not None and not out.exists():
+        carried = json.loads(args.carry.read_text())
+        if carried.get("config_overrides") != config:
+            sys.exit(f"--carry {args.carry}: overrides {carried.get('config_overrides')}, not {config}")
+        for name, run in carried["runs"].items():
+            if name in args.kernels.split(","):
+                continue
+            run.setdefault("project_commit", carried.get("project_commit"))
+            run["carried_from"] = args.carry.name
+            result["runs"][name] = run
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "csrc", "tools/gpusim"],
                            cwd=ROOT, capture_output=True, text=True).stdout.strip()
     # Per run: a file collects runs of several commits (the yardsticks are not rerun).
-    provenance = {"project_commit": git, "kernel_sources_modified": bool(dirty), "harness": exe.parent.name}
+    provenance = {"project_commit": git, "kernel_sources_modified": bool(dirty), "harness": exe.parent.name,
+                  "fmad": args.fmad}
     result.update({
         "simulator": "GPGPU-Sim (accel-sim/gpgpu-sim_distribution)",
         "simulator_commit": sim.commit,
