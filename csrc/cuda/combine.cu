@@ -73,19 +73,27 @@ __device__ __forceinline__ void combine_body(const CombineLaunch p) {
 #pragma unroll
   for (int d = 0; d < K; ++d) dots[d] = 0.0;
 
-  for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
+  // Raw fragments of one step: param, grad and the K - 1 rows of both rings.
+  struct Raw {
+    uint4 x, g, hx[R], hg[R];
+  };
+  auto load = [&](auto v, int64_t i, int n) {
     constexpr bool V = decltype(v)::value;
-    const uint4 rx = ld_frag<T, V>(param + i, n);
-    const uint4 rg = ld_frag<T, V>(grad + i, n);
-    uint4 hx[R], hg[R];
+    Raw r;
+    r.x = ld_frag<T, V>(param + i, n);
+    r.g = ld_frag<T, V>(grad + i, n);
 #pragma unroll
     for (int j = 0; j < K - 1; ++j) {
-      hx[j] = ld_frag<T, V>(xr + off[j] + i, n);
-      hg[j] = ld_frag<T, V>(gr + off[j] + i, n);
+      r.hx[j] = ld_frag<T, V>(xr + off[j] + i, n);
+      r.hg[j] = ld_frag<T, V>(gr + off[j] + i, n);
     }
+    return r;
+  };
+  auto finish = [&](auto v, int64_t i, int n, const Raw& r) {
+    constexpr bool V = decltype(v)::value;
     C x0[N], g0[N], ax[N], ag[N], h[N];
-    unpack<T>(rx, x0);
-    unpack<T>(rg, g0);
+    unpack<T>(r.x, x0);
+    unpack<T>(r.g, g0);
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       g0[e] = effective_grad(g0[e], x0[e], sign, wd, has_wd);
@@ -95,29 +103,32 @@ __device__ __forceinline__ void combine_body(const CombineLaunch p) {
     if constexpr (DOTS) dot_acc<N>(dots[0], g0, g0);
 #pragma unroll
     for (int j = 0; j < K - 1; ++j) {
-      unpack<T>(hx[j], h);
+      unpack<T>(r.hx[j], h);
 #pragma unroll
       for (int e = 0; e < N; ++e) ax[e] += coef[j + 1] * h[e];
-      unpack<T>(hg[j], h);
+      unpack<T>(r.hg[j], h);
 #pragma unroll
       for (int e = 0; e < N; ++e) ag[e] += coef[j + 1] * h[e];
       if constexpr (DOTS) dot_acc<N>(dots[j + 1], g0, h);
     }
     if constexpr (SR) {
-      if constexpr (K > 1) st_frag<T, V>(xr + woff + i, n, rx);  // the old iterate, bit for bit
+      if constexpr (K > 1) st_frag<T, V>(xr + woff + i, n, r.x);  // the old iterate, bit for bit
 #pragma unroll
       for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
       store_sr<T, V, (K > 1)>(param + i, gr + woff + i, n, ax, g0, keys, w.col + i);
     } else {
       if constexpr (K > 1) {
-        st_frag<T, V>(xr + woff + i, n, rx);  // the old iterate, bit for bit
+        st_frag<T, V>(xr + woff + i, n, r.x);  // the old iterate, bit for bit
         st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
       }
 #pragma unroll
       for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
       st_frag<T, V>(param + i, n, pack<T>(ax));
     }
-  });
+  };
+  // Up to k = 2 (4 fragments a step) a thread issues the loads of its whole
+  // chunk at once; beyond, one step at a time (the 64-register cap).
+  for_each_frag<T, (K <= 2 ? kChunkFrags<sizeof(T)> : 1)>(w.len, vec, load, finish);
 
   if constexpr (DOTS) block_partials<K>(dots, K, 0, p.table.nblocks, p.partials);
 }

@@ -151,23 +151,52 @@ __device__ __forceinline__ void dot_acc(double& acc, const C (&a)[N], const C (&
   for (int e = 0; e < N; ++e) acc = fma(static_cast<double>(a[e]), static_cast<double>(b[e]), acc);
 }
 
-// The element loop of a block over its chunk: body(i, n) for the fragments
-// [i, i + n), thread t taking fragments t, t + kThreads, ... The vector path
-// (every pointer of the block 16-byte aligned, length a multiple of N) is
-// chosen once per block, so its body has no per-fragment branch.
+// The element loop of a block over its chunk (kChunkFrags fragments per
+// thread at most): thread t takes fragments t, t + kThreads, ..., U of them
+// at a time, and issues every load of those U fragments (load(v, i, n) ->
+// the raw fragments) before it finishes the first one (finish(v, i, n, raw):
+// the math and the stores), so U times the fragments of one step are in
+// flight per thread. The fragments are finished in the same order whatever U
+// is (t, t + kThreads, ...): a thread's dot partial does not depend on U.
+// The vector path (every pointer of the block 16-byte aligned, length a
+// multiple of N) is chosen once per block, so its body has no per-fragment
+// branch beyond the one that skips a fragment past the block's end.
+template <typename T, int U, typename Load, typename Finish>
+__device__ __forceinline__ void for_each_frag(int64_t len, bool vec, Load&& load, Finish&& finish) {
+  constexpr int N = Frag<T>::N;
+  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * N;  // elements between a thread's fragments
+  auto walk = [&](auto v) {
+    constexpr bool V = decltype(v)::value;
+    for (int64_t i0 = static_cast<int64_t>(threadIdx.x) * N; i0 < len; i0 += U * kStep) {
+      using Raw = decltype(load(v, i0, N));
+      Raw raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = i0 + u * kStep;
+        const int64_t left = len - i;
+        if (u == 0 || left > 0) raw[u] = load(v, i, V || left >= N ? N : static_cast<int>(left));
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = i0 + u * kStep;
+        const int64_t left = len - i;
+        if (u == 0 || left > 0) finish(v, i, V || left >= N ? N : static_cast<int>(left), raw[u]);
+      }
+    }
+  };
+  if (vec) {
+    walk(std::integral_constant<bool, true>{});
+  } else {
+    walk(std::integral_constant<bool, false>{});
+  }
+}
+
+// One fragment at a time: body(v, i, n) loads, computes and stores fragment i.
 template <typename T, typename Body>
 __device__ __forceinline__ void for_each_frag(int64_t len, bool vec, Body&& body) {
-  constexpr int N = Frag<T>::N;
-  if (vec) {
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < len; i += static_cast<int64_t>(kThreads) * N) {
-      body(std::integral_constant<bool, true>{}, i, N);
-    }
-  } else {
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < len; i += static_cast<int64_t>(kThreads) * N) {
-      const int64_t left = len - i;
-      body(std::integral_constant<bool, false>{}, i, left < N ? static_cast<int>(left) : N);
-    }
-  }
+  for_each_frag<T, 1>(
+      len, vec, [](auto, int64_t, int) { return 0; },
+      [&](auto v, int64_t i, int n, int) { body(v, i, n); });
 }
 
 // Block sums of dots[0..nd) (float64), dot d written to

@@ -51,19 +51,28 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) gram
 #pragma unroll
     for (int d = 0; d < G; ++d) dots[d] = 0.0;
 
-    for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
+    // Raw fragments of one step: the gradient, the param (weight decay) and
+    // the group's ring rows.
+    struct Raw {
+      uint4 g, x, h[G];
+    };
+    auto load = [&](auto v, int64_t i, int n) {
       constexpr bool V = decltype(v)::value;
-      const uint4 rg = ld_frag<T, V>(grad + i, n);
-      const uint4 rx = has_wd ? ld_frag<T, V>(param + i, n) : make_uint4(0, 0, 0, 0);
-      uint4 rh[G];
+      Raw r;
+      r.g = ld_frag<T, V>(grad + i, n);
+      r.x = has_wd ? ld_frag<T, V>(param + i, n) : make_uint4(0, 0, 0, 0);
       const bool loads = ndots > 1;  // k = 1: no ring row at all
 #pragma unroll
       for (int dl = 0; dl < G; ++dl) {
-        rh[dl] = (loads && d0 + dl != 0) ? ld_frag<T, V>(gr + off[dl] + i, n) : make_uint4(0, 0, 0, 0);
+        r.h[dl] = (loads && d0 + dl != 0) ? ld_frag<T, V>(gr + off[dl] + i, n) : make_uint4(0, 0, 0, 0);
       }
+      return r;
+    };
+    auto finish = [&](auto v, int64_t i, int n, const Raw& r) {
+      constexpr bool V = decltype(v)::value;
       C g0[N], x[N], h[N];
-      unpack<T>(rg, g0);
-      unpack<T>(rx, x);
+      unpack<T>(r.g, g0);
+      unpack<T>(r.x, x);
 #pragma unroll
       for (int e = 0; e < N; ++e) g0[e] = effective_grad(g0[e], x[e], sign, wd, has_wd);
       if (store) st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
@@ -73,12 +82,15 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) gram
           if (d0 + dl == 0) {
             dot_acc<N>(dots[dl], g0, g0);
           } else {
-            unpack<T>(rh[dl], h);
+            unpack<T>(r.h[dl], h);
             dot_acc<N>(dots[dl], g0, h);
           }
         }
       }
-    });
+    };
+    // Up to 2 dots (3 fragments a step) a thread issues the loads of its whole
+    // chunk at once; beyond, one step at a time.
+    for_each_frag<T, (NDOTS > 0 && NDOTS <= 2 ? kChunkFrags<sizeof(T)> : 1)>(w.len, vec, load, finish);
     block_partials<G>(dots, nd, d0, p.table.nblocks, p.partials);
   }
 }

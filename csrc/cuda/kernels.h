@@ -4,11 +4,20 @@
 // compiles with nvcc alone (csrc/check_cuda_compile.sh).
 //
 // Work decomposition (the multi-tensor apply): the active tensors of a bucket
-// are cut into chunks of chunk_elems(dtype) elements (kChunkBytes), one thread
+// are cut into chunks of chunk_elems(dtype) elements, one thread
 // block per chunk, and a device table holds one record per block (kFields
 // int64: pointers, length, ring column). One launch therefore covers the whole
 // bucket whatever its number of tensors, and the block partials of a dot
 // product are always cut at the same places (the reduction is deterministic).
+//
+// Chunks are short (one or two fragments per thread) and blocks are numbered in
+// bucket order, so the resident blocks, which the GPU starts in index order,
+// cover one contiguous stretch of each stream and sweep it as a grid-stride
+// kernel does; each block asks for its whole chunk at once where registers
+// allow (for_each_frag's U). Long chunks made every resident block hold its
+// own window of each stream open: in the simulator's timing model (RTX 3070,
+// bench/results/gpusim/) that cost DRAM row-buffer locality (0.40 against a
+// fused Adam's 0.64) and a third of the bandwidth.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -33,12 +42,21 @@ template <int ElemBytes, int K>
 constexpr int min_blocks() {
   return (K == 0 || (ElemBytes == 2 && K >= 3)) ? 2 : kMinBlocksPerSM;
 }
-// Bytes of each stream one block covers: 8 vector iterations of 256 threads
-// x 16 bytes, whatever the dtype (fp32 8192 elements, bf16 16384, fp64 4096).
-constexpr int64_t kChunkBytes = 32768;
 constexpr int kDotGroup = 8;  // dot products accumulated in registers at once (a block loops over groups)
 
-inline int64_t chunk_elems(DType d) { return kChunkBytes / dtype_bytes(d); }
+// Fragments (16 bytes) of each stream one thread covers in its block: two for
+// 32- and 64-bit data, one for 16-bit data, whose unpacked fragments (8 floats
+// each) leave no registers under the 64-register cap for a second one in
+// flight (the kernels ask for a chunk at once where they can: for_each_frag).
+// A chunk is then 8 KiB of each stream for 32- and 64-bit data, 4 KiB for
+// 16-bit: 2048 elements (fp32, bf16, fp16) or 1024 (fp64).
+template <int64_t ElemBytes>
+constexpr int kChunkFrags = ElemBytes == 2 ? 1 : 2;
+
+inline int64_t chunk_elems(DType d) {
+  const int64_t es = dtype_bytes(d);
+  return static_cast<int64_t>(kThreads) * (es == 2 ? kChunkFrags<2> : kChunkFrags<4>) * (16 / es);
+}
 
 // Per-block entry of the device table (multi-tensor apply): everything a block
 // needs in one 32-byte record, so that its first loads do not depend on each

@@ -29,8 +29,14 @@
 // launches can be captured in a CUDA graph and replayed with new values (the
 // table and partial buffer must then stay where they were).
 //
-// Every dot product is deterministic: block partials cut at fixed places
-// (the table), summed in a fixed order (reduce.cu), float64 throughout.
+// Every dot product is deterministic, float64 throughout, its summation order
+// fixed by the table alone: within a block, thread t sums the products of its
+// fragments t, t + kThreads, ... in that order, each fragment's elements in
+// order (fma chains); the 32 lanes of a warp by a fixed butterfly; the warps
+// in order (common.cuh block_partials); then the block partials in a fixed
+// order (reduce.cu). The products are exact (fp32 and 16-bit data) so a
+// different cut of the elements (another chunk size, another sharding) moves
+// a dot only by float64 rounding.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -45,10 +51,12 @@ namespace interp::cuda {
 
 // ---------------------------------------------------------------------------
 // The block table (the multi-tensor apply): each segment is cut into chunks of
-// chunk_elems(dtype) elements (32 KiB, the last one shorter), one thread block
-// per chunk; record b holds kFields int64 (kernels.h Field): the segment's a
-// and b pointers at the chunk's first element (b: 0 if none), its length and
-// its ring column. Empty segments own no block.
+// chunk_elems(dtype) elements (8 KiB, 16-bit data 4 KiB; the last one
+// shorter), one thread block per chunk, blocks in bucket order (the resident
+// blocks sweep each stream together: kernels.h); record b holds kFields int64
+// (kernels.h Field): the segment's a and b pointers at the chunk's first
+// element (b: 0 if none), its length and its ring column. Empty segments own
+// no block.
 
 // One launch takes at most this many blocks (the grid's x dimension).
 constexpr int64_t kMaxBlocks = 2147483647;

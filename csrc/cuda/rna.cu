@@ -30,11 +30,14 @@ __global__ void __launch_bounds__(kThreads, 2) record_kernel(const RecordLaunch 
   const int ndots = NDOTS > 0 ? NDOTS : p.ndots;
   const bool base_vec = aligned16(src) && aligned16(win + woff) && w.len % N == 0;
 
+  // Up to 2 dots (3 fragments a step) a thread issues the loads of its whole
+  // chunk at once; beyond, one step at a time.
+  constexpr int U = NDOTS > 0 && NDOTS <= 2 ? kChunkFrags<sizeof(T)> : 1;
   if (ndots == 0) {  // copy only
-    for_each_frag<T>(w.len, base_vec, [&](auto v, int64_t i, int n) {
-      constexpr bool V = decltype(v)::value;
-      st_frag<T, V>(win + woff + i, n, ld_frag<T, V>(src + i, n));
-    });
+    for_each_frag<T, kChunkFrags<sizeof(T)>>(
+        w.len, base_vec,
+        [&](auto v, int64_t i, int n) { return ld_frag<T, decltype(v)::value>(src + i, n); },
+        [&](auto v, int64_t i, int n, const uint4& r) { st_frag<T, decltype(v)::value>(win + woff + i, n, r); });
     return;
   }
   const int64_t off1 = ring_slot(count, 1, p.slots) * p.row_elems;
@@ -55,26 +58,35 @@ __global__ void __launch_bounds__(kThreads, 2) record_kernel(const RecordLaunch 
     for (int d = 0; d < G; ++d) dots[d] = 0.0;
     const bool copy = d0 == 0;
 
-    for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
+    // Raw fragments of one step: the snapshots of ages d0 .. d0 + G, the
+    // source (age 0) and age 1 always (r_0 needs both).
+    struct Raw {
+      uint4 y0, y1, s[G + 1];
+    };
+    auto load = [&](auto v, int64_t i, int n) {
       constexpr bool V = decltype(v)::value;
-      const uint4 ry0 = ld_frag<T, V>(src + i, n);
-      const uint4 ry1 = ld_frag<T, V>(win + off1 + i, n);
-      uint4 rs[G + 1];
+      Raw r;
+      r.y0 = ld_frag<T, V>(src + i, n);
+      r.y1 = ld_frag<T, V>(win + off1 + i, n);
 #pragma unroll
       for (int a = 0; a <= G; ++a) {
         const int age = d0 + a;
-        rs[a] = age == 0 ? ry0 : age == 1 ? ry1 : ld_frag<T, V>(win + off[a] + i, n);
+        r.s[a] = age == 0 ? r.y0 : age == 1 ? r.y1 : ld_frag<T, V>(win + off[a] + i, n);
       }
-      if (copy) st_frag<T, V>(win + woff + i, n, ry0);
+      return r;
+    };
+    auto finish = [&](auto v, int64_t i, int n, const Raw& r) {
+      constexpr bool V = decltype(v)::value;
+      if (copy) st_frag<T, V>(win + woff + i, n, r.y0);
       C r0[N], prev[N], next[N];
-      unpack<T>(ry0, r0);
-      unpack<T>(ry1, next);
+      unpack<T>(r.y0, r0);
+      unpack<T>(r.y1, next);
 #pragma unroll
       for (int e = 0; e < N; ++e) r0[e] -= next[e];
-      unpack<T>(rs[0], prev);
+      unpack<T>(r.s[0], prev);
 #pragma unroll
       for (int dl = 0; dl < G; ++dl) {
-        unpack<T>(rs[dl + 1], next);
+        unpack<T>(r.s[dl + 1], next);
         if (dl < nd) {
 #pragma unroll
           for (int e = 0; e < N; ++e) {
@@ -85,7 +97,8 @@ __global__ void __launch_bounds__(kThreads, 2) record_kernel(const RecordLaunch 
 #pragma unroll
         for (int e = 0; e < N; ++e) prev[e] = next[e];
       }
-    });
+    };
+    for_each_frag<T, U>(w.len, vec, load, finish);
     block_partials<G>(dots, nd, d0, p.table.nblocks, p.partials);
   }
 }

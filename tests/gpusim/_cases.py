@@ -35,11 +35,14 @@ DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float
 OPS = {"combine": 0, "gram_row": 1, "rna_record": 2, "rna_extrapolate": 3}
 F_MAXIMIZE, F_OUT, F_STORE, F_SCALE, F_FOUND_INF, F_STOCHASTIC = 1, 2, 4, 8, 16, 32
 U64 = 2.0 ** -53
-CHUNK_BYTES = 32768  # csrc/cuda/kernels.h kChunkBytes: one block per chunk
+THREADS = 256  # csrc/cuda/kernels.h kThreads
 
 
 def chunk_elems(dtype: torch.dtype) -> int:
-    return CHUNK_BYTES // torch.empty(0, dtype=dtype).element_size()
+    """Elements of one block (csrc/cuda/kernels.h chunk_elems): kThreads x
+    kChunkFrags 16-byte fragments, kChunkFrags 1 for 16-bit data, else 2."""
+    frags = 1 if torch.empty(0, dtype=dtype).element_size() == 2 else 2
+    return THREADS * frags * vec_elems(dtype)
 
 
 def vec_elems(dtype: torch.dtype) -> int:

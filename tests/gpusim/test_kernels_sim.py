@@ -43,6 +43,7 @@ def shapes(dtype: torch.dtype) -> list[int]:
         v - 1,            # one short of a fragment
         v + 1,            # one past a fragment
         3 * v,
+        c - 3 * v,        # a chunk short of 3 fragments (vector path): the last threads have a step less
     ]
 
 
@@ -53,7 +54,7 @@ def small(dtype: torch.dtype) -> list[int]:
 
 # odd_cols / misalign / row_pad move ring fragments and pointers off the
 # 16-byte grid: those blocks take the element path.
-ODD = dict(odd_cols=(2, 6), misalign=[0, 0, 0, 0, 0, 1, 0, 1], row_pad=1)
+ODD = dict(odd_cols=(2, 6), misalign=[0, 0, 0, 0, 0, 1, 0, 1, 0], row_pad=1)
 
 
 def build_matrix() -> list[tuple[str, Callable[[torch.Generator], C.Case]]]:

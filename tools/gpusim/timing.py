@@ -45,7 +45,7 @@ _OPTIONS = (r"^(-gpgpu_cache:dl2|-dram_bnk_indexing_policy|-gpgpu_perf_sim_memcp
             r"|-gpgpu_kernel_launch_latency)\s+(\S+)")
 
 
-def run_one(sim, exe, kernel: str, n: int, config: dict) -> dict:
+def run_one(sim, exe, kernel: str, n: int, config: dict, provenance: dict) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     run = _gpusim.run(sim, exe, ["bench", kernel, str(n)], functional=False, config=config)
@@ -70,6 +70,7 @@ def run_one(sim, exe, kernel: str, n: int, config: dict) -> dict:
         # the options as the simulator read them (overrides included)
         "simulator_options": dict(re.findall(_OPTIONS, run.stdout, re.M)),
         "other_kernels": [{"kernel": k["kernel"], "cycles": k["gpu_sim_cycle"]} for k in kernels[1:]],
+        **provenance,
         "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
         "wall_seconds": time.time() - t0,
     }
@@ -107,12 +108,18 @@ def main() -> None:
                          "simulation time)")
     ap.add_argument("--name", required=True, help="result file name under bench/results/gpusim/")
     ap.add_argument("--note", default="")
+    ap.add_argument("--fmad", action="store_true",
+                    help="build the kernels with nvcc's default contraction (--fmad=true): what the "
+                         "project's rounding rule (--fmad=false) costs in this model")
+    ap.add_argument("--carry", type=Path, default=None,
+                    help="start from the runs of this result file (yardsticks whose code and config "
+                         "are unchanged need not be simulated again); each carried run keeps its provenance")
     args = ap.parse_args()
 
     sim, why = _gpusim.find()
     if sim is None:
         sys.exit(why)
-    exe = _gpusim.build_harness()
+    exe = _gpusim.build_harness(fmad=args.fmad)
     # Cold L2 (host copies do not fill it), and no modelled launch latency
     # (5000 cycles in this config: a constant that would weigh on the short
     # runs, the copy most).
@@ -124,8 +131,23 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "gpusim" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    if args.carry is not None and not out.exists():
+        carried = json.loads(args.carry.read_text())
+        if carried.get("config_overrides") != config:
+            sys.exit(f"--carry {args.carry}: overrides {carried.get('config_overrides')}, not {config}")
+        for name, run in carried["runs"].items():
+            if name in args.kernels.split(","):
+                continue
+            run.setdefault("project_commit", carried.get("project_commit"))
+            run["carried_from"] = args.carry.name
+            result["runs"][name] = run
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "csrc", "tools/gpusim"],
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # Per run: a file collects runs of several commits (the yardsticks are not rerun).
+    provenance = {"project_commit": git, "kernel_sources_modified": bool(dirty), "harness": exe.parent.name,
+                  "fmad": args.fmad}
     result.update({
         "simulator": "GPGPU-Sim (accel-sim/gpgpu-sim_distribution)",
         "simulator_commit": sim.commit,
@@ -140,7 +162,7 @@ def main() -> None:
     })
     for kernel in args.kernels.split(","):
         print(f"timing {kernel} on {args.n} elements per stream ...", flush=True)
-        r = run_one(sim, exe, kernel, args.n, config)
+        r = run_one(sim, exe, kernel, args.n, config, provenance)
         result["runs"][kernel] = r
         copy = result["runs"].get("copy")
         if copy and copy["n"] == args.n:
