@@ -151,6 +151,17 @@ def _local_history(saved: Tensor, p: Tensor) -> Tensor:
     return distribute_tensor(saved, p.device_mesh, target).to_local()
 
 
+def _identical(a: Any, b: Any) -> bool:
+    """The same value in the same form (0 and 0.0, a list and a tuple, differ)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or isinstance(a, Tensor):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def scheduler_ready(step):
     """Mark ``step`` as already tracked for torch's LR schedulers.
 
@@ -327,23 +338,36 @@ class BucketedOptimizer(Optimizer):
             self._lr_checked[len(self.param_groups) - 1] = group["lr"]
 
     def _check_step(self) -> None:
-        """Everything a step needs, before it writes anything."""
+        """Everything a step needs, before it writes anything. The settings are
+        checked on copies of the groups: a refused step leaves every group
+        dict as it was. Only once every check has passed does a value that a
+        user assigned since in another valid form (a list of alphas, an int
+        weight decay) take the form the group was added with, which the step
+        then uses."""
         has_dtensors = getattr(self, "_has_dtensors", True)
+        trials, checked = [], {}
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
+            trial = dict(group)
             try:
-                self._validate_group(group, read_lr=self._lr_checked.get(gi) is not lr)
+                self._validate_group(trial, read_lr=self._lr_checked.get(gi) is not lr)
             except ValueError as exc:
                 raise ValueError(f"param group {gi}: {exc}") from exc
             if isinstance(lr, Tensor):
-                self._lr_checked[gi] = lr
+                checked[gi] = lr
+            trials.append(trial)
             for p in group["params"]:
                 if p.grad is not None:
                     check_grad(p)
                     if has_dtensors:
                         check_grad_layout(p)
-        self._validate_groups(self.param_groups)
+        self._validate_groups(trials)
         self._check_k_unchanged()
+        self._lr_checked.update(checked)
+        for group, trial in zip(self.param_groups, trials):
+            for key, value in trial.items():
+                if key not in group or not _identical(group[key], value):
+                    group[key] = value
 
     # -- 16-bit parameters: float32 master weights --------------------------
     def _state_dtype(self, p: Tensor) -> torch.dtype:
