@@ -208,6 +208,8 @@ class BucketedOptimizer(Optimizer):
         # do not change), not per parameter per step.
         self._reduction_of: dict[int, tuple[Tensor, tuple]] = {}
         self._has_dtensors = False  # else every parameter's key is the process group's (the fast path)
+        self._plain_key = group_key(process_group)
+        self._reduction_list: tuple[tuple | None, list[tuple]] = (None, [])
         self._buckets: dict[BucketKey, Bucket] = {}
         # The settings a saved param group must carry (not what torch adds later).
         self._hyperparameter_keys = tuple(defaults)
@@ -219,42 +221,43 @@ class BucketedOptimizer(Optimizer):
         self._has_grad: list[list[bool]] = []
         self._settled = False
         super().__init__(params, defaults)
+        self._refresh_reductions()
 
+    # Reduction keys are worked out eagerly (when a group is added, after a
+    # load or a copy, and in the host setup of a step when the parameters
+    # changed): the traced part of a compiled step only reads them. A cache
+    # filled while Dynamo traces takes another path when its analysis restarts
+    # (SpeculationLogDivergence: Anderson could not compile its first step).
     def _reduction(self, p: Tensor) -> tuple:
         """The process groups ``p``'s dot products are summed over (cached)."""
-        if not getattr(self, "_has_dtensors", True):
-            return self._plain_reduction()
-        cache = self.__dict__.get("_reduction_of")
-        if cache is None:
-            cache = self._reduction_of = {}
-        entry = cache.get(id(p))
+        if not self._has_dtensors:
+            return self._plain_key
+        entry = self._reduction_of.get(id(p))
         if entry is None or entry[0] is not p:
-            entry = cache[id(p)] = (p, reduction_key(p, getattr(self, "process_group", None)))
+            entry = self._reduction_of[id(p)] = (p, reduction_key(p, self.process_group))
         return entry[1]
 
     def _plain_reduction(self) -> tuple:
-        key = self.__dict__.get("_plain_key")
-        if key is None:
-            key = self._plain_key = group_key(getattr(self, "process_group", None))
-        return key
+        return self._plain_key
+
+    def _refresh_reductions(self) -> None:
+        """Recompute the reduction keys if the parameters changed (host only)."""
+        params = tuple(id(p) for g in self.param_groups for p in g["params"])
+        if self._reduction_list[0] == params:
+            return
+        if not self._has_dtensors:
+            keys = [self._plain_key]
+        else:
+            keys = [self._reduction(p) for g in self.param_groups for p in g["params"]]
+            keys.append(group_key(self.process_group))
+        self._reduction_list = (params, [k for k in dict.fromkeys(keys) if k])
 
     def _reductions(self) -> list[tuple]:
         """Every reduction key of this optimizer's parameters, in parameter order
         (the same on every rank: collectives are issued in this order), plus the
         ``process_group``'s own (a ZeRO rank may own no parameter, yet it must
-        join the sum)."""
-        if not getattr(self, "_has_dtensors", True):
-            plain = self._plain_reduction()
-            return [plain] if plain else []
-        params = tuple(id(p) for g in self.param_groups for p in g["params"])
-        cached = self.__dict__.get("_reduction_list")
-        if cached is None or cached[0] != params:
-            keys = [self._reduction(p) for g in self.param_groups for p in g["params"]]
-            group = getattr(self, "process_group", None)
-            if group is not None:
-                keys.append(group_key(group))
-            cached = self._reduction_list = (params, [k for k in dict.fromkeys(keys) if k])
-        return cached[1]
+        join the sum). Read only: :meth:`_refresh_reductions` keeps it current."""
+        return self._reduction_list[1]
 
     # -- subclass hooks -------------------------------------------------
     def _ring_slots(self, group: dict) -> tuple[int, int]:
@@ -334,6 +337,7 @@ class BucketedOptimizer(Optimizer):
             raise
         self._tensor_lr(group)
         self._plan_key = None
+        self._refresh_reductions()
         if isinstance(group["lr"], Tensor):
             self._lr_checked[len(self.param_groups) - 1] = group["lr"]
 
@@ -344,7 +348,7 @@ class BucketedOptimizer(Optimizer):
         user assigned since in another valid form (a list of alphas, an int
         weight decay) take the form the group was added with, which the step
         then uses."""
-        has_dtensors = getattr(self, "_has_dtensors", True)
+        has_dtensors = self._has_dtensors
         trials, checked = [], {}
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
@@ -518,12 +522,13 @@ class BucketedOptimizer(Optimizer):
         self._opt_called = True  # what an LR scheduler's step wrapper would record
         self._settled = not torch.compiler.is_compiling()
         self._check_step()
+        self._refresh_reductions()  # a user may have edited group["params"]
         for gi, group in enumerate(self.param_groups):
             if not isinstance(group["lr"], Tensor):  # a float assigned since: validated above
                 self._tensor_lr(group)
                 self._lr_checked[gi] = group["lr"]
         wanted: dict[BucketKey, list[Tensor]] = defaultdict(list)
-        plain = None if getattr(self, "_has_dtensors", True) else self._plain_reduction()
+        plain = None if self._has_dtensors else self._plain_key
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
@@ -745,6 +750,13 @@ class BucketedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._forget_buckets()
+        # The copy's parameters are new objects: their keys are worked out again.
+        self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("_has_dtensors", True)
+        self._plain_key = group_key(self.process_group)
+        self._reduction_of = {}
+        self._reduction_list = (None, [])
+        self._refresh_reductions()
 
     # -- introspection --------------------------------------------------
     def backends_in_use(self) -> dict[str, str]:
