@@ -38,3 +38,84 @@ def anderson_dtensor_compiled(rank, world, compile_backend, steps, dtype=torch.f
             coefs.append(opt.coefficients.detach().clone())
         out[mode] = {"coefs": torch.stack(coefs), "params": [p.detach().full_tensor() for p in params]}
     return out
+
+
+# -- item 2: the group taken where it is knowable, checked where it is not ---------------
+
+def zero_auto(rank, world, name, steps):
+    """ZeroRedundancyOptimizer with our optimizer class as is (no process_group)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = C.make_model()
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=C.OPTIMIZERS[name])
+    coefs = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        C.loss_of(model, step).backward()
+        opt.step()
+        if hasattr(opt.optim, "coefficients"):
+            coefs.append(opt.optim.coefficients.detach().clone())
+    return {"params": C.full_params(model), "coefs": torch.stack(coefs) if coefs else None,
+            "owned": sum(len(g["params"]) for g in opt.optim.param_groups)}
+
+
+def fsdp1_auto(rank, world, name, steps, use_orig_params=False):
+    """FSDP1 (flat parameters, or their use_orig_params views) without process_group."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(C.make_model(), use_orig_params=use_orig_params,
+                                     device_id=torch.device("cpu"))
+    opt = C.OPTIMIZERS[name](model.parameters())
+    coefs: list = []
+    C.train(model, opt, 0, steps, coefs)
+    with FullyShardedDataParallel.summon_full_params(model):
+        params = [p.detach().clone() for p in model.module.parameters()]
+    return {"params": params, "coefs": torch.stack(coefs) if coefs else None}
+
+
+def ddp_collectives(rank, world, steps):
+    """DDP without process_group: the collectives each optimizer step issues
+    (the backward's all-reduces are outside the counted region), and the run."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    for name in ("interpolatron", "anderson"):
+        model = DistributedDataParallel(C.make_model())
+        opt = C.OPTIMIZERS[name](model.parameters())
+        counts, coefs = [], []
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            C.loss_of(model, step).backward()
+            with CommDebugMode() as comm:
+                opt.step()
+            counts.append(comm.get_total_counts())
+            if hasattr(opt, "coefficients"):
+                coefs.append(opt.coefficients.detach().clone())
+        out[name] = {"counts": counts, "params": C.full_params(model.module),
+                     "coefs": torch.stack(coefs) if coefs else None}
+    return out
+
+
+def partitioned_without_group(rank, world, name, process_group=None, diagnostics=False):
+    """Whole parameters partitioned over the ranks by hand (plain tensors, the
+    default process group initialised), no process_group: the step must not
+    fit a per-rank Gram silently."""
+    x0, grads = C.global_data(torch.float32, 2)
+    mine = [i for i in range(len(C.SHAPES)) if i % world == rank]
+    params = [x0[i].clone().requires_grad_() for i in mine]
+    if name == "anderson":
+        opt = interpolatron.Anderson(params, lr=0.1, history=2, backend="torch", process_group=process_group)
+    else:
+        opt = interpolatron.Interpolatron(params, lr=0.1, backend="torch", diagnostics=diagnostics,
+                                          process_group=process_group)
+    for p, i in zip(params, mine):
+        p.grad = grads[0][i].clone()
+    before = [p.detach().clone() for p in params]
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        return {"error_text": str(exc), "unchanged": all(torch.equal(p, b) for p, b in zip(params, before)),
+                "state": len(opt.state)}
+    return {"error_text": None, "params": {i: p.detach().clone() for i, p in zip(mine, params)}}
+

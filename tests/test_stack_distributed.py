@@ -1,6 +1,7 @@
 """Issue 17 on several local ranks (gloo on the CPU, spawned, bounded time):
-Anderson compiled from its first step on DTensor shards (item 3). Every case
-is compared with an eager, a single-process or an uninterrupted run.
+Anderson compiled from its first step on DTensor shards (item 3), the
+process group taken or checked when none is given (item 2). Every case is
+compared with an eager, a single-process or an uninterrupted run.
 
 One process group per rank count runs all cases (spawning is the expensive
 part); each test checks its case's numbers."""
@@ -19,12 +20,22 @@ pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_avail
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 STEPS = 5
+MODEL_STEPS = 5
 
 
 @pytest.fixture(scope="module")
 def world2():
     cases = [(f"compiled-{c}", S.anderson_dtensor_compiled, (c, STEPS)) for c in ("aot_eager", "inductor")]
-    return run_ranks(C.suite, 2, cases, timeout=400)
+    for name in ("anderson", "interpolatron"):
+        cases += [(f"zero-auto-{name}", S.zero_auto, (name, MODEL_STEPS)),
+                  (f"fsdp1-auto-{name}", S.fsdp1_auto, (name, MODEL_STEPS)),
+                  (f"fsdp1-orig-auto-{name}", S.fsdp1_auto, (name, MODEL_STEPS, True))]
+    cases += [("ddp-collectives", S.ddp_collectives, (MODEL_STEPS,)),
+              ("partitioned-anderson", S.partitioned_without_group, ("anderson",)),
+              ("partitioned-anderson-local", S.partitioned_without_group, ("anderson", "local")),
+              ("partitioned-interpolatron", S.partitioned_without_group, ("interpolatron",)),
+              ("partitioned-diagnostics", S.partitioned_without_group, ("interpolatron", None, True))]
+    return run_ranks(C.suite, 2, cases, timeout=500)
 
 
 def _case(results: list, name: str) -> list:
@@ -46,3 +57,89 @@ def test_anderson_on_dtensor_shards_compiles_from_its_first_step(world2, compile
         assert torch.equal(compiled["coefs"], eager["coefs"]), diff
         assert all(torch.equal(a, b) for a, b in zip(compiled["params"], eager["params"]))
         assert not torch.equal(eager["coefs"][-1], eager["coefs"][0])
+
+
+# -- item 2: no silent per-rank Gram ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plain_models():
+    return {name: C.run_model_plain(name, MODEL_STEPS) for name in ("anderson", "interpolatron")}
+
+
+def _same_as_single_process(results, ref, tol=1e-13):
+    for res in results:
+        dp = max((a - b).abs().max().item() for a, b in zip(res["params"], ref["params"]))
+        assert dp <= tol, dp
+        if ref["coefs"] is not None:
+            dc = (res["coefs"] - ref["coefs"]).abs().max().item()
+            assert dc <= tol, dc
+
+
+@pytest.mark.parametrize("name", ["anderson", "interpolatron"])
+def test_zero_redundancy_optimizer_without_process_group_takes_zeros(world2, plain_models, name):
+    """``optimizer_class=Anderson`` as is: the optimizer finds the group of the
+    ZeroRedundancyOptimizer that builds it, and the run is the single-process
+    one (before: coefficients 2.6 apart between ranks, no signal)."""
+    results = _case(world2, f"zero-auto-{name}")
+    assert min(res["owned"] for res in results) >= 1  # each rank holds a part of the model
+    _same_as_single_process(results, plain_models[name])
+
+
+@pytest.mark.parametrize("orig", ["flat", "orig"])
+@pytest.mark.parametrize("name", ["anderson", "interpolatron"])
+def test_fsdp1_without_process_group_takes_fsdps(world2, plain_models, name, orig):
+    """FSDP1's flat parameters (and their ``use_orig_params=True`` views)
+    without process_group: the optimizer finds the group FSDP1 shards them
+    over; the single-process run (before: coefficients 1.2 apart)."""
+    _same_as_single_process(_case(world2, f"fsdp1-{'orig-' if orig == 'orig' else ''}auto-{name}"),
+                            plain_models[name])
+
+
+def test_ddp_without_process_group_is_checked_once(world2, plain_models):
+    """DDP replicas, no process_group: Anderson checks once, at its first step,
+    that the ranks hold the same parameters (one all-reduce), then issues no
+    collective; Interpolatron (no whole-model dot product) never communicates.
+    Both equal the single-process run."""
+    for res in _case(world2, "ddp-collectives"):
+        assert res["interpolatron"]["counts"] == [0] * MODEL_STEPS
+        assert res["anderson"]["counts"] == [1] + [0] * (MODEL_STEPS - 1)
+        for name in ("anderson", "interpolatron"):
+            _same_as_single_process([res[name]], plain_models[name])
+
+
+@pytest.mark.parametrize("case", ["partitioned-anderson", "partitioned-diagnostics"])
+def test_slices_without_process_group_raise_and_change_nothing(world2, case):
+    """Plain tensors partitioned over the ranks by hand, no process_group: the
+    first step raises on every rank, naming the fix, and writes nothing."""
+    for res in _case(world2, case):
+        assert res["error_text"] is not None
+        assert "process_group=<the group whose ranks hold the other slices>" in res["error_text"]
+        assert "'local'" in res["error_text"]
+        assert res["unchanged"]
+
+
+def test_partitioned_interpolatron_needs_no_group(world2):
+    """Interpolatron's update is elementwise: without diagnostics a hand
+    partition needs no group, no check runs, and each rank's parameters are
+    the single-process ones bitwise."""
+    import interpolatron
+
+    x0, grads = C.global_data(torch.float32, 2)
+    params = [x.clone().requires_grad_() for x in x0]
+    opt = interpolatron.Interpolatron(params, lr=0.1, backend="torch")
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
+    opt.step()
+    seen = {}
+    for res in _case(world2, "partitioned-interpolatron"):
+        assert res["error_text"] is None
+        seen.update(res["params"])
+    assert sorted(seen) == list(range(len(C.SHAPES)))
+    assert all(torch.equal(seen[i], params[i].detach()) for i in seen)
+
+
+def test_local_says_each_rank_is_its_own_model(world2):
+    """``process_group='local'``: no check, no sum (independent models per rank)."""
+    for res in _case(world2, "partitioned-anderson-local"):
+        assert res["error_text"] is None
+

@@ -40,6 +40,7 @@ from ._checks import (
     check_real,
     check_rounding,
 )
+from ._groups import LOCAL, check_process_group, check_same_parameters, fsdp1_groups, zero_group
 
 __all__ = ["Bucket", "BucketedOptimizer", "Work", "check_grad", "check_param"]
 
@@ -203,12 +204,22 @@ class BucketedOptimizer(Optimizer):
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
+        check_process_group(process_group)
         self.process_group = process_group
+        # Without process_group=, the group of the ZeroRedundancyOptimizer
+        # building this one (see _groups.py); FSDP1's are found per parameter.
+        self._found_group = zero_group() if process_group is None else None
+        # id(p) -> (p, key) for plain parameters whose group was found (FSDP1).
+        self._found_keys: dict[int, tuple[Tensor, tuple]] = {}
+        # Whether the plain parameters whose group is unknown were checked (_groups.py).
+        self._same_params_checked = True
         # id(p) -> (p, its reduction key): computed once per parameter (placements
         # do not change), not per parameter per step.
         self._reduction_of: dict[int, tuple[Tensor, tuple]] = {}
-        self._has_dtensors = False  # else every parameter's key is the process group's (the fast path)
-        self._plain_key = group_key(process_group)
+        # Keys per parameter (DTensors, FSDP1 parameters found), else every
+        # parameter's key is the process group's (the fast path).
+        self._has_dtensors = False
+        self._plain_key = self._group_key()
         self._reduction_list: tuple[tuple | None, list[tuple]] = (None, [])
         self._buckets: dict[BucketKey, Bucket] = {}
         # The settings a saved param group must carry (not what torch adds later).
@@ -228,14 +239,50 @@ class BucketedOptimizer(Optimizer):
     # changed): the traced part of a compiled step only reads them. A cache
     # filled while Dynamo traces takes another path when its analysis restarts
     # (SpeculationLogDivergence: Anderson could not compile its first step).
+    def _group_key(self) -> tuple:
+        """The reduction key of a plain parameter whose group was not found per parameter."""
+        group = self.process_group if self.process_group is not None else self._found_group
+        return () if group is None or group == LOCAL else group_key(group)
+
     def _reduction(self, p: Tensor) -> tuple:
         """The process groups ``p``'s dot products are summed over (cached)."""
         if not self._has_dtensors:
             return self._plain_key
         entry = self._reduction_of.get(id(p))
         if entry is None or entry[0] is not p:
-            entry = self._reduction_of[id(p)] = (p, reduction_key(p, self.process_group))
+            found = self._found_keys.get(id(p))
+            key = found[1] if found is not None and found[0] is p else (
+                reduction_key(p) if is_dtensor(p) else self._plain_key)
+            entry = self._reduction_of[id(p)] = (p, key)
         return entry[1]
+
+    def _find_groups(self, params: list[Tensor]) -> None:
+        """Without process_group=: the groups FSDP1 shards these parameters over."""
+        if self.process_group is not None or self._found_group is not None:
+            return
+        if all(is_dtensor(p) or id(p) in self._found_keys for p in params):
+            return
+        by_id = {id(p): p for p in params}
+        for i, group in fsdp1_groups(params).items():
+            self._found_keys[i] = (by_id[i], group_key(group))
+            self._has_dtensors = True  # keys per parameter
+        if any(not is_dtensor(p) and id(p) not in self._found_keys for p in params):
+            self._same_params_checked = False  # checked at the next step (_check_same_parameters)
+
+    def _reduces(self) -> bool:
+        """Whether a step needs whole-model dot products (Anderson; Interpolatron's diagnostics)."""
+        return True
+
+    def _check_same_parameters(self) -> None:
+        """Once, before a step that needs whole-model dot products: the plain
+        parameters whose group is unknown must be the same on every rank."""
+        if self._same_params_checked or not self._reduces():
+            return
+        plain = [p for g in self.param_groups for p in g["params"]
+                 if not is_dtensor(p) and id(p) not in self._found_keys]
+        if plain:
+            check_same_parameters(type(self).__name__, plain)
+        self._same_params_checked = True
 
     def _plain_reduction(self) -> tuple:
         return self._plain_key
@@ -249,7 +296,7 @@ class BucketedOptimizer(Optimizer):
             keys = [self._plain_key]
         else:
             keys = [self._reduction(p) for g in self.param_groups for p in g["params"]]
-            keys.append(group_key(self.process_group))
+            keys.append(self._plain_key)
         self._reduction_list = (params, [k for k in dict.fromkeys(keys) if k])
 
     def _reductions(self) -> list[tuple]:
@@ -324,17 +371,20 @@ class BucketedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            dtensors = self._has_dtensors
             for p in group["params"]:
                 check_param(p)
                 if is_dtensor(p):
                     reduction_key(p)  # a Partial placement fails now
-                    self._has_dtensors = True
+                    dtensors = True
                 resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
             self._validate_group(group)
             self._validate_groups(self.param_groups)
         except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
+        self._has_dtensors = dtensors
+        self._find_groups(group["params"])
         self._tensor_lr(group)
         self._plan_key = None
         self._refresh_reductions()
@@ -523,6 +573,7 @@ class BucketedOptimizer(Optimizer):
         self._settled = not torch.compiler.is_compiling()
         self._check_step()
         self._refresh_reductions()  # a user may have edited group["params"]
+        self._check_same_parameters()
         for gi, group in enumerate(self.param_groups):
             if not isinstance(group["lr"], Tensor):  # a float assigned since: validated above
                 self._tensor_lr(group)
@@ -738,7 +789,8 @@ class BucketedOptimizer(Optimizer):
     # only: keep this optimizer's own settings too, but not the buckets (their
     # rings are rebuilt from the per-parameter state, whose views the copy
     # holds, at the next step) nor the step hooks.
-    _TRANSIENT = ("_buckets", "_plan", "_plan_key", "_has_grad", "_settled")
+    _TRANSIENT = ("_buckets", "_plan", "_plan_key", "_has_grad", "_settled",
+                  "_reduction_of", "_reduction_list", "_plain_key")  # derived: worked out again
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -751,9 +803,11 @@ class BucketedOptimizer(Optimizer):
         super().__setstate__(state)
         self._forget_buckets()
         # The copy's parameters are new objects: their keys are worked out again.
-        self.__dict__.setdefault("process_group", None)
-        self.__dict__.setdefault("_has_dtensors", True)
-        self._plain_key = group_key(self.process_group)
+        for key, value in (("process_group", None), ("_has_dtensors", True), ("_found_group", None),
+                           ("_found_keys", {}), ("_same_params_checked", True)):
+            self.__dict__.setdefault(key, value)
+        self._found_keys = {id(p): (p, key) for p, key in self._found_keys.values()}
+        self._plain_key = self._group_key()
         self._reduction_of = {}
         self._reduction_list = (None, [])
         self._refresh_reductions()

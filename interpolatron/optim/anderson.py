@@ -97,10 +97,16 @@ class Anderson(BucketedOptimizer):
             rings (see :class:`~interpolatron.optim.Interpolatron`).
         stochastic_rounding, sr_seed: unbiased stochastic rounding of every
             16-bit write (see :class:`~interpolatron.optim.Interpolatron`).
-        process_group: for plain-tensor shards (FSDP1 flat parameters,
-            ``ZeroRedundancyOptimizer``), the group whose ranks hold the rest
-            of the model: the Gram is summed over it. DTensor parameters
-            (FSDP2) need nothing: their mesh says where the other shards are.
+        process_group: for plain-tensor slices of one model, the group whose
+            ranks hold the rest of it: the Gram is summed over it. ``None``
+            (the default): taken from a ``ZeroRedundancyOptimizer`` building
+            this optimizer and from FSDP1's flat parameters; otherwise, under
+            an initialised process group of more than one rank, the first
+            step checks once (one all-reduce) that every rank holds the same
+            parameters (DDP) and raises, naming the fix, if not. ``"local"``:
+            each rank's parameters are its whole model (no sum, no check).
+            DTensor parameters (FSDP2) need nothing: their mesh says where the
+            other shards are.
 
     Sharded parameters: every rank keeps its shards' partial Gram matrix and
     one all-reduce per step (float64, ``k x k``) sums it into the whole model's,

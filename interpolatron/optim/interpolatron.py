@@ -76,9 +76,10 @@ class Interpolatron(BucketedOptimizer):
             after a resume. Both are param-group settings, saved in the
             ``state_dict``.
         sr_seed: the seed of the stochastic rounding, an integer in ``[0, 2**32)``.
-        process_group: for plain-tensor shards (FSDP1 flat parameters,
-            ``ZeroRedundancyOptimizer``), the group holding the other shards;
-            only the diagnostics use it. DTensor parameters need nothing.
+        process_group: for plain-tensor slices of one model, the group holding
+            the other slices; only the diagnostics use it (found or checked
+            as for :class:`~interpolatron.optim.Anderson` when ``None``, and
+            only with ``diagnostics=True``). DTensor parameters need nothing.
 
     A step communicates nothing: the update is elementwise on each rank's
     shards. Only ``diagnostics=True`` on sharded parameters adds one
@@ -99,6 +100,9 @@ class Interpolatron(BucketedOptimizer):
         self._diagnostics_on = diagnostics
         self._diag: dict[str, Tensor] = {}
         super().__init__(params, defaults, backend, master_weights, process_group)
+
+    def _reduces(self) -> bool:
+        return self._diagnostics_on
 
     def _validate_group(self, group: dict, read_lr: bool = True) -> None:
         super()._validate_group(group, read_lr)
