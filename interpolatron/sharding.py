@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.utils.dlpack
 from torch import Tensor
 
 try:
@@ -120,8 +121,15 @@ def as_history(view: Tensor, p: Tensor) -> Tensor:
     if not is_dtensor(p):
         return view
     shape = (view.shape[0],) + tuple(p.shape)
+    # A DTensor takes its local tensor's storage offset, and torch cannot
+    # deep-copy a DTensor with one (copy.deepcopy(opt.state_dict()) failed:
+    # "invalid python storage"): the local tensor is an alias of the view
+    # that starts its own storage (DLPack shares the memory, offset 0).
+    alias = view
+    if view.storage_offset():
+        alias = torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(view))
     with torch.no_grad():
-        return DTensor.from_local(view, p.device_mesh, history_placements(p),
+        return DTensor.from_local(alias, p.device_mesh, history_placements(p),
                                   run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape))
 
 

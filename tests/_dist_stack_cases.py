@@ -119,3 +119,75 @@ def partitioned_without_group(rank, world, name, process_group=None, diagnostics
                 "state": len(opt.state)}
     return {"error_text": None, "params": {i: p.detach().clone() for i, p in zip(mine, params)}}
 
+
+# -- item 7: copies --------------------------------------------------------------------
+
+def _step_all(pairs, grads):
+    """Give each (optimizer, params) the same gradients and step it."""
+    for opt, params, make_grad in pairs:
+        for p, g in zip(params, grads):
+            p.grad = make_grad(g)
+        opt.step()
+
+
+def copies(rank, world, steps):
+    """deepcopy and pickle of an Anderson with process_group= (a hand partition)
+    and of one over DTensor shards, and deepcopy of the DTensor one's state_dict."""
+    import copy
+    import pickle
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {}
+    x0, grads = C.global_data(torch.float32, steps)
+    mine = [i for i in range(len(C.SHAPES)) if i % world == rank]
+    params = [x0[i].clone().requires_grad_() for i in mine]
+    opt = interpolatron.Anderson(params, lr=0.1, history=3, weight_decay=0.01, backend="torch",
+                                 process_group=dist.group.WORLD)
+    plain = lambda g: g.clone()  # noqa: E731
+    for t in range(2):
+        _step_all([(opt, params, plain)], [grads[t][i] for i in mine])
+    twin = copy.deepcopy(opt)
+    out["same_group"] = twin.process_group is opt.process_group
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for t in range(2, steps):
+        _step_all([(opt, params, plain), (twin, twin_params, plain)], [grads[t][i] for i in mine])
+    out["group_copy_bitwise"] = (torch.equal(opt.coefficients, twin.coefficients)
+                                 and all(torch.equal(a, b) for a, b in zip(params, twin_params)))
+    out["group_copy_moved"] = not all(torch.equal(a, x0[i]) for a, i in zip(twin_params, mine))
+    try:
+        pickle.dumps(opt)
+        out["pickle"] = None
+    except TypeError as exc:
+        out["pickle"] = str(exc)
+
+    mesh, place = C._layout(world, "1d", "cpu")
+    dparams = [nn.Parameter(distribute_tensor(x.clone(), mesh, pl, src_data_rank=None))
+               for x, pl in zip(x0, place)]
+    dopt = interpolatron.Anderson(dparams, lr=0.1, history=3, weight_decay=0.01, backend="torch")
+    shard = lambda pl: lambda g: distribute_tensor(g, mesh, pl, src_data_rank=None)  # noqa: E731
+    for t in range(2):
+        for p, g, pl in zip(dparams, grads[t], place):
+            p.grad = shard(pl)(g)
+        dopt.step()
+    sd = dopt.state_dict()
+    copied = copy.deepcopy(sd)
+    hist = sd["state"][1]["x_hist"]
+    out["sd_copy_equal"] = all(
+        torch.equal(copied["state"][i][k].full_tensor(), sd["state"][i][k].full_tensor())
+        for i in sd["state"] for k in ("x_hist", "g_hist"))
+    copied["state"][1]["x_hist"].to_local().add_(1.0)  # the copy owns its memory
+    out["sd_copy_independent"] = torch.equal(hist.full_tensor(), sd["state"][1]["x_hist"].full_tensor()) and \
+        not torch.equal(hist.full_tensor(), copied["state"][1]["x_hist"].full_tensor())
+    dtwin = copy.deepcopy(dopt)
+    twin_dparams = [p for g in dtwin.param_groups for p in g["params"]]
+    for t in range(2, steps):
+        for ps, o in ((dparams, dopt), (twin_dparams, dtwin)):
+            for p, g, pl in zip(ps, grads[t], place):
+                p.grad = shard(pl)(g)
+            o.step()
+    out["dtensor_copy_bitwise"] = (torch.equal(dopt.coefficients, dtwin.coefficients)
+                                   and all(torch.equal(a.full_tensor(), b.full_tensor())
+                                           for a, b in zip(dparams, twin_dparams)))
+    return out

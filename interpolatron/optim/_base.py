@@ -10,6 +10,7 @@ can rebuild the buckets from it.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -791,6 +792,38 @@ class BucketedOptimizer(Optimizer):
     # holds, at the next step) nor the step hooks.
     _TRANSIENT = ("_buckets", "_plan", "_plan_key", "_has_grad", "_settled",
                   "_reduction_of", "_reduction_list", "_plain_key")  # derived: worked out again
+
+    def _live_groups(self) -> list:
+        """The process groups this optimizer refers to: live connections between
+        processes, not data (a copy shares them; pickling cannot carry them)."""
+        groups = [g for g in (self.process_group, self._found_group) if g is not None and g != LOCAL]
+        for _, key in self._found_keys.values():
+            groups.extend(key)
+        return groups
+
+    def __deepcopy__(self, memo: dict) -> BucketedOptimizer:
+        for group in self._live_groups():
+            memo.setdefault(id(group), group)  # the copy uses the same group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def __copy__(self) -> BucketedOptimizer:
+        new = type(self).__new__(type(self))
+        new.__setstate__(self.__getstate__())
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if self._live_groups():
+            raise TypeError(
+                f"{type(self).__name__} refers to a process group (process_group=, or one it found or "
+                f"its sharded parameters use), a live connection between processes that pickle "
+                f"cannot carry. copy.deepcopy(optimizer) works (the copy shares the group); to save "
+                f"the optimizer, save optimizer.state_dict() (torch.save, or "
+                f"torch.distributed.checkpoint) and load_state_dict() it into an optimizer built "
+                f"with the same process_group")
+        return super().__reduce_ex__(protocol)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

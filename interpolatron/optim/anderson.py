@@ -254,6 +254,10 @@ class Anderson(BucketedOptimizer):
                 raise CheckpointError(f"{what('anderson_active')} marks parameter {i}, which has no history")
         state[anchor] = {**{key: v for key, v in entry.items() if key not in GLOBAL_KEYS}, **new}
 
+    def _live_groups(self) -> list:
+        # The partial Grams are kept per reduction key (tuples of process groups).
+        return super()._live_groups() + [g for key in self._local_grams for g in key]
+
     def _after_load(self) -> None:
         self._active_sig = None
         self._streak = None
