@@ -191,3 +191,51 @@ def copies(rank, world, steps):
                                    and all(torch.equal(a.full_tensor(), b.full_tensor())
                                            for a, b in zip(dparams, twin_dparams)))
     return out
+
+
+# -- item 5: sharded Anderson resumes bitwise on the same layout -------------------------
+
+def sharded_resume(rank, world, backend, dtype, steps, save_at, skips):
+    """Anderson on DTensor shards (1d layout), uninterrupted and resumed at
+    ``save_at`` from ``state_dict()`` into a new optimizer over new parameter
+    objects of the same layout. ``skips``: steps at which some parameters have
+    no gradient (the partial Grams are rebuilt)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    # Large enough that float64 sums of products round (C.SHAPES' are exact) and span
+    # several column blocks of gram.ring_gram.
+    shapes = [(301, 7), (150001,), (5,), (64, 33)]
+    mesh = init_device_mesh("cpu", (world,))
+    place = [[Replicate()] if i == 2 else [Shard(0)] for i in range(len(shapes))]
+    gen = torch.Generator().manual_seed(3)
+    x0 = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+             for _ in range(steps)]
+
+    def make(params):
+        return interpolatron.Anderson(params, lr=0.1, history=3, weight_decay=0.01, backend=backend)
+
+    def run(params, opt, first, last, coefs):
+        for step in range(first, last):
+            for i, (p, g, pl) in enumerate(zip(params, grads[step], place)):
+                skip = i in skips.get(step, ())
+                p.grad = None if skip else distribute_tensor(g, mesh, pl, src_data_rank=None)
+            opt.step()
+            coefs.append(opt.coefficients.detach().clone())
+
+    out = {}
+    for mode in ("straight", "resumed"):
+        params = [nn.Parameter(distribute_tensor(x.clone(), mesh, pl, src_data_rank=None))
+                  for x, pl in zip(x0, place)]
+        opt, coefs = make(params), []
+        if mode == "straight":
+            run(params, opt, 0, steps, coefs)
+        else:
+            run(params, opt, 0, save_at, coefs)
+            sd = opt.state_dict()
+            params = [nn.Parameter(p.detach().clone()) for p in params]
+            opt = make(params)
+            opt.load_state_dict(sd)
+            run(params, opt, save_at, steps, coefs)
+        out[mode] = {"coefs": torch.stack(coefs), "params": [p.detach().full_tensor() for p in params]}
+    return out
