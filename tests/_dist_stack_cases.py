@@ -239,3 +239,35 @@ def sharded_resume(rank, world, backend, dtype, steps, save_at, skips):
             run(params, opt, save_at, steps, coefs)
         out[mode] = {"coefs": torch.stack(coefs), "params": [p.detach().full_tensor() for p in params]}
     return out
+
+
+# -- item 4: a DCP resume on the same layout is bitwise ---------------------------------
+
+def dcp_load_model_first(rank, world, name, saved_at, steps, path):
+    """A fresh FSDP2 model loads its state from the checkpoint first; then the
+    fresh optimizer's template (get_optimizer_state_dict initialises it with an
+    lr-0 step on zero gradients of the loaded model), its state, and training
+    on to ``steps``. Returns whether the initialising step moved the model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = C._fsdp2_model()
+    opt = C.OPTIMIZERS[name](model.parameters())
+    model_sd = get_model_state_dict(model)
+    dcp.load({"model": model_sd}, checkpoint_id=path)
+    set_model_state_dict(model, model_sd)
+    loaded = C.full_params(model)
+    optim_sd = get_optimizer_state_dict(model, opt)
+    moved = max((a - b).abs().max().item() for a, b in zip(C.full_params(model), loaded))
+    dcp.load({"optim": optim_sd}, checkpoint_id=path)
+    set_optimizer_state_dict(model, opt, optim_sd)
+    coefs: list = [None] * saved_at
+    C.train(model, opt, saved_at, steps, coefs)
+    resumed = coefs[saved_at:]
+    return {"params": C.full_params(model), "coefs": torch.stack(resumed) if resumed else None,
+            "moved": moved}

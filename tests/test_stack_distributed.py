@@ -1,7 +1,7 @@
 """Issue 17 on several local ranks (gloo on the CPU, spawned, bounded time):
 Anderson compiled from its first step on DTensor shards (item 3), the
 process group taken or checked when none is given (item 2), sharded
-resumes on the same layout (item 5), copies of optimizers with process
+resumes on the same layout (items 4 and 5), copies of optimizers with process
 groups and of DTensor state (item 7). Every case is
 compared with an eager, a single-process or an uninterrupted run.
 
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_avail
 
 STEPS = 5
 MODEL_STEPS = 5
+DCP_SAVED_AT, DCP_TOTAL = 3, 11
 # The C++ extension's CPU kernels, where built.
 CPP = next((name for name, why in availability("cpu", torch.float32).items()
             if name == "native" and why is None), None)
@@ -37,7 +38,8 @@ RESUMES = [("plain", 3, {}), ("skips", 4, {1: (1,), 2: (1, 3)})]
 
 
 @pytest.fixture(scope="module")
-def world2():
+def world2(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("dcp-same-layout")
     cases = [(f"compiled-{c}", S.anderson_dtensor_compiled, (c, STEPS)) for c in ("aot_eager", "inductor")]
     for name in ("anderson", "interpolatron"):
         cases += [(f"zero-auto-{name}", S.zero_auto, (name, MODEL_STEPS)),
@@ -49,6 +51,10 @@ def world2():
               ("partitioned-interpolatron", S.partitioned_without_group, ("interpolatron",)),
               ("partitioned-diagnostics", S.partitioned_without_group, ("interpolatron", None, True)),
               ("copies", S.copies, (STEPS,))]
+    for name in ("anderson", "interpolatron"):
+        path = str(ckpt / name)
+        cases += [(f"dcp-save-{name}", C.dcp_save, (name, DCP_SAVED_AT, DCP_TOTAL, path)),
+                  (f"dcp-load-{name}", S.dcp_load_model_first, (name, DCP_SAVED_AT, DCP_TOTAL, path))]
     for backend in RESUME_BACKENDS:
         for dtype in (torch.float32, torch.float64):
             for label, save_at, skips in RESUMES:
@@ -206,3 +212,20 @@ def test_sharded_anderson_resumes_bitwise_on_the_same_layout(world2, backend, dt
         diff = (straight["coefs"] - resumed["coefs"]).abs().max().item()
         assert torch.equal(straight["coefs"], resumed["coefs"]), diff
         assert all(torch.equal(a, b) for a, b in zip(straight["params"], resumed["params"]))
+
+
+# -- item 4: a DCP resume on the same layout is bitwise ------------------------------------
+
+@pytest.mark.parametrize("name", ["anderson", "interpolatron"])
+def test_dcp_resume_on_the_same_layout_is_bitwise(world2, name):
+    """FSDP2 on 2 ranks, saved with dcp.save after DCP_SAVED_AT steps and
+    loaded on 2 ranks (the model first, then the optimizer, whose template
+    torch initialises with an lr-0 step on zero gradients): the initialising
+    step leaves the loaded model bitwise as it was, and training continues the
+    uninterrupted run bitwise (parameters and Anderson's coefficients)."""
+    straight = _case(world2, f"dcp-save-{name}")
+    for res, ref in zip(_case(world2, f"dcp-load-{name}"), straight):
+        assert res["moved"] == 0.0
+        assert all(torch.equal(a, b) for a, b in zip(res["params"], ref["params"]))
+        if ref["coefs"] is not None:
+            assert torch.equal(res["coefs"], ref["coefs"][DCP_SAVED_AT:])

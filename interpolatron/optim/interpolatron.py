@@ -14,6 +14,13 @@ from ..sharding import collective_device
 from ._base import BucketedOptimizer, scheduler_ready
 
 
+def _unit(k: int, device: torch.device) -> Tensor:
+    """e_1 (float64): the coefficients of an SGD step."""
+    e1 = torch.zeros(k, dtype=torch.float64, device=device)
+    e1[0] = 1
+    return e1
+
+
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
     if isinstance(alphas, (str, bytes)):
         raise ValueError(f"alphas must be a sequence of numbers, got {alphas!r}")
@@ -126,6 +133,9 @@ class Interpolatron(BucketedOptimizer):
                     alphas = alphas.pin_memory()
                 b.coefs.copy_(alphas, non_blocking=True)
                 b.coefs_seen = group["alphas"]
+            if getattr(b, "first_coefs", None) is None:
+                b.first_coefs = _unit(b.coefs.numel(), b.device)
+                b.past_first = False
 
     @scheduler_ready
     @torch.no_grad()
@@ -149,6 +159,12 @@ class Interpolatron(BucketedOptimizer):
                 # retraces, and _init_group refreshes b.coefs).
                 coefs = (b.coefs if group["alphas"] == b.coefs_seen
                          else torch.tensor(group["alphas"], dtype=torch.float64, device=b.device))
+                if torch.compiler.is_compiling() or not b.past_first:
+                    # The first step is SGD, x0 - lr * g0 rounded as k = 1 rounds it:
+                    # coefficients e_1 while the count is 0 (decided on the device, so
+                    # also when GradScaler skipped the first step), not the alphas
+                    # over k identical copies of x0 and g0, which round differently.
+                    coefs = torch.where(b.count == 0, b.first_coefs, coefs)
                 gram = b.gram if self._diagnostics_on else None
                 ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
                             group["weight_decay"], group["maximize"], gram, b.backend.name, b.cache,
@@ -158,6 +174,9 @@ class Interpolatron(BucketedOptimizer):
                 if work or reductions:
                     self._record_diagnostics(work, reductions)
             self._advance(work, amp)
+            if not amp.may_skip and not torch.compiler.is_compiling():
+                for w in work:  # the count is past 0 now (known on the host: no read)
+                    w.bucket.past_first = True
         finally:
             self._end_step(swapped)
         return loss
