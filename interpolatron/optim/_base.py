@@ -457,6 +457,10 @@ class BucketedOptimizer(Optimizer):
     # (its rings are rebuilt from the per-parameter state, whose views the
     # copy holds, at the next step) nor the step hooks.
     _TRANSIENT = ("_plan", "_settled")
+    # Caches that a step rebuilds when they are missing and that may refer to
+    # process groups (Anderson's partial Grams): deepcopy keeps them (sharing
+    # the groups), pickle leaves them out, with an empty value of their type.
+    _REBUILT: tuple[str, ...] = ()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -470,15 +474,18 @@ class BucketedOptimizer(Optimizer):
         self._forget_buckets()
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("_same_params_checked", True)
+        for key in self._REBUILT:
+            self.__dict__.setdefault(key, {})
         if "_keys" not in self.__dict__:
             self._keys = ReductionKeys(self.process_group)
             self._keys.add([p for g in self.param_groups for p in g["params"]], {})
         # The copy's parameters are new objects: their keys are worked out again.
         self._keys.refresh(self.param_groups)
 
-    def _live_groups(self) -> list:
+    def _live_groups(self, pickled: bool = False) -> list:
         """The process groups this optimizer refers to: live connections between
-        processes, not data (a copy shares them; pickling cannot carry them)."""
+        processes, not data (a copy shares them; pickling cannot carry them).
+        ``pickled``: only those that pickle would carry (not in ``_REBUILT``)."""
         return self._keys.live_groups()
 
     def __deepcopy__(self, memo: dict) -> BucketedOptimizer:
@@ -495,7 +502,7 @@ class BucketedOptimizer(Optimizer):
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        if self._live_groups():
+        if self._live_groups(pickled=True):
             raise TypeError(
                 f"{type(self).__name__} refers to a process group (process_group=, or one it found or "
                 f"its sharded parameters use), a live connection between processes that pickle "
@@ -503,7 +510,11 @@ class BucketedOptimizer(Optimizer):
                 f"the optimizer, save optimizer.state_dict() (torch.save, or "
                 f"torch.distributed.checkpoint) and load_state_dict() it into an optimizer built "
                 f"with the same process_group")
-        return super().__reduce_ex__(protocol)
+        reduced = super().__reduce_ex__(protocol)
+        if not self._REBUILT or not isinstance(reduced, tuple) or len(reduced) < 3:
+            return reduced
+        state = {k: v for k, v in reduced[2].items() if k not in self._REBUILT}
+        return reduced[:2] + (state,) + reduced[3:]
 
     # -- introspection --------------------------------------------------
     def backends_in_use(self) -> dict[str, str]:

@@ -119,6 +119,10 @@ class Anderson(BucketedOptimizer):
     _algorithm = "Anderson"
     # A pending device-to-host copy of the streak (a CUDA event): not copied.
     _TRANSIENT = BucketedOptimizer._TRANSIENT + ("_streak_copy",)
+    # The partial Grams of sharded parameters, keyed by process groups: a
+    # pickled copy rebuilds them from the rings (bitwise for float32/float64
+    # rings, see _ring_partial).
+    _REBUILT = ("_local_grams",)
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2, history: int = 2, reg: float = 0.0,
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
@@ -256,9 +260,10 @@ class Anderson(BucketedOptimizer):
                 raise CheckpointError(f"{what('anderson_active')} marks parameter {i}, which has no history")
         state[anchor] = {**{key: v for key, v in entry.items() if key not in GLOBAL_KEYS}, **new}
 
-    def _live_groups(self) -> list:
+    def _live_groups(self, pickled: bool = False) -> list:
         # The partial Grams are kept per reduction key (tuples of process groups).
-        return super()._live_groups() + [g for key in self._local_grams for g in key]
+        kept = [] if pickled else [g for key in self._local_grams for g in key]
+        return super()._live_groups(pickled) + kept
 
     def _after_load(self) -> None:
         self._active_sig = None
