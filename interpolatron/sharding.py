@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.utils.dlpack
 from torch import Tensor
 
 try:
@@ -68,9 +69,14 @@ def reduction_key(p: Tensor, process_group: Any = None) -> ReductionKey:
     return group_key(process_group)
 
 
+# ``process_group="local"``: each rank's parameters are its whole model (no
+# sum over ranks, and no check that the ranks hold the same parameters).
+LOCAL = "local"
+
+
 def group_key(process_group: Any) -> ReductionKey:
     """The reduction key of a plain-tensor shard held with others in ``process_group``."""
-    if process_group is not None and _group_size(process_group) > 1:
+    if process_group is not None and not isinstance(process_group, str) and _group_size(process_group) > 1:
         return (process_group,)
     return ()
 
@@ -120,8 +126,15 @@ def as_history(view: Tensor, p: Tensor) -> Tensor:
     if not is_dtensor(p):
         return view
     shape = (view.shape[0],) + tuple(p.shape)
+    # A DTensor takes its local tensor's storage offset, and torch cannot
+    # deep-copy a DTensor with one (copy.deepcopy(opt.state_dict()) failed:
+    # "invalid python storage"): the local tensor is an alias of the view
+    # that starts its own storage (DLPack shares the memory, offset 0).
+    alias = view
+    if view.storage_offset():
+        alias = torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(view))
     with torch.no_grad():
-        return DTensor.from_local(view, p.device_mesh, history_placements(p),
+        return DTensor.from_local(alias, p.device_mesh, history_placements(p),
                                   run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape))
 
 
@@ -136,48 +149,96 @@ def collective_device(process_group: Any) -> torch.device:
 
 
 class ReductionKeys:
-    """One optimizer's reduction keys: each parameter's (cached: placements do
-    not change), and the list of every key a step sums over.
+    """One optimizer's reduction keys: each parameter's, and the list of every
+    key a step sums over.
 
-    Without a DTensor parameter (``has_dtensors`` False, the fast path) every
-    parameter's key is the ``process_group``'s; ``add_param_group`` sets the
-    flag when a DTensor arrives."""
+    They are worked out eagerly, on the host: when parameters are added
+    (:meth:`add`), after a copy, and by :meth:`refresh` in a step's eager host
+    setup when the parameters changed. What the traced part of a compiled step
+    reads (:meth:`of`, :meth:`all`) only looks them up: a cache filled while
+    Dynamo traces takes another path when its analysis restarts
+    (SpeculationLogDivergence: Anderson could not compile its first step).
 
-    def __init__(self, process_group: Any = None):
+    A plain parameter's key is the ``process_group``'s, else the ``found``
+    group's (a ``ZeroRedundancyOptimizer`` building the optimizer), else, per
+    parameter, the group found for it (FSDP1 flat parameters, :meth:`add`).
+    Without a DTensor or a parameter whose group was found (``per_param``
+    False, the fast path) every parameter shares that one key."""
+
+    def __init__(self, process_group: Any = None, found: Any = None):
         self.process_group = process_group
-        self.has_dtensors = False
+        self.found = found
+        self.per_param = False
+        # id(p) -> (p, key): plain parameters whose group was found (FSDP1).
+        self.found_keys: dict[int, tuple[Tensor, ReductionKey]] = {}
+        self._derive()
+
+    def _derive(self) -> None:
+        group = self.process_group if self.process_group is not None else self.found
+        self._plain = group_key(group)
         # id(p) -> (p, its key): computed once per parameter, not per parameter per step.
         self._of: dict[int, tuple[Tensor, ReductionKey]] = {}
-        self._plain: ReductionKey | None = None
-        self._list: tuple[tuple, list[ReductionKey]] | None = None
+        self._list: tuple[tuple | None, list[ReductionKey]] = (None, [])
+
+    def add(self, params: list[Tensor], found: dict[int, Any]) -> None:
+        """Parameters just added (``reduction_key`` accepted them); ``found``:
+        ``id(p) -> the process group found for a plain p``."""
+        by_id = {id(p): p for p in params}
+        for i, group in found.items():
+            self.found_keys[i] = (by_id[i], group_key(group))
+        if found or any(is_dtensor(p) for p in params):
+            self.per_param = True
 
     def plain(self) -> ReductionKey:
-        """The key of a plain-tensor parameter (the ``process_group``'s)."""
-        if self._plain is None:
-            self._plain = group_key(self.process_group)
+        """The key of a plain-tensor parameter whose group was not found per parameter."""
         return self._plain
 
     def of(self, p: Tensor) -> ReductionKey:
         """The process groups ``p``'s dot products are summed over."""
-        if not self.has_dtensors:
-            return self.plain()
+        if not self.per_param:
+            return self._plain
         entry = self._of.get(id(p))
         if entry is None or entry[0] is not p:
-            entry = self._of[id(p)] = (p, reduction_key(p, self.process_group))
+            found = self.found_keys.get(id(p))
+            key = found[1] if found is not None and found[0] is p else (
+                reduction_key(p) if is_dtensor(p) else self._plain)
+            entry = self._of[id(p)] = (p, key)
         return entry[1]
 
-    def all(self, groups: list[dict]) -> list[ReductionKey]:
-        """Every key of the parameters of ``groups``, in parameter order (the
-        same on every rank: collectives are issued in this order), plus the
-        ``process_group``'s own (a ZeRO rank may own no parameter, yet it must
-        join the sum)."""
-        if not self.has_dtensors:
-            plain = self.plain()
-            return [plain] if plain else []
+    def refresh(self, groups: list[dict]) -> None:
+        """Work out the keys again if the parameters of ``groups`` changed (host only)."""
         params = tuple(id(p) for g in groups for p in g["params"])
-        if self._list is None or self._list[0] != params:
-            keys = [self.of(p) for g in groups for p in g["params"]]
-            if self.process_group is not None:
-                keys.append(group_key(self.process_group))
-            self._list = (params, [k for k in dict.fromkeys(keys) if k])
+        if self._list[0] == params:
+            return
+        if not self.per_param:
+            keys = [self._plain]
+        else:
+            # Every parameter's key in parameter order (the same on every rank:
+            # collectives are issued in this order), plus the plain key (a ZeRO
+            # rank may own no parameter, yet it must join the sum).
+            keys = [self.of(p) for g in groups for p in g["params"]] + [self._plain]
+        self._list = (params, [k for k in dict.fromkeys(keys) if k])
+
+    def all(self) -> list[ReductionKey]:
+        """Every key a step sums over, as of the last :meth:`refresh` (read only)."""
         return self._list[1]
+
+    def live_groups(self) -> list:
+        """The process groups referred to: live connections between processes,
+        not data (a copy shares them; pickle cannot carry them)."""
+        groups = [g for g in (self.process_group, self.found) if g is not None and not isinstance(g, str)]
+        for _, key in self.found_keys.values():
+            groups.extend(key)
+        return groups
+
+    # A copy keeps the settings and the groups found; the keys of its
+    # parameters (new objects) are worked out again (:meth:`refresh`).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"process_group": self.process_group, "found": self.found, "per_param": self.per_param,
+                "found_keys": list(self.found_keys.values())}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.process_group, self.found = state["process_group"], state["found"]
+        self.per_param = state["per_param"]
+        self.found_keys = {id(p): (p, key) for p, key in state["found_keys"]}
+        self._derive()

@@ -7,6 +7,7 @@ their own modules; this class wires them into one ``step``.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -27,8 +28,10 @@ from ._checks import (
     check_param,
     check_real,
     check_rounding,
+    identical,
 )
 from ._master import Swapped, enter_master, exit_master, state_dtype
+from ._process_groups import check_process_group, check_same_parameters, fsdp1_groups, zero_group
 
 __all__ = ["BucketedOptimizer", "scheduler_ready"]
 
@@ -75,8 +78,14 @@ class BucketedOptimizer(Optimizer):
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
+        check_process_group(process_group)
         self.process_group = process_group
-        self._keys = ReductionKeys(process_group)
+        # Without process_group=, the group of a ZeroRedundancyOptimizer building
+        # this one (see _process_groups.py); FSDP1's are found per parameter.
+        self._keys = ReductionKeys(process_group, zero_group() if process_group is None else None)
+        # Whether the plain parameters whose group is unknown were checked
+        # to be the same on every rank (_check_same_parameters).
+        self._same_params_checked = True
         self._plan = BucketPlan()
         # The host setup of the last step holds for the next (a compiled step
         # may skip it). A flag on the optimizer itself, not on the plan: Dynamo
@@ -92,8 +101,34 @@ class BucketedOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     def _reductions(self) -> list[tuple]:
-        """Every reduction key of this optimizer's parameters, in an order all ranks share."""
-        return self._keys.all(self.param_groups)
+        """Every reduction key of this optimizer's parameters, in an order all
+        ranks share (read only: worked out on the host, see ReductionKeys)."""
+        return self._keys.all()
+
+    def _find_groups(self, params: list[Tensor]) -> None:
+        """Without process_group=: the groups FSDP1 shards these parameters over;
+        a plain parameter whose group stays unknown is checked at the next step."""
+        keys = self._keys
+        found = {} if self.process_group is not None or keys.found is not None else fsdp1_groups(params)
+        keys.add(params, found)
+        if self.process_group is None and keys.found is None and any(
+                not is_dtensor(p) and id(p) not in keys.found_keys for p in params):
+            self._same_params_checked = False
+
+    def _reduces(self) -> bool:
+        """Whether a step needs whole-model dot products (Anderson; Interpolatron's diagnostics)."""
+        return True
+
+    def _check_same_parameters(self) -> None:
+        """Once, before a step that needs whole-model dot products: the plain
+        parameters whose group is unknown must be the same on every rank."""
+        if self._same_params_checked or not self._reduces():
+            return
+        plain = [p for g in self.param_groups for p in g["params"]
+                 if not is_dtensor(p) and id(p) not in self._keys.found_keys]
+        if plain:
+            check_same_parameters(type(self).__name__, plain)
+        self._same_params_checked = True
 
     # -- subclass hooks -------------------------------------------------
     def _ring_slots(self, group: dict) -> tuple[int, int]:
@@ -170,13 +205,14 @@ class BucketedOptimizer(Optimizer):
                 check_param(p)
                 if is_dtensor(p):
                     reduction_key(p)  # a Partial placement fails now
-                    self._keys.has_dtensors = True
                 resolve(self.backend, p.device, p.dtype)  # fail now, not at the first step
             self._validate_group(group)
             self._validate_groups(self.param_groups)
         except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
+        self._find_groups(group["params"])
+        self._keys.refresh(self.param_groups)
         self._tensor_lr(group)
         self._plan.key = None
         if isinstance(group["lr"], Tensor):
@@ -190,23 +226,36 @@ class BucketedOptimizer(Optimizer):
         self._check_step()
 
     def _check_step(self) -> None:
-        """Everything a step needs, before it writes anything."""
-        has_dtensors = self._keys.has_dtensors
+        """Everything a step needs, before it writes anything. The settings are
+        checked on copies of the groups: a refused step leaves every group
+        dict as it was. Only once every check has passed does a value that a
+        user assigned since in another valid form (a list of alphas, an int
+        weight decay) take the form the group was added with, which the step
+        then uses."""
+        per_param = self._keys.per_param
+        trials, checked = [], {}
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
+            trial = dict(group)
             try:
-                self._validate_group(group, read_lr=self._lr_checked.get(gi) is not lr)
+                self._validate_group(trial, read_lr=self._lr_checked.get(gi) is not lr)
             except ValueError as exc:
                 raise ValueError(f"param group {gi}: {exc}") from exc
             if isinstance(lr, Tensor):
-                self._lr_checked[gi] = lr
+                checked[gi] = lr
+            trials.append(trial)
             for p in group["params"]:
                 if p.grad is not None:
                     check_grad(p)
-                    if has_dtensors:
+                    if per_param:
                         check_grad_layout(p)
-        self._validate_groups(self.param_groups)
+        self._validate_groups(trials)
         self._check_k_unchanged()
+        self._lr_checked.update(checked)
+        for group, trial in zip(self.param_groups, trials):
+            for key, value in trial.items():
+                if key not in group or not identical(group[key], value):
+                    group[key] = value
 
     @staticmethod
     def _tensor_lr(group: dict) -> None:
@@ -309,12 +358,14 @@ class BucketedOptimizer(Optimizer):
         self._opt_called = True  # what an LR scheduler's step wrapper would record
         self._settled = not torch.compiler.is_compiling()
         self._check_step()
+        self._keys.refresh(self.param_groups)  # a user may have edited group["params"]
+        self._check_same_parameters()
         for gi, group in enumerate(self.param_groups):
             if not isinstance(group["lr"], Tensor):  # a float assigned since: validated above
                 self._tensor_lr(group)
                 self._lr_checked[gi] = group["lr"]
         rules = PlanRules(self.backend, self._ring_slots, self._coef_len, self._keys.of,
-                          None if self._keys.has_dtensors else self._keys.plain())
+                          None if self._keys.per_param else self._keys.plain())
         self._plan.update(self.param_groups, self.state, rules, self._amp, self._stale_warm)
         self._stale_warm = self._plan.refresh_stale_warm_starts(self.param_groups, self.state, self._amp,
                                                                 self._stale_warm)
@@ -406,6 +457,10 @@ class BucketedOptimizer(Optimizer):
     # (its rings are rebuilt from the per-parameter state, whose views the
     # copy holds, at the next step) nor the step hooks.
     _TRANSIENT = ("_plan", "_settled")
+    # Caches that a step rebuilds when they are missing and that may refer to
+    # process groups (Anderson's partial Grams): deepcopy keeps them (sharing
+    # the groups), pickle leaves them out, with an empty value of their type.
+    _REBUILT: tuple[str, ...] = ()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -417,6 +472,49 @@ class BucketedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._forget_buckets()
+        self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("_same_params_checked", True)
+        for key in self._REBUILT:
+            self.__dict__.setdefault(key, {})
+        if "_keys" not in self.__dict__:
+            self._keys = ReductionKeys(self.process_group)
+            self._keys.add([p for g in self.param_groups for p in g["params"]], {})
+        # The copy's parameters are new objects: their keys are worked out again.
+        self._keys.refresh(self.param_groups)
+
+    def _live_groups(self, pickled: bool = False) -> list:
+        """The process groups this optimizer refers to: live connections between
+        processes, not data (a copy shares them; pickling cannot carry them).
+        ``pickled``: only those that pickle would carry (not in ``_REBUILT``)."""
+        return self._keys.live_groups()
+
+    def __deepcopy__(self, memo: dict) -> BucketedOptimizer:
+        for group in self._live_groups():
+            memo.setdefault(id(group), group)  # the copy uses the same group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def __copy__(self) -> BucketedOptimizer:
+        new = type(self).__new__(type(self))
+        new.__setstate__(self.__getstate__())
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if self._live_groups(pickled=True):
+            raise TypeError(
+                f"{type(self).__name__} refers to a process group (process_group=, or one it found or "
+                f"its sharded parameters use), a live connection between processes that pickle "
+                f"cannot carry. copy.deepcopy(optimizer) works (the copy shares the group); to save "
+                f"the optimizer, save optimizer.state_dict() (torch.save, or "
+                f"torch.distributed.checkpoint) and load_state_dict() it into an optimizer built "
+                f"with the same process_group")
+        reduced = super().__reduce_ex__(protocol)
+        if not self._REBUILT or not isinstance(reduced, tuple) or len(reduced) < 3:
+            return reduced
+        state = {k: v for k, v in reduced[2].items() if k not in self._REBUILT}
+        return reduced[:2] + (state,) + reduced[3:]
 
     # -- introspection --------------------------------------------------
     def backends_in_use(self) -> dict[str, str]:

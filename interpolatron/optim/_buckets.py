@@ -61,6 +61,11 @@ class Bucket:
         self.count = count
         self.coefs = torch.zeros(coef_len, dtype=torch.float64, device=device)
         self.coefs_seen: tuple | None = None
+        # Interpolatron's first step: e_1 (the coefficients of an SGD step) while
+        # the count is 0; ``past_first``: a step was taken that GradScaler could
+        # not skip, so the count is past 0 (known on the host, no device read).
+        self.first_coefs: Tensor | None = None
+        self.past_first = False
         self.gram = torch.zeros(coef_len, dtype=torch.float64, device=device)
         # The backend's private cache (pointer tables, work buffers), by handle:
         # a dict cannot cross a custom op's boundary.

@@ -94,3 +94,15 @@ def check_grad(p: Tensor) -> None:
         raise RuntimeError(f"gradient on {g.device} but parameter on {p.device}")
     if g.shape != p.shape:
         raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
+
+
+def identical(a: Any, b: Any) -> bool:
+    """The same value in the same form (0 and 0.0, a list and a tuple, differ):
+    a step writes a checked setting back into its group only where it is not."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or isinstance(a, Tensor):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    return a == b

@@ -99,10 +99,16 @@ class Anderson(BucketedOptimizer):
             rings (see :class:`~interpolatron.optim.Interpolatron`).
         stochastic_rounding, sr_seed: unbiased stochastic rounding of every
             16-bit write (see :class:`~interpolatron.optim.Interpolatron`).
-        process_group: for plain-tensor shards (FSDP1 flat parameters,
-            ``ZeroRedundancyOptimizer``), the group whose ranks hold the rest
-            of the model: the Gram is summed over it. DTensor parameters
-            (FSDP2) need nothing: their mesh says where the other shards are.
+        process_group: for plain-tensor slices of one model, the group whose
+            ranks hold the rest of it: the Gram is summed over it. ``None``
+            (the default): taken from a ``ZeroRedundancyOptimizer`` building
+            this optimizer and from FSDP1's flat parameters; otherwise, under
+            an initialised process group of more than one rank, the first
+            step checks once (one all-reduce) that every rank holds the same
+            parameters (DDP) and raises, naming the fix, if not. ``"local"``:
+            each rank's parameters are its whole model (no sum, no check).
+            DTensor parameters (FSDP2) need nothing: their mesh says where the
+            other shards are.
 
     Sharded parameters: every rank keeps its shards' partial Gram matrix and
     one all-reduce per step (float64, ``k x k``) sums it into the whole model's,
@@ -113,6 +119,10 @@ class Anderson(BucketedOptimizer):
     _algorithm = "Anderson"
     # A pending device-to-host copy of the streak (a CUDA event): not copied.
     _TRANSIENT = BucketedOptimizer._TRANSIENT + ("_streak_copy",)
+    # The partial Grams of sharded parameters, keyed by process groups: a
+    # pickled copy rebuilds them from the rings (bitwise for float32/float64
+    # rings, see _ring_partial).
+    _REBUILT = ("_local_grams",)
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2, history: int = 2, reg: float = 0.0,
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
@@ -250,6 +260,11 @@ class Anderson(BucketedOptimizer):
                 raise CheckpointError(f"{what('anderson_active')} marks parameter {i}, which has no history")
         state[anchor] = {**{key: v for key, v in entry.items() if key not in GLOBAL_KEYS}, **new}
 
+    def _live_groups(self, pickled: bool = False) -> list:
+        # The partial Grams are kept per reduction key (tuples of process groups).
+        kept = [] if pickled else [g for key in self._local_grams for g in key]
+        return super()._live_groups(pickled) + kept
+
     def _after_load(self) -> None:
         self._active_sig = None
         self._streak = None
@@ -380,9 +395,11 @@ class Anderson(BucketedOptimizer):
         changed = self._active_set_changed(work, st)
         k = self.history
         # Sharded, each rank keeps partial Grams per reduction key instead
-        # (refreshed from its own rings in _sharded_gram): the optimizer-wide
-        # matrix is the all-reduced sum, not refreshed from local rings.
-        if not reductions and (self._plan.membership_changed or changed) and k > 1:
+        # (rebuilt from its own rings here, used in _sharded_gram): the
+        # optimizer-wide matrix is the all-reduced sum, not refreshed from local rings.
+        if reductions:
+            self._refresh_local_grams(work, anchor.device)
+        elif (self._plan.membership_changed or changed) and k > 1:
             # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
             older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work],
                               k - 1, anchor.device)
@@ -439,15 +456,60 @@ class Anderson(BucketedOptimizer):
                         group["weight_decay"], group["maximize"], None, b.backend.name, b.cache,
                         **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
 
-    def _older_from_rings(self, work, home: torch.device) -> Tensor:
-        """A ``k x k`` matrix whose ages ``0..k-2`` block is recomputed from the
-        rings (they hold ages 1..k-1, which as of ``count - 1`` are ages 0..k-2)."""
+    def _ring_partial(self, ws, home: torch.device) -> Tensor:
+        """This rank's ``k x k`` partial Gram rebuilt from the rings: the ages
+        ``0..k-2`` block (the rings hold ages 1..k-1, which as of ``count - 1``
+        are ages 0..k-2), each entry computed exactly as the running sums took
+        it, so that a rebuilt matrix equals the kept one bitwise: by the
+        bucket's own ``gram_row`` kernel, with the newer gradient in the role
+        of the new one (its stored value is the effective gradient the step
+        formed: no weight decay, sign or scale again), the buckets summed in
+        the order of the step's row. (Exact for float32 and float64 rings; a
+        16-bit ring holds the rounded gradient, the running sums the float32
+        one.) No host read: the slots are chosen on the device from ``count``."""
         k = self.history
         kept = torch.zeros(k, k, dtype=torch.float64, device=home)
-        if k > 1:
-            kept[: k - 1, : k - 1] = ring_gram(
-                [(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work], k - 1, home)
+        slots = k - 1
+        if slots == 0:
+            return kept
+        block = None
+        for w in ws:
+            b = w.bucket
+            # by_slot[s, s'] = <slot s, slot s'>, slot s as the new gradient: gram_row
+            # with count = s reads age m from slot (s - m) mod S, m = 1..S.
+            counts = torch.arange(slots, dtype=torch.int64, device=b.device)
+            by_slot = torch.empty(slots, slots, dtype=torch.float64, device=b.device)
+            row = torch.empty(k, dtype=torch.float64, device=b.device)
+            for s in range(slots):
+                grads = [b.views(p)[1][s] for p in w.keys]
+                ops.gram_row(w.params, grads, w.offsets, b.g_hist, counts[s], 0.0, False, row,
+                             b.backend.name, b.cache)
+                by_slot[s, torch.remainder(s - torch.arange(1, k, device=b.device), slots)] = row[1:]
+                by_slot[s, s] = row[0]
+            # Ages 1..k-1 of this bucket, the newer age's row (the "new" role) above the diagonal.
+            order = torch.remainder(b.count - torch.arange(1, k, device=b.device), slots)
+            ages = by_slot.index_select(0, order).index_select(1, order)
+            ages = (ages.triu() + ages.triu(1).T).to(home)
+            block = ages if block is None else block + ages  # the order reduce_gram sums rows in
+        kept[:slots, :slots] = block
         return kept
+
+    def _refresh_local_grams(self, work, home: torch.device) -> None:
+        """Host setup of a sharded step (eager, also under torch.compile): the
+        kept partial Gram of each reduction key is rebuilt from the rings when
+        the set of parameters with gradients changed or none is kept (the first
+        step, after a load); keys without work are dropped. The traced part
+        (:meth:`_sharded_gram`) then only reads and updates it in place."""
+        by_key: dict[tuple, list] = defaultdict(list)
+        for w in work:
+            by_key[w.bucket.reduction].append(w)
+        for key, ws in by_key.items():
+            signature = self._active_signature(ws)
+            kept, had = self._local_grams.get(key, (None, None))
+            if kept is None or self._plan.membership_changed or had != signature:
+                self._local_grams[key] = (self._ring_partial(ws, home), signature)
+        for key in [key for key in self._local_grams if key not in by_key]:
+            del self._local_grams[key]  # none of its parameters has a gradient now
 
     def _sharded_gram(self, work, reductions: list[tuple], home: torch.device,
                       skip: Tensor | None = None) -> Tensor:
@@ -456,15 +518,15 @@ class Anderson(BucketedOptimizer):
         Each rank keeps its shards' partial ``k x k`` Gram per reduction key,
         updated like the single-process matrix (one new row per step; the
         older ages rebuilt from its own rings when its set of parameters with
-        gradients changes, or after a checkpoint load). The whole model's is
-        the sum of the partial matrices over the ranks: one all-reduce per key
-        and step, the same collectives on every rank whatever changed on which
-        rank (a ZeRO rank's parameters may lose their gradients while another
-        rank's keep them), so no rank needs to know about another's changes.
+        gradients changes, or after a checkpoint load, in the host setup:
+        :meth:`_refresh_local_grams`). The whole model's is the sum of the
+        partial matrices over the ranks: one all-reduce per key and step, the
+        same collectives on every rank whatever changed on which rank (a ZeRO
+        rank's parameters may lose their gradients while another rank's keep
+        them), so no rank needs to know about another's changes.
 
         ``skip`` (GradScaler's inf flag): a skipped step keeps the stored
-        partial matrix; where none comparable is stored, the next step
-        rebuilds it from the rings (which a skipped step leaves unchanged)."""
+        partial matrix (the rings it was built from do not change either)."""
         k = self.history
         by_key: dict[tuple, list] = defaultdict(list)
         for w in work:
@@ -472,20 +534,7 @@ class Anderson(BucketedOptimizer):
         parts: dict[tuple, Tensor] = {}
         for key, ws in by_key.items():
             row = reduce_gram([w.bucket.gram for w in ws], home)
-            signature = self._active_signature(ws)
-            kept, had = self._local_grams.get(key, (None, None))
-            if kept is None or self._plan.membership_changed or had != signature:
-                kept = self._older_from_rings(ws, home)
+            kept = self._local_grams[key][0]
             parts[key] = shift_in_row(kept, row)
-            stored = parts[key]
-            if skip is not None:
-                same = had == signature and not self._plan.membership_changed and kept is not None
-                prev = self._local_grams.get(key, (None, None))[0]
-                if same and prev is not None:
-                    stored = torch.where(skip, prev, stored)
-                else:
-                    signature = None  # not comparable: rebuilt from the rings next step
-            self._local_grams[key] = (stored, signature)
-        for key in [key for key in self._local_grams if key not in by_key]:
-            del self._local_grams[key]  # none of its parameters has a gradient now
+            kept.copy_(parts[key] if skip is None else torch.where(skip, kept, parts[key]))
         return reduce_sharded(parts, reductions, torch.zeros(k, k, dtype=torch.float64, device=home))

@@ -16,6 +16,13 @@ from ._base import BucketedOptimizer
 from ._buckets import Work
 
 
+def _unit(k: int, device: torch.device) -> Tensor:
+    """e_1 (float64): the coefficients of an SGD step."""
+    e1 = torch.zeros(k, dtype=torch.float64, device=device)
+    e1[0] = 1
+    return e1
+
+
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
     if isinstance(alphas, (str, bytes)):
         raise ValueError(f"alphas must be a sequence of numbers, got {alphas!r}")
@@ -78,9 +85,10 @@ class Interpolatron(BucketedOptimizer):
             after a resume. Both are param-group settings, saved in the
             ``state_dict``.
         sr_seed: the seed of the stochastic rounding, an integer in ``[0, 2**32)``.
-        process_group: for plain-tensor shards (FSDP1 flat parameters,
-            ``ZeroRedundancyOptimizer``), the group holding the other shards;
-            only the diagnostics use it. DTensor parameters need nothing.
+        process_group: for plain-tensor slices of one model, the group holding
+            the other slices; only the diagnostics use it (found or checked
+            as for :class:`~interpolatron.optim.Anderson` when ``None``, and
+            only with ``diagnostics=True``). DTensor parameters need nothing.
 
     A step communicates nothing: the update is elementwise on each rank's
     shards. Only ``diagnostics=True`` on sharded parameters adds one
@@ -101,6 +109,9 @@ class Interpolatron(BucketedOptimizer):
         self._diagnostics_on = diagnostics
         self._diag: dict[str, Tensor] = {}
         super().__init__(params, defaults, backend, master_weights, process_group)
+
+    def _reduces(self) -> bool:
+        return self._diagnostics_on
 
     def _validate_group(self, group: dict, read_lr: bool = True) -> None:
         super()._validate_group(group, read_lr)
@@ -124,6 +135,8 @@ class Interpolatron(BucketedOptimizer):
                     alphas = alphas.pin_memory()
                 b.coefs.copy_(alphas, non_blocking=True)
                 b.coefs_seen = group["alphas"]
+            if b.first_coefs is None:
+                b.first_coefs = _unit(b.coefs.numel(), b.device)
 
     def _step_buckets(self, work: list[Work], amp: AmpStep) -> None:
         """One fused combine per bucket with the group's fixed alphas (and, with
@@ -134,6 +147,12 @@ class Interpolatron(BucketedOptimizer):
             # retraces, and _init_group refreshes b.coefs).
             coefs = (b.coefs if group["alphas"] == b.coefs_seen
                      else torch.tensor(group["alphas"], dtype=torch.float64, device=b.device))
+            if torch.compiler.is_compiling() or not b.past_first:
+                # The first step is SGD, x0 - lr * g0 rounded as k = 1 rounds it:
+                # coefficients e_1 while the count is 0 (decided on the device, so
+                # also when GradScaler skipped the first step), not the alphas
+                # over k identical copies of x0 and g0, which round differently.
+                coefs = torch.where(b.count == 0, b.first_coefs, coefs)
             gram = b.gram if self._diagnostics_on else None
             ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
                         group["weight_decay"], group["maximize"], gram, b.backend.name, b.cache,
@@ -142,6 +161,9 @@ class Interpolatron(BucketedOptimizer):
             reductions = self._reductions()
             if work or reductions:
                 self._record_diagnostics(work, reductions)
+        if not amp.may_skip and not torch.compiler.is_compiling():
+            for w in work:  # the count is past 0 once this step is taken (known on the host: no read)
+                w.bucket.past_first = True
 
     def _record_diagnostics(self, work, reductions: list[tuple]) -> None:
         # Groups with different k give rows of different lengths: only the

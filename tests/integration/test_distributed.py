@@ -290,12 +290,11 @@ def test_zero_redundancy_optimizer_matches_single_process(world2, plain_models, 
     _check_model_case(results, plain_models[name])
 
 
-def test_zero_without_process_group_fits_per_rank_grams(world2, plain_models):
-    """The control: without ``process_group`` each rank fits its own part's
-    Gram, and the comparison above would catch it."""
-    results = _case(world2, "zero-nogroup-anderson")
-    ref = plain_models["anderson"]
-    assert max((res["coefs"] - ref["coefs"]).abs().max().item() for res in results) > 1e-3
+def test_zero_without_process_group_takes_zeros_group(world2, plain_models):
+    """Without ``process_group`` the optimizer takes the group of the
+    ZeroRedundancyOptimizer building it (it used to fit a per-rank Gram
+    silently: coefficients 2.6 apart between ranks)."""
+    _check_model_case(_case(world2, "zero-nogroup-anderson"), plain_models["anderson"])
 
 
 def test_fsdp1_flat_parameters_with_process_group(world2, plain_models):
