@@ -173,11 +173,12 @@ def _plan_groups(opt: BucketedOptimizer, saved_groups: Any) -> list[dict]:
         if len(saved["params"]) != len(mine["params"]):
             raise CheckpointError(f"param group {i}: the state_dict has {len(saved['params'])} parameters, "
                                   f"the optimizer {len(mine['params'])}")
-        missing = [k for k in opt._hyperparameter_keys if k not in saved and k not in LATER_GROUP_KEYS]
+        later = getattr(opt, "_later_group_keys", LATER_GROUP_KEYS)
+        missing = [k for k in opt._hyperparameter_keys if k not in saved and k not in later]
         if missing:
             raise CheckpointError(f"param group {i} of the state_dict lacks {missing[0]!r} "
                                   f"(saved by another optimizer?)")
-        # (a setting of LATER_GROUP_KEYS missing here is filled in by _validate_group)
+        # (a later setting missing here is filled in by _validate_group)
         trial = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
         trial["params"] = mine["params"]
         if "param_names" in mine and "param_names" not in trial:
