@@ -272,12 +272,12 @@ INF_STEPS = (0, 4, 7)
 MISSING_AMP = {3: (1,), 7: (2,), 8: (2,)}
 
 
-def _amp_run(backend: str, dtype: torch.dtype, k: int, amp: bool, steps: int = 12):
+def _amp_run(backend: str, dtype: torch.dtype, k: int, amp: bool, steps: int = 12, one_pass: bool = True):
     """Scaled gradients with inf steps (``amp``), or the same run without
     those steps at all: GradScaler's power-of-two scale is exact."""
     problem = Problem(SHAPES, seed=5, lo=0.3, hi=1.5)
     params = torch_params(initial_arrays(6), dtype)
-    opt = Anderson(params, lr=0.2, history=k, weight_decay=1e-2, backend=backend, one_pass=True)
+    opt = Anderson(params, lr=0.2, history=k, weight_decay=1e-2, backend=backend, one_pass=one_pass)
     snapshots = []
     for t in range(steps):
         if t in INF_STEPS and not amp:

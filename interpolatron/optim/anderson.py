@@ -147,9 +147,10 @@ class Anderson(BucketedOptimizer):
         # the active signature it was built for (not checkpointed: a
         # checkpoint's layout may differ, so it is rebuilt from the rings).
         self._local_grams: dict[tuple, tuple[Tensor, tuple]] = {}
-        # One pass: the matrix the step's new row is shifted into (the kept Gram,
-        # or its older ages rebuilt from the rings when the set of parameters
-        # with gradients changed); kept apart from the Gram the step solves from.
+        # Not sharded: the matrix the step's new row is shifted into (the kept
+        # Gram, or its older ages rebuilt from the rings when the set of
+        # parameters with gradients changed), apart from the kept Gram (the last
+        # taken step's), which a GradScaler-skipped step must not replace.
         self._base: Tensor | None = None
         super().__init__(params, defaults, backend, master_weights, process_group)
 
@@ -408,27 +409,22 @@ class Anderson(BucketedOptimizer):
         # Sharded, each rank keeps partial Grams per reduction key instead
         # (refreshed from its own rings in _sharded_gram): the optimizer-wide
         # matrix is the all-reduced sum, not refreshed from local rings.
-        one_pass = self.one_pass and not reductions
-        if not one_pass:
-            self._base = None  # a later one-pass step starts from the kept Gram
-        elif self._base is None or self._base.device != anchor.device:
+        if reductions:
+            self._base = None
+            return
+        if self._base is None or self._base.device != anchor.device:
             self._base = st["anderson_gram"].clone()
-        if not reductions and (self._membership_changed or changed) and k > 1:
+        if (self._membership_changed or changed) and k > 1:
             # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
             older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work],
                               k - 1, anchor.device)
             fresh = torch.zeros_like(st["anderson_gram"])
             fresh[: k - 1, : k - 1] = older
-            skip = self._amp.skip(anchor.device)
-            if one_pass:
-                # The step solves from the kept Gram (the last step's parameters)
-                # and shifts its new row into this, whatever GradScaler decides:
-                # a skipped step leaves the rings, so it is right for a retry too.
-                self._base.copy_(fresh)
-            elif skip is None:
-                st["anderson_gram"].copy_(fresh)
-            else:  # GradScaler's skipped step keeps the Gram
-                st["anderson_gram"].copy_(torch.where(skip, st["anderson_gram"], fresh))
+            # The step shifts its new row into this whatever GradScaler decides:
+            # a skipped step leaves the rings, so it is right for the retry too,
+            # which sees no change of the set. (The kept Gram, the last taken
+            # step's, is what one-pass Anderson solves from.)
+            self._base.copy_(fresh)
 
     @scheduler_ready
     @torch.no_grad()
@@ -480,10 +476,12 @@ class Anderson(BucketedOptimizer):
             gram = self._sharded_gram(work, reductions, home, amp.skip(home))
         else:
             row = reduce_gram([w.bucket.gram for w in work], home)
-            gram = shift_in_row(st["anderson_gram"], row)
+            gram = shift_in_row(self._base, row)
         valid = torch.arange(k, device=home) <= st["anderson_steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
         skip = amp.skip(home)
+        if not reductions:
+            self._base.copy_(gram if skip is None else torch.where(skip, self._base, gram))
         if skip is not None:  # GradScaler's skipped step keeps the optimizer-wide state
             gram = torch.where(skip, st["anderson_gram"], gram)
             coefs = torch.where(skip, st["anderson_coefficients"], coefs)
