@@ -96,47 +96,74 @@ def pick_best(per_lr: dict[str, list[dict]], key: str = "final") -> tuple[str, d
 CNN_GRID = [0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
 
 
+def cnn_configs(args) -> list[tuple[str, object]]:
+    """(name, make(params, lr) -> (optimizer, tracker or None)) of every configuration to run."""
+    out = []
+    for k in args.history:
+        for constraint in args.cnn_constraints:
+            for method, one in METHODS.items():
+                c = None if constraint == "none" else constraint
+                name = f"Anderson-{k} {method}" + (f" {c}" if c else "")
+
+                def make(p, lr, k=k, one=one, c=c):
+                    opt = Anderson(p, lr=lr, history=k, weight_decay=demo.WEIGHT_DECAY, constraint=c,
+                                   one_pass=one)
+                    return opt, Tracker(opt)
+
+                out.append((name, make))
+    if args.reference:
+        # Interpolatron-2 (a = (0.05, 0.95)) costs what one-pass Anderson-2 costs.
+        out.append(("Interpolatron-2 (reference)",
+                    lambda p, lr: (demo.make_optimizer("Interpolatron-2", p, lr), None)))
+    return out
+
+
 def run_cnn(args) -> dict:
     train, test = demo.load_digits_tensors(torch.device("cpu"), 0)
     results = {}
-    for k in args.history:
-        for method, one in METHODS.items():
-            name = f"Anderson-{k} {method}"
-            per_lr: dict[str, list[dict]] = {}
-            t0 = time.time()
-            for lr in args.grid:
-                for seed in range(args.seeds):
-                    holder: dict = {}
+    for name, make_opt in cnn_configs(args):
+        per_lr: dict[str, list[dict]] = {}
+        t0 = time.time()
+        for lr in args.grid:
+            for seed in range(args.seeds):
+                holder: dict = {}
 
-                    def make(p, lr=lr, holder=holder, k=k, one=one):
-                        opt = Anderson(p, lr=lr, history=k, weight_decay=demo.WEIGHT_DECAY, one_pass=one)
-                        holder["track"] = Tracker(opt)
-                        return opt
+                def make(p, lr=lr, holder=holder, make_opt=make_opt):
+                    opt, holder["track"] = make_opt(p, lr)
+                    return opt
 
-                    r = demo.train_one(name, make, train, test, torch.device("cpu"), args.epochs, 64, seed)
-                    tr = holder["track"]
-                    final = r.losses[-1] if all(math.isfinite(v) for v in r.losses) else math.inf
-                    per_lr.setdefault(f"{lr:g}", []).append(
-                        {"seed": seed, "losses": r.losses, "final": final, "accuracy": r.accuracy,
-                         **tr.summary(), "coefs": tr.coefs})
-            best, table = pick_best(per_lr)
-            for lr, runs in per_lr.items():  # coefficient paths at the tuned rate only
-                if lr != best:
-                    for run in runs:
-                        run.pop("coefs")
-            results[name] = {"k": k, "one_pass": one, "grid": args.grid, "runs": per_lr, "per_lr": table,
-                             "best_lr": float(best), "best": table[best],
-                             "at_grid_edge": best in (f"{args.grid[0]:g}", f"{args.grid[-1]:g}"),
-                             "seconds": round(time.time() - t0, 1)}
-            b = table[best]
-            print(f"{name:<22} tuned lr {best:<5} final train loss {b['mean']:.4g} +- {b['std']:.2g} "
-                  f"[{b['min']:.4g}, {b['max']:.4g}] ({time.time() - t0:.0f} s)", flush=True)
+                r = demo.train_one(name, make, train, test, torch.device("cpu"), args.epochs, 64, seed)
+                tr = holder["track"]
+                final = r.losses[-1] if all(math.isfinite(v) for v in r.losses) else math.inf
+                extra = {**tr.summary(), "coefs": tr.coefs} if tr is not None else {}
+                per_lr.setdefault(f"{lr:g}", []).append(
+                    {"seed": seed, "losses": r.losses, "final": final, "accuracy": r.accuracy, **extra})
+        best, table = pick_best(per_lr)
+        for lr, runs in per_lr.items():  # coefficient paths at the tuned rate only
+            if lr != best:
+                for run in runs:
+                    run.pop("coefs", None)
+        results[name] = {"one_pass": "one-pass" in name, "anderson": name.startswith("Anderson"),
+                         "grid": args.grid, "runs": per_lr, "per_lr": table,
+                         "best_lr": float(best), "best": table[best],
+                         "at_grid_edge": best in (f"{args.grid[0]:g}", f"{args.grid[-1]:g}"),
+                         "seconds": round(time.time() - t0, 1)}
+        b = table[best]
+        print(f"{name:<28} tuned lr {best:<5} final train loss {b['mean']:.4g} +- {b['std']:.2g} "
+              f"[{b['min']:.4g}, {b['max']:.4g}] ({time.time() - t0:.0f} s)", flush=True)
     return results
 
 
 # -- (b) logistic regression -------------------------------------------------------
 
-LOGREG_MULTS = [0.5, 1.0, 2.0, 4.0, 8.0]
+LOGREG_MULTS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
+
+
+def variant(text: str) -> tuple[float, str | None]:
+    """``reg=1e-4`` -> (1e-4, None); ``simplex`` -> (0, "simplex")."""
+    if text == "simplex":
+        return 0.0, "simplex"
+    return float(text.removeprefix("reg=")), None
 
 
 def run_logreg(args) -> dict:
@@ -148,13 +175,14 @@ def run_logreg(args) -> dict:
         fstar = optimum(prob)
         X, yy = prob.X.float(), prob.y.float()
         entry = {"kappa": kappa, "L": prob.L, "tau": prob.tau, "fstar": fstar, "runs": {}}
-        for reg in args.regs:
+        for var in args.variants:
+            reg, constraint = variant(var)
             for method, one in METHODS.items():
                 per_lr = {}
                 for mult in LOGREG_MULTS:
                     w = torch.zeros(X.shape[1], dtype=torch.float32, requires_grad=True)
                     opt = Anderson([w], lr=mult / prob.L, history=args.logreg_history, reg=reg,
-                                   weight_decay=prob.tau, one_pass=one)
+                                   constraint=constraint, weight_decay=prob.tau, one_pass=one)
                     track = Tracker(opt)
                     sub = []
                     for _ in range(args.logreg_steps):
@@ -173,8 +201,10 @@ def run_logreg(args) -> dict:
                         for run in runs:
                             run.pop("coefs")
                             run["subopt"] = run["subopt"][::10]
-                key = f"reg {reg:g} {method}"
-                entry["runs"][key] = {"reg": reg, "one_pass": one, "per_lr": per_lr, "best_mult": float(best),
+                key = f"{var} {method}"
+                edges = (f"{LOGREG_MULTS[0]:g}", f"{LOGREG_MULTS[-1]:g}")
+                entry["runs"][key] = {"variant": var, "one_pass": one, "per_lr": per_lr,
+                                      "best_mult": float(best), "at_grid_edge": best in edges,
                                       "best": per_lr[best][0] | {"subopt": None, "coefs": None}}
                 b = per_lr[best][0]
                 print(f"kappa {kappa:g} {key:<20} tuned lr {best}/L: f - f* {b['final']:.3g} after "
@@ -250,14 +280,16 @@ def run_lm(args) -> dict:
     val = list(lm_batches(held, args.lm_val_batches, args.lm_batch, args.lm_ctx,
                           torch.Generator().manual_seed(123)))
     results = {"corpus": info, "train_bytes": cut, "held_out_bytes": len(held), "runs": {}}
-    for method, one in METHODS.items():
+    for method in args.lm_methods:
+        one, constraint = method.startswith("one-pass"), ("simplex" if method.endswith("simplex") else None)
         per_lr = {}
         t0 = time.time()
         for lr in args.lm_grid:
             for seed in range(args.lm_seeds):
                 torch.manual_seed(seed)
                 model = TinyGPT(args.lm_d, args.lm_layers, args.lm_heads, args.lm_ctx)
-                opt = Anderson(model.parameters(), lr=lr, history=args.lm_history, one_pass=one)
+                opt = Anderson(model.parameters(), lr=lr, history=args.lm_history, one_pass=one,
+                               constraint=constraint)
                 track = Tracker(opt)
                 evals, train_curve, running = [], [], []
                 gen = torch.Generator().manual_seed(1000 + seed)
@@ -287,7 +319,8 @@ def run_lm(args) -> dict:
             if lr != best:
                 for run in runs:
                     run.pop("coefs")
-        results["runs"][method] = {"one_pass": one, "grid": args.lm_grid, "runs": per_lr, "per_lr": table,
+        results["runs"][method] = {"one_pass": one, "constraint": constraint, "grid": args.lm_grid,
+                                   "runs": per_lr, "per_lr": table,
                                    "best_lr": float(best), "best": table[best],
                                    "at_grid_edge": best in (f"{args.lm_grid[0]:g}", f"{args.lm_grid[-1]:g}"),
                                    "seconds": round(time.time() - t0, 1)}
@@ -302,6 +335,26 @@ def _steps(v) -> str:
     return "-" if v is None else str(v)
 
 
+def lag_stats(runs: list[dict]) -> tuple[float, float]:
+    """Over the runs' coefficient paths (after the two SGD steps): the lag-1
+    autocorrelation of a_1, and the mean |a(t+1) - a(t)| (max over i).
+
+    For one-pass Anderson a(t+1) is exactly what exact Anderson would have
+    solved at step t from the same state (the Gram kept at the end of step t),
+    so the second number is how far the applied coefficients are, on average,
+    from the exact ones at the state where they are applied."""
+    corr, change = [], []
+    for r in runs:
+        c = np.array(r["coefs"])[2:]
+        if len(c) < 3:
+            continue
+        a1 = c[:, 0]
+        if a1.std() > 0:
+            corr.append(float(np.corrcoef(a1[:-1], a1[1:])[0, 1]))
+        change.append(float(np.abs(np.diff(c, axis=0)).max(1).mean()))
+    return (float(np.mean(corr)) if corr else math.nan), (float(np.mean(change)) if change else math.nan)
+
+
 def report(out: Path) -> str:
     lines = []
     path = out / "one_pass_cnn.json"
@@ -311,20 +364,28 @@ def report(out: Path) -> str:
                   "epochs to a training loss of 0.01 and 0.003, seed mean; coefficients at the tuned rate)",
                   "",
                   "| method | grid | tuned lr | final train loss mean +- std [min, max] | test acc % | "
-                  "epochs to 0.01 / 0.003 | max \\|a_i\\| | mean a_1 (std) | fallbacks |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "epochs to 0.01 / 0.003 | max \\|a_i\\| | mean a_1 (std) | a_1 lag-1 autocorr. | "
+                  "mean \\|a(t+1) - a(t)\\| | fallbacks |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, res in data.items():
             b, runs = res["best"], res["runs"][f"{res['best_lr']:g}"]
             e1 = [first_at_or_below(r["losses"], 0.01) for r in runs]
             e2 = [first_at_or_below(r["losses"], 0.003) for r in runs]
             mean_e = lambda es: "-" if any(e is None for e in es) else f"{np.mean(es):.1f}"  # noqa: E731
             edge = " (edge)" if res["at_grid_edge"] else ""
+            if "coefs" in runs[0]:
+                corr, change = lag_stats(runs)
+                coefs = (f"{max(r['max_abs_coef'] for r in runs):.2f} | "
+                         f"{np.mean([r['mean_a1'] for r in runs]):.3f} "
+                         f"({np.mean([r['std_a1'] for r in runs]):.3f}) | {corr:.2f} | {change:.3f} | "
+                         f"{sum(r['fallbacks'] for r in runs)}")
+            else:
+                coefs = "fixed (0.05, 0.95) | - | - | - | -"
             lines.append(
                 f"| {name} | {res['grid'][0]:g} .. {res['grid'][-1]:g} | {res['best_lr']:g}{edge} | "
                 f"{b['mean']:.4f} +- {b['std']:.4f} [{b['min']:.4f}, {b['max']:.4f}] | "
                 f"{100 * np.mean([r['accuracy'] for r in runs]):.1f} | {mean_e(e1)} / {mean_e(e2)} | "
-                f"{max(r['max_abs_coef'] for r in runs):.2f} | {np.mean([r['mean_a1'] for r in runs]):.3f} "
-                f"({np.mean([r['std_a1'] for r in runs]):.3f}) | {sum(r['fallbacks'] for r in runs)} |")
+                f"{coefs} |")
         lines.append("")
         lines += ["Per rate (seed-mean final training loss, diverged runs):", "",
                   "| method | " + " | ".join(f"{v:g}" for v in CNN_GRID) + " |",
@@ -348,8 +409,9 @@ def report(out: Path) -> str:
             for res in entry["runs"].values():
                 b = res["best"]
                 every = " / ".join(f"{res['per_lr'][f'{m:g}'][0]['final']:.2g}" for m in LOGREG_MULTS)
-                lines.append(f"| {kappa} | {res['reg']:g} | {'one-pass' if res['one_pass'] else 'exact'} | "
-                             f"{res['best_mult']:g}/L | {b['final']:.3g} ({b['best_subopt']:.3g}) | "
+                edge = " (edge)" if res["at_grid_edge"] else ""
+                lines.append(f"| {kappa} | {res['variant']} | {'one-pass' if res['one_pass'] else 'exact'} | "
+                             f"{res['best_mult']:g}/L{edge} | {b['final']:.3g} ({b['best_subopt']:.3g}) | "
                              f"{_steps(b['steps_to_1e-3'])} / {_steps(b['steps_to_1e-6'])} | "
                              f"{b['max_abs_coef']:.3g} | {b['fallbacks']} | {every} |")
         lines.append("")
@@ -394,12 +456,16 @@ def plot(out: Path) -> None:
             means = np.array([res["per_lr"][f"{v:g}"]["mean"] for v in grid])
             axes[1].plot(grid, np.where(np.isfinite(means), means, np.nan), ls + "o", color=line.get_color(),
                          label=name)
-            a1 = np.array([c[0] for c in runs[0]["coefs"]])
-            axes[2].plot(np.arange(1, len(a1) + 1), a1, ls, color=line.get_color(), lw=0.6, label=name)
+            if "coefs" not in runs[0]:
+                continue
+            a1 = np.concatenate([np.array(r["coefs"])[2:, 0] for r in runs])
+            axes[2].hist(a1, bins=np.linspace(-0.25, 1.25, 31), histtype="step", linestyle=ls,
+                         color=line.get_color(), label=f"{name} (lag-1 autocorr. {lag_stats(runs)[0]:.2f})")
         axes[0].set(yscale="log", xlabel="epoch", ylabel="training loss at the tuned rate")
-        axes[1].set(xscale="log", yscale="log", xlabel="learning rate",
-                    ylabel="final training loss (seed mean)")
-        axes[2].set(xlabel="step (seed 0, tuned rate)", ylabel="a_1 (weight of the newest iterate)")
+        axes[1].set(yscale="log", xlabel="learning rate", ylabel="final training loss (seed mean)")
+        axes[1].set_xscale("log", base=2)
+        axes[2].set(xlabel="a_1, the newest iterate's coefficient (tuned rate, every step of every seed)",
+                    ylabel="steps")
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -454,15 +520,22 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default: bench/results/convergence")
     parser.add_argument("--history", type=int, nargs="+", default=[2, 3], help="CNN: k")
+    parser.add_argument("--cnn-constraints", nargs="+", default=["none"], choices=["none", "simplex"])
+    parser.add_argument("--reference", action="store_true", help="CNN: also Interpolatron-2")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the configurations of an existing result file that this run does not redo")
     parser.add_argument("--grid", type=float, nargs="+", default=CNN_GRID, help="CNN rates")
     parser.add_argument("--seeds", type=int, default=3, help="CNN seeds")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--kappas", type=float, nargs="+", default=[1e2, 1e3, 1e4])
-    parser.add_argument("--regs", type=float, nargs="+", default=[0.0, 1e-4])
+    parser.add_argument("--variants", nargs="+", default=["reg=0", "reg=1e-4", "reg=1e-2", "simplex"],
+                        help="logistic regression: reg=VALUE or simplex")
     parser.add_argument("--logreg-steps", type=int, default=300)
     parser.add_argument("--logreg-history", type=int, default=2)
     parser.add_argument("--lm-grid", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--lm-seeds", type=int, default=2)
+    parser.add_argument("--lm-methods", nargs="+", default=["exact", "one-pass", "one-pass simplex"],
+                        choices=["exact", "one-pass", "exact simplex", "one-pass simplex"])
     parser.add_argument("--lm-steps", type=int, default=1000)
     parser.add_argument("--lm-eval-every", type=int, default=100)
     parser.add_argument("--lm-val-batches", type=int, default=8)
@@ -483,8 +556,13 @@ def main(argv=None) -> int:
     started = time.time()
     run = {"cnn": run_cnn, "logreg": run_logreg, "lm": run_lm}[args.problem]
     results = run(args)
-    save_json(out / f"one_pass_{args.problem}.json",
-              {"info": run_info(torch.device("cpu"), started), "args": vars(args), "results": results})
+    path = out / f"one_pass_{args.problem}.json"
+    info = run_info(torch.device("cpu"), started)
+    if args.merge and path.exists():
+        old = json.loads(path.read_text())
+        results = {**old["results"], **results}
+        info["commands"] = old["info"].get("commands", [old["info"]["command"]]) + [info["command"]]
+    save_json(path, {"info": info, "args": vars(args), "results": results})
     plot(out)
     print(f"wrote one_pass_{args.problem}.json under {out} ({time.time() - started:.0f} s)")
     return 0
