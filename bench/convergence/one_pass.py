@@ -316,7 +316,7 @@ def run_lm(args) -> dict:
                       f"{time.time() - t0:.0f} s)", flush=True)
         best, table = pick_best(per_lr)
         for lr, runs in per_lr.items():
-            if lr != best:
+            if lr != best and not args.lm_keep_coefs:
                 for run in runs:
                     run.pop("coefs")
         results["runs"][method] = {"one_pass": one, "constraint": constraint, "grid": args.lm_grid,
@@ -327,6 +327,30 @@ def run_lm(args) -> dict:
         b = table[best]
         print(f"LM {method:<9} tuned lr {best}: held-out loss {b['mean']:.4f} +- {b['std']:.2g}", flush=True)
     return results
+
+
+def merge_lm(old: dict, new: dict) -> dict:
+    """New rates of a method added to an earlier LM sweep (the corpus must be
+    the same); the tuned rate is chosen again over the union."""
+    if old["corpus"]["sha256"] != new["corpus"]["sha256"]:
+        raise SystemExit("--merge: the corpus differs from the earlier run's")
+    runs = dict(old["runs"])
+    for method, res in new["runs"].items():
+        if method not in runs:
+            runs[method] = res
+            continue
+        per_lr = {**runs[method]["runs"], **res["runs"]}
+        grid = sorted(float(v) for v in per_lr)
+        per_lr = {f"{v:g}": per_lr[f"{v:g}"] for v in grid}
+        best, table = pick_best(per_lr)
+        for lr, rs in per_lr.items():
+            if lr != best:
+                for run in rs:
+                    run.pop("coefs", None)
+        runs[method] = {**runs[method], "grid": grid, "runs": per_lr, "per_lr": table, "best_lr": float(best),
+                        "best": table[best], "at_grid_edge": best in (f"{grid[0]:g}", f"{grid[-1]:g}"),
+                        "seconds": runs[method]["seconds"] + res["seconds"]}
+    return {**old, "runs": runs}
 
 
 # -- the report -----------------------------------------------------------------------
@@ -534,6 +558,8 @@ def main(argv=None) -> int:
     parser.add_argument("--logreg-history", type=int, default=2)
     parser.add_argument("--lm-grid", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--lm-seeds", type=int, default=2)
+    parser.add_argument("--lm-keep-coefs", action="store_true",
+                        help="keep every run's coefficient path (to --merge rates into an earlier sweep)")
     parser.add_argument("--lm-methods", nargs="+", default=["exact", "one-pass", "one-pass simplex"],
                         choices=["exact", "one-pass", "exact simplex", "one-pass simplex"])
     parser.add_argument("--lm-steps", type=int, default=1000)
@@ -560,7 +586,7 @@ def main(argv=None) -> int:
     info = run_info(torch.device("cpu"), started)
     if args.merge and path.exists():
         old = json.loads(path.read_text())
-        results = {**old["results"], **results}
+        results = merge_lm(old["results"], results) if args.problem == "lm" else {**old["results"], **results}
         info["commands"] = old["info"].get("commands", [old["info"]["command"]]) + [info["command"]]
     save_json(path, {"info": info, "args": vars(args), "results": results})
     plot(out)
