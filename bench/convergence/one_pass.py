@@ -447,20 +447,22 @@ def report(out: Path) -> str:
         lines += [f"Byte-level transformer LM ({c['bytes']:,} bytes of {c['dir']}, "
                   f"sha256 {c['sha256'][:12]}..., {args['lm_steps']} steps; held-out loss in nats/byte)", "",
                   "| method | grid | tuned lr | held-out loss mean +- std [min, max] | "
-                  f"evals to {args['lm_target']:g} | max \\|a_i\\| | mean a_1 (std) | fallbacks | per rate |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"evals to {args['lm_target']:g} | max \\|a_i\\| | mean a_1 (std) | a_1 lag-1 autocorr. | "
+                  "mean \\|a(t+1) - a(t)\\| | fallbacks | per rate |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, res in data["runs"].items():
             b, runs = res["best"], res["runs"][f"{res['best_lr']:g}"]
             ev = [r["evals_to_target"] for r in runs]
             per = " / ".join(f"{res['per_lr'][f'{v:g}']['mean']:.3f}" for v in res["grid"])
             edge = " (edge)" if res["at_grid_edge"] else ""
             a1 = f"{np.mean([r['mean_a1'] for r in runs]):.3f} ({np.mean([r['std_a1'] for r in runs]):.3f})"
+            corr, change = lag_stats(runs)
             lines.append(f"| {method} | {res['grid'][0]:g} .. {res['grid'][-1]:g} | "
                          f"{res['best_lr']:g}{edge} | {b['mean']:.4f} +- {b['std']:.4f} "
                          f"[{b['min']:.4f}, {b['max']:.4f}] | "
                          f"{'-' if any(e is None for e in ev) else f'{np.mean(ev):.1f}'} | "
                          f"{max(r['max_abs_coef'] for r in runs):.2f} | "
-                         f"{a1} | {sum(r['fallbacks'] for r in runs)} | {per} |")
+                         f"{a1} | {corr:.2f} | {change:.3f} | {sum(r['fallbacks'] for r in runs)} | {per} |")
     return "\n".join(lines)
 
 
