@@ -528,11 +528,14 @@ def plot(out: Path) -> None:
             means = np.array([res["per_lr"][f"{v:g}"]["mean"] for v in grid])
             axes[1].plot(grid, np.where(np.isfinite(means), means, np.nan), ls + "o", color=line.get_color(),
                          label=method)
-            a1 = np.array([c[0] for c in runs[0]["coefs"]])
-            axes[2].plot(np.arange(1, len(a1) + 1), a1, ls, color=line.get_color(), lw=0.5, label=method)
+            a1 = np.concatenate([np.array(r["coefs"])[2:, 0] for r in runs])
+            axes[2].hist(a1, bins=np.linspace(-0.25, 1.25, 31), histtype="step", linestyle=ls,
+                         color=line.get_color(), label=f"{method} (lag-1 autocorr. {lag_stats(runs)[0]:.2f})")
         axes[0].set(xlabel="step", ylabel="held-out loss (nats/byte)")
-        axes[1].set(xscale="log", xlabel="learning rate", ylabel="final held-out loss (seed mean)")
-        axes[2].set(xlabel="step (seed 0, tuned rate)", ylabel="a_1")
+        axes[1].set(xlabel="learning rate (missing: diverged on a seed)",
+                    ylabel="final held-out loss (seed mean)")
+        axes[1].set_xscale("log", base=2)
+        axes[2].set(xlabel="a_1 (tuned rate, every step of every seed)", ylabel="steps")
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
