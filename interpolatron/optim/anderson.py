@@ -82,8 +82,10 @@ class Anderson(BucketedOptimizer):
     :math:`t-1` (so :math:`m = \min(t-1, k)`, and the first two steps are SGD
     steps) and applies them to the current window; the new row is computed
     inside the update pass. One pass, :math:`2k+3` element accesses,
-    Interpolatron's cost. Whether the one-step-old coefficients converge as
-    well as exact ones depends on the problem: see ``bench/RESULTS.md``.
+    Interpolatron's cost. Measured, it converges worse than exact Anderson on
+    every problem tried, each at its tuned rate (``bench/RESULTS.md`` section
+    2.7): Anderson's coefficients alternate from step to step, so one step of
+    lag makes them wrong. Exact is the default.
 
     When the set of parameters with gradients changes (a new parameter, a
     parameter or a whole group without a gradient this step), the Gram matrix
