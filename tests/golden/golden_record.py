@@ -114,17 +114,17 @@ def _cases() -> list[Case]:
                 for feature in features + (SIXTEEN if dtype in ("bf16", "fp16") else ()) + ("sharded",):
                     if _wanted(backend, dtype, feature, algo):
                         out.append(Case(algo, backend, dtype, feature))
+    for backend in BACKENDS:
+        for dtype in DTYPES:
+            for feature in ("iterates", "gradients", "online"):
+                if _wanted(backend, dtype, feature, "rna"):
+                    out.append(Case("rna", backend, dtype, feature))
     # Appended after the others: the record's existing cases keep their order.
     for backend in BACKENDS:
         for dtype in DTYPES:
             for feature in ONE_PASS:
                 if _wanted(backend, dtype, feature, "anderson"):
                     out.append(Case("anderson", backend, dtype, feature))
-    for backend in BACKENDS:
-        for dtype in DTYPES:
-            for feature in ("iterates", "gradients", "online"):
-                if _wanted(backend, dtype, feature, "rna"):
-                    out.append(Case("rna", backend, dtype, feature))
     return out
 
 
