@@ -3,6 +3,7 @@ coefficients refit every step from the Gram matrix of the last k gradients."""
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from collections import defaultdict
@@ -14,7 +15,7 @@ from torch import Tensor
 from .. import ops
 from ..gram import reduce_gram, reduce_sharded, ring_gram, shift_in_row
 from ..sharding import collective_device
-from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
+from ..solvers import DEFAULT_SINGULAR_TOL, _first_unit, anderson_coefficients
 from ._amp import AmpStep
 from ._base import BucketedOptimizer
 from ._buckets import Work
@@ -40,6 +41,13 @@ GLOBAL_KEYS = ("anderson_gram", "anderson_steps", "anderson_coefficients", "ande
 # once when the last FALLBACK_WARN_STREAK steps or more all fell back.
 FALLBACK_CHECK_EVERY = 100
 FALLBACK_WARN_STREAK = 50
+
+
+@functools.lru_cache(maxsize=64)
+def _ages(k: int, device: torch.device) -> Tensor:
+    """``0..k-1`` on ``device``, made once: the warm-up mask compares the step
+    count with it every step (an op fewer on the host path of each step)."""
+    return torch.arange(k, device=device)
 
 
 def check_anderson_settings(group: dict) -> None:
@@ -462,7 +470,7 @@ class Anderson(BucketedOptimizer):
         else:
             row = reduce_gram([w.bucket.gram for w in work], home)
             gram = shift_in_row(self._base, row)
-        valid = torch.arange(k, device=home) <= st["anderson_steps"]
+        valid = _ages(k, home) <= st["anderson_steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
         skip = amp.skip(home)
         if not reductions:
@@ -497,12 +505,11 @@ class Anderson(BucketedOptimizer):
         k = self.history
         steps = st["anderson_steps"]
         first = steps == 0
-        valid = torch.arange(k, device=home) < steps.clamp(min=1)
+        valid = _ages(k, home) < steps.clamp(min=1)
         coefs, fell_back = anderson_coefficients(st["anderson_gram"], valid, self.reg, self.constraint,
                                                  self.singular_tol)
-        e1 = torch.zeros_like(coefs)
-        e1[0] = 1
-        coefs = torch.where(first, e1, coefs)  # nothing kept yet: an SGD step, not a fallback
+        # Nothing kept yet: an SGD step, not a fallback.
+        coefs = torch.where(first, _first_unit(k, home, coefs.dtype), coefs)
         fell_back = fell_back & ~first
         # Sharded: each rank's partial base, rebuilt from its rings (before the
         # pass overwrites their oldest slot) where its set of parameters changed.
