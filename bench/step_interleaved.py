@@ -42,7 +42,7 @@ def _cases(dtype: torch.dtype, optimizers: list[str], backends: list[str]):
 
 
 def run(set_token: str, dtype_name: str, optimizers: list[str], backends: list[str], rounds: int,
-        reps: int, seed: int) -> dict:
+        reps: int, seed: int, clock=time.perf_counter) -> dict:
     dtype = DTYPES[dtype_name]
     pset = parse_set(set_token)
     cases = _cases(dtype, optimizers, backends)
@@ -62,9 +62,9 @@ def run(set_token: str, dtype_name: str, optimizers: list[str], backends: list[s
         for name in order:
             step, got = steps[name], []
             for _ in range(reps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 step()
-                got.append(time.perf_counter() - t0)
+                got.append(clock() - t0)
             times[name].append(got)
     elem = torch.empty((), dtype=dtype).element_size()
     rows = {}
@@ -104,20 +104,27 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="steps of a row per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this thread's CPU time (time.thread_time), which leaves out the time "
+                             "other processes held the core (one thread only)")
     parser.add_argument("--out", type=Path, help="a JSON file for every round's times")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("--clock cpu times this thread: use --threads 1")
     torch.set_num_threads(args.threads)
     results = []
     load = [os.getloadavg()[0]]
     for dtype_name in args.dtype:
         for token in args.sets:
-            res = run(token, dtype_name, args.optimizers, args.backends, args.rounds, args.reps, args.seed)
+            clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+            res = run(token, dtype_name, args.optimizers, args.backends, args.rounds, args.reps, args.seed,
+                      clock)
             load.append(os.getloadavg()[0])
             results.append(res)
             ref = args.reference
             adam = "adam" if "adam" in res["rows"] else None
             print(f"\n{token} {dtype_name} ({res['numel']:,} elements), {args.rounds} rounds x {args.reps} "
-                  f"steps, load {load[-1]:.2f}")
+                  f"steps, {args.clock} clock, load {load[-1]:.2f}")
             print(f"| row | impl | B/elem | median ms | round medians IQR ms | / {ref} median [min, max] |"
                   + (" / adam median [min, max] |" if adam else ""))
             for name, row in res["rows"].items():
