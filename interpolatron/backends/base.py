@@ -152,9 +152,11 @@ class Backend(Protocol):
         the effective gradient into slot ``c mod (k-1)`` of ``x_hist`` /
         ``g_hist`` (the oldest entries, read before they are overwritten).
         ``gram``, if given, receives (overwritten, not accumulated) this
-        bucket's partial ``<g(age 0), g(age j)>`` for ``j = 0..k-1``. Anderson
-        calls it after its read-only :meth:`gram_row`, with the solved
-        coefficients.
+        bucket's partial ``<g(age 0), g(age j)>`` for ``j = 0..k-1``, from the
+        values loaded for the update (float64 products and sums, as
+        :meth:`gram_row`): Interpolatron's diagnostics and one-pass Anderson
+        (ALGORITHMS.md 2b) use it. Exact Anderson calls ``combine`` without it,
+        after its read-only :meth:`gram_row`, with the solved coefficients.
 
         ``k == 1`` is SGD: the rings have zero slots and nothing is stored.
         """

@@ -40,7 +40,8 @@ TORCH_OPTIMIZERS: dict[str, tuple[type, dict, int]] = {
 }
 OUR_OPTIMIZERS = ("interpolatron-2", "interpolatron-3", "anderson-2", "anderson-3",
          f"rna-record-w{RNA_WINDOW}", f"rna-extrapolate-w{RNA_WINDOW}",
-         "interpolatron-2-master", "anderson-2-master", "interpolatron-2-sr", "anderson-2-sr")
+         "interpolatron-2-master", "anderson-2-master", "interpolatron-2-sr", "anderson-2-sr",
+         "anderson-2-onepass", "anderson-3-onepass", "interpolatron-2-diag")
 OPTIMIZER_NAMES = tuple(TORCH_OPTIMIZERS) + OUR_OPTIMIZERS
 
 
@@ -53,7 +54,10 @@ def bytes_per_element(optimizer: str, elem: int) -> int:
     ``elem``): for k = 2 Interpolatron 7 x 4 + 6 + 6 = 40 bytes against plain
     bfloat16's 7 x 2 = 14. On 32/64-bit parameters it is the plain step. An
     ``-sr`` case (``stochastic_rounding=True``) moves the plain step's bytes:
-    the rounding is arithmetic on values already in registers."""
+    the rounding is arithmetic on values already in registers. ``-onepass``
+    (``Anderson(one_pass=True)``) moves Interpolatron's bytes, its Gram row
+    computed in the update pass; ``-diag`` (``Interpolatron(diagnostics=True)``)
+    the same dots on Interpolatron's step: it isolates their cost."""
     acc = accesses(optimizer)
     if optimizer.endswith("-master") and elem < 4:
         return acc * 4 + (elem + 4) + (4 + elem)
@@ -63,7 +67,7 @@ def bytes_per_element(optimizer: str, elem: int) -> int:
 def _mode(optimizer: str) -> tuple[str, str]:
     """``("anderson-2", "master")`` for ``"anderson-2-master"``; the mode of a plain
     name is ``""``."""
-    for mode in ("master", "sr"):
+    for mode in ("master", "sr", "onepass", "diag"):
         if optimizer.endswith("-" + mode):
             return optimizer.removesuffix("-" + mode), mode
     return optimizer, ""
@@ -71,14 +75,14 @@ def _mode(optimizer: str) -> tuple[str, str]:
 
 def accesses(optimizer: str) -> int:
     """Element reads + writes per parameter element of one step of ``optimizer``."""
-    optimizer = _mode(optimizer)[0]
+    optimizer, mode = _mode(optimizer)
     if optimizer in TORCH_OPTIMIZERS:
         return TORCH_OPTIMIZERS[optimizer][2]
     kind, _, k = optimizer.rpartition("-")
     if kind == "interpolatron":
         return 2 * int(k) + 3
     if kind == "anderson":
-        return 3 * int(k) + 3
+        return (2 if mode == "onepass" else 3) * int(k) + 3
     if kind == "rna-record":
         return int(k.lstrip("w")) + 2
     if kind == "rna-extrapolate":
@@ -167,12 +171,14 @@ def prepare_case(case: Case, params: list[nn.Parameter], compiled: bool = False)
     kind, _, k = base.rpartition("-")
     if kind == "interpolatron":
         alphas = {2: (0.05, 0.95), 3: (0.1, 0.3, 0.6)}[int(k)]
-        opt = Interpolatron(params, lr=LR, alphas=alphas, backend=case.impl, **sixteen)
+        opt = Interpolatron(params, lr=LR, alphas=alphas, backend=case.impl, diagnostics=mode == "diag",
+                            **sixteen)
     elif kind == "anderson":
         # Fixed gradients make the Gram matrix singular, so every step takes
         # the SGD fallback; the passes over memory are the same as for a
         # regular step (the solve is k x k and runs on the device either way).
-        opt = Anderson(params, lr=LR, history=int(k), backend=case.impl, **sixteen)
+        opt = Anderson(params, lr=LR, history=int(k), backend=case.impl, one_pass=mode == "onepass",
+                       **sixteen)
     else:
         holder = _Holder(params)
         window = int(k.lstrip("w"))

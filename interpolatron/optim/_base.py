@@ -66,6 +66,8 @@ class BucketedOptimizer(Optimizer):
     """
 
     _algorithm = "base"
+    # Settings a saved group may lack (added later), with their old behaviour's value.
+    _later_group_keys = LATER_GROUP_KEYS
     # GradScaler's fused contract: step() takes grad_scale / found_inf (see _amp.py).
     _step_supports_amp_scaling = True
 
@@ -149,7 +151,7 @@ class BucketedOptimizer(Optimizer):
         check_lr(group["lr"], {p.device for p in group["params"]}, read=read_lr)
         group["weight_decay"] = check_real("weight_decay", group["weight_decay"])
         check_maximize(group["maximize"])
-        for key, value in LATER_GROUP_KEYS.items():  # a group added as a dict without them
+        for key, value in self._later_group_keys.items():  # a group added as a dict without them
             group.setdefault(key, value)
         check_rounding(group["stochastic_rounding"], group["sr_seed"])
         if group["stochastic_rounding"] and getattr(self, "master_weights", False):
@@ -417,7 +419,8 @@ class BucketedOptimizer(Optimizer):
         master = self.master_weights
         return CheckpointSpec(
             algorithm=self._algorithm, param_groups=self.param_groups,
-            hyperparameter_keys=self._hyperparameter_keys, ring_slots=self._ring_slots,
+            hyperparameter_keys=self._hyperparameter_keys, later_group_keys=self._later_group_keys,
+            ring_slots=self._ring_slots,
             state_dtype=lambda p: state_dtype(p, master), extra_state_keys=self._extra_state_keys,
             validate_group=self._validate_group, validate_groups=self._validate_groups,
             plan_extra_state=self._plan_extra_state)

@@ -29,8 +29,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._checks import LATER_GROUP_KEYS
-
 HISTORY_KEYS = ("step", "x_hist", "g_hist")
 
 
@@ -42,8 +40,12 @@ class CheckpointSpec:
     algorithm: str
     #: The optimizer's param groups (the parameters a checkpoint's ids map to).
     param_groups: list[dict]
-    #: The settings a saved param group must carry (but ``LATER_GROUP_KEYS``).
+    #: The settings a saved param group must carry (but ``later_group_keys``).
     hyperparameter_keys: tuple[str, ...]
+    #: Settings added after checkpoints were first written, with the value that
+    #: reproduces the old behaviour: a saved group may lack them (filled in by
+    #: ``validate_group``).
+    later_group_keys: Mapping[str, Any]
     #: ``(x slots, g slots)`` of a group's rings.
     ring_slots: Callable[[dict], tuple[int, int]]
     #: The dtype of a parameter's rings.
@@ -200,11 +202,11 @@ def _plan_groups(spec: CheckpointSpec, saved_groups: Any) -> list[dict]:
         if len(saved["params"]) != len(mine["params"]):
             raise CheckpointError(f"param group {i}: the state_dict has {len(saved['params'])} parameters, "
                                   f"the optimizer {len(mine['params'])}")
-        missing = [k for k in spec.hyperparameter_keys if k not in saved and k not in LATER_GROUP_KEYS]
+        missing = [k for k in spec.hyperparameter_keys if k not in saved and k not in spec.later_group_keys]
         if missing:
             raise CheckpointError(f"param group {i} of the state_dict lacks {missing[0]!r} "
                                   f"(saved by another optimizer?)")
-        # (a setting of LATER_GROUP_KEYS missing here is filled in by _validate_group)
+        # (a later setting missing here is filled in by _validate_group)
         trial = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
         trial["params"] = mine["params"]
         if "param_names" in mine and "param_names" not in trial:

@@ -3,6 +3,7 @@ coefficients refit every step from the Gram matrix of the last k gradients."""
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from collections import defaultdict
@@ -14,17 +15,21 @@ from torch import Tensor
 from .. import ops
 from ..gram import reduce_gram, reduce_sharded, ring_gram, shift_in_row
 from ..sharding import collective_device
-from ..solvers import DEFAULT_SINGULAR_TOL, anderson_coefficients
+from ..solvers import DEFAULT_SINGULAR_TOL, _first_unit, anderson_coefficients
 from ._amp import AmpStep
 from ._base import BucketedOptimizer
 from ._buckets import Work
 from ._checkpoint import CheckpointError, load_count, load_tensor
-from ._checks import check_real
+from ._checks import LATER_GROUP_KEYS, check_real
 
 # Settings that belong to the optimizer, not to a group (one Gram matrix
 # serves every group); they are param-group entries so that state_dict(),
 # distributed checkpoints and deepcopy carry them, and must agree across groups.
-OPTIMIZER_WIDE = ("history", "reg", "constraint", "singular_tol")
+OPTIMIZER_WIDE = ("history", "reg", "constraint", "singular_tol", "one_pass")
+
+# Anderson's settings added after checkpoints were first written, with the
+# value that reproduces the old behaviour (a saved group without one loads so).
+ANDERSON_LATER_GROUP_KEYS = {**LATER_GROUP_KEYS, "one_pass": False}
 
 # Optimizer-wide state, kept in the state of the anchor parameter (the first
 # parameter of the first group) so that optimizer.state has parameter keys only.
@@ -38,6 +43,13 @@ FALLBACK_CHECK_EVERY = 100
 FALLBACK_WARN_STREAK = 50
 
 
+@functools.lru_cache(maxsize=64)
+def _ages(k: int, device: torch.device) -> Tensor:
+    """``0..k-1`` on ``device``, made once: the warm-up mask compares the step
+    count with it every step (an op fewer on the host path of each step)."""
+    return torch.arange(k, device=device)
+
+
 def check_anderson_settings(group: dict) -> None:
     """Anderson's settings of one group (normalised in place)."""
     history = group["history"]
@@ -48,6 +60,8 @@ def check_anderson_settings(group: dict) -> None:
     if group["constraint"] not in (None, "simplex"):
         raise ValueError(f"constraint must be None or 'simplex', got {group['constraint']!r}")
     group["singular_tol"] = check_real("singular_tol", group["singular_tol"], positive=True)
+    if not isinstance(group["one_pass"], bool):
+        raise ValueError(f"one_pass must be True or False, got {group['one_pass']!r}")
 
 
 class Anderson(BucketedOptimizer):
@@ -73,13 +87,23 @@ class Anderson(BucketedOptimizer):
     :math:`k-1` gradients. Solves run in float64 on the device without a host
     sync.
 
+    ``one_pass=True`` (ALGORITHMS.md section 2b; not the paper's algorithm)
+    solves step :math:`t`'s coefficients from the Gram kept at the end of step
+    :math:`t-1` (so :math:`m = \min(t-1, k)`, and the first two steps are SGD
+    steps) and applies them to the current window; the new row is computed
+    inside the update pass. One pass, :math:`2k+3` element accesses,
+    Interpolatron's cost. Measured, it converges worse than exact Anderson on
+    every problem tried, each at its tuned rate (``bench/RESULTS.md`` section
+    2.7): Anderson's coefficients alternate from step to step, so one step of
+    lag makes them wrong. Exact is the default.
+
     When the set of parameters with gradients changes (a new parameter, a
     parameter or a whole group without a gradient this step), the Gram matrix
     is recomputed from the stored histories of the parameters that have a
     gradient now (a parameter without one is skipped: unchanged, its history
     does not advance, and it does not enter the fit).
 
-    ``history``, ``reg``, ``constraint`` and ``singular_tol`` are stored in
+    ``history``, ``reg``, ``constraint``, ``singular_tol`` and ``one_pass`` are stored in
     every param group (so checkpoints carry them) and must agree across groups.
     The optimizer-wide state (Gram matrix, step and fallback counts,
     coefficients, the last step's set of parameters with gradients) lives in
@@ -109,6 +133,9 @@ class Anderson(BucketedOptimizer):
             each rank's parameters are its whole model (no sum, no check).
             DTensor parameters (FSDP2) need nothing: their mesh says where the
             other shards are.
+        one_pass: coefficients one step old, the Gram row computed in the
+            update pass (one pass instead of two); ``False`` (default) is
+            exact Anderson.
 
     Sharded parameters: every rank keeps its shards' partial Gram matrix and
     one all-reduce per step (float64, ``k x k``) sums it into the whole model's,
@@ -117,6 +144,7 @@ class Anderson(BucketedOptimizer):
     """
 
     _algorithm = "Anderson"
+    _later_group_keys = ANDERSON_LATER_GROUP_KEYS
     # A pending device-to-host copy of the streak (a CUDA event): not copied.
     _TRANSIENT = BucketedOptimizer._TRANSIENT + ("_streak_copy",)
     # The partial Grams of sharded parameters, keyed by process groups: a
@@ -128,10 +156,10 @@ class Anderson(BucketedOptimizer):
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
                  singular_tol: float = DEFAULT_SINGULAR_TOL, backend: str = "auto",
                  master_weights: bool = False, stochastic_rounding: bool = False, sr_seed: int = 0,
-                 process_group: Any = None):
+                 process_group: Any = None, one_pass: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, history=history, reg=reg,
                         constraint=constraint, singular_tol=singular_tol,
-                        stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
+                        stochastic_rounding=stochastic_rounding, sr_seed=sr_seed, one_pass=one_pass)
         check_anderson_settings(dict(defaults))
         self._active_sig: tuple | None = None  # which parameters had a gradient at the last step
         self._streak: Tensor | None = None  # consecutive fallbacks (device), for the warning
@@ -141,6 +169,11 @@ class Anderson(BucketedOptimizer):
         # the active signature it was built for (not checkpointed: a
         # checkpoint's layout may differ, so it is rebuilt from the rings).
         self._local_grams: dict[tuple, tuple[Tensor, tuple]] = {}
+        # Not sharded: the matrix the step's new row is shifted into (the kept
+        # Gram, or its older ages rebuilt from the rings when the set of
+        # parameters with gradients changed), apart from the kept Gram (the last
+        # taken step's), which a GradScaler-skipped step must not replace.
+        self._base: Tensor | None = None
         super().__init__(params, defaults, backend, master_weights, process_group)
 
     # -- settings -------------------------------------------------------
@@ -163,6 +196,11 @@ class Anderson(BucketedOptimizer):
     @property
     def singular_tol(self) -> float:
         return self._setting("singular_tol")
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether the coefficients are one step old (ALGORITHMS.md section 2b)."""
+        return self._setting("one_pass")
 
     def _validate_group(self, group: dict, read_lr: bool = True) -> None:
         super()._validate_group(group, read_lr)
@@ -269,6 +307,7 @@ class Anderson(BucketedOptimizer):
         self._active_sig = None
         self._streak = None
         self._local_grams = {}
+        self._base = None
 
     # -- introspection --------------------------------------------------
     @property
@@ -395,26 +434,33 @@ class Anderson(BucketedOptimizer):
         changed = self._active_set_changed(work, st)
         k = self.history
         # Sharded, each rank keeps partial Grams per reduction key instead
-        # (rebuilt from its own rings here, used in _sharded_gram): the
-        # optimizer-wide matrix is the all-reduced sum, not refreshed from local rings.
+        # (rebuilt from its own rings here, before any pass writes them; used in
+        # _sharded_gram): the optimizer-wide matrix is the all-reduced sum, not
+        # refreshed from local rings.
         if reductions:
             self._refresh_local_grams(work, anchor.device)
-        elif (self._plan.membership_changed or changed) and k > 1:
+            self._base = None
+            return
+        if self._base is None or self._base.device != anchor.device:
+            self._base = st["anderson_gram"].clone()
+        if (self._plan.membership_changed or changed) and k > 1:
             # The rings hold ages 1..k-1: as of count - 1 they are ages 0..k-2.
             older = ring_gram([(w.bucket.g_hist, w.bucket.count - 1, self._active_spans(w)) for w in work],
                               k - 1, anchor.device)
             fresh = torch.zeros_like(st["anderson_gram"])
             fresh[: k - 1, : k - 1] = older
-            skip = self._amp.skip(anchor.device)
-            if skip is None:
-                st["anderson_gram"].copy_(fresh)
-            else:  # GradScaler's skipped step keeps the Gram
-                st["anderson_gram"].copy_(torch.where(skip, st["anderson_gram"], fresh))
+            # The step shifts its new row into this whatever GradScaler decides:
+            # a skipped step leaves the rings, so it is right for the retry too,
+            # which sees no change of the set. (The kept Gram, the last taken
+            # step's, is what one-pass Anderson solves from.)
+            self._base.copy_(fresh)
 
     def _step_buckets(self, work: list[Work], amp: AmpStep) -> None:
         """The read-only Gram pass, the on-device solve, the update pass (which
-        stores the gradient and the old iterate). GradScaler's skipped step also
-        keeps the Gram matrix, the coefficients and the step and fallback counts."""
+        stores the gradient and the old iterate). With ``one_pass``: the solve
+        from the kept Gram, then the update pass, which also computes the new
+        Gram row. GradScaler's skipped step also keeps the Gram matrix, the
+        coefficients and the step and fallback counts."""
         reductions = self._reductions()
         if not work and not reductions:
             return
@@ -427,6 +473,9 @@ class Anderson(BucketedOptimizer):
         anchor = self._anchor()
         home = anchor.device
         st = self.state[anchor]
+        if self.one_pass:
+            self._update_one_pass(work, reductions, amp, st, home)
+            return
         for w in work:
             b, group = w.bucket, w.group
             ops.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count, group["weight_decay"],
@@ -437,10 +486,12 @@ class Anderson(BucketedOptimizer):
             gram = self._sharded_gram(work, reductions, home, amp.skip(home))
         else:
             row = reduce_gram([w.bucket.gram for w in work], home)
-            gram = shift_in_row(st["anderson_gram"], row)
-        valid = torch.arange(k, device=home) <= st["anderson_steps"]
+            gram = shift_in_row(self._base, row)
+        valid = _ages(k, home) <= st["anderson_steps"]
         coefs, fell_back = anderson_coefficients(gram, valid, self.reg, self.constraint, self.singular_tol)
         skip = amp.skip(home)
+        if not reductions:
+            self._base.copy_(gram if skip is None else torch.where(skip, self._base, gram))
         if skip is not None:  # GradScaler's skipped step keeps the optimizer-wide state
             gram = torch.where(skip, st["anderson_gram"], gram)
             coefs = torch.where(skip, st["anderson_coefficients"], coefs)
@@ -449,12 +500,52 @@ class Anderson(BucketedOptimizer):
         taken = amp.taken(home)
         st["anderson_steps"].add_(1 if taken is None else taken)
         self._count_fallback(st, fell_back, taken)
+        self._combine(work, coefs, amp, rows=False)
+
+    def _combine(self, work: list[Work], coefs: Tensor, amp: AmpStep, rows: bool) -> None:
+        """The update pass of every bucket; ``rows``: each bucket's partial Gram
+        row of the new gradient lands in ``bucket.gram`` (computed in the pass)."""
         for w in work:
             b, group = w.bucket, w.group
             mine = coefs if coefs.device == b.device else coefs.to(b.device)  # a peer copy, no state write
             ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, mine, self._lr(w), b.count,
-                        group["weight_decay"], group["maximize"], None, b.backend.name, b.cache,
-                        **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
+                        group["weight_decay"], group["maximize"], b.gram if rows else None, b.backend.name,
+                        b.cache, **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
+
+    def _update_one_pass(self, work: list[Work], reductions: list[tuple], amp: AmpStep, st: dict,
+                         home: torch.device) -> None:
+        """One-pass Anderson (ALGORITHMS.md section 2b): step t solves from the Gram
+        kept at the end of step t-1 (ages 1..m relative to now, m = min(t-1, k);
+        the first step is SGD) and applies those coefficients to the current
+        window; its update pass computes the new row <g^(t-1), g^(t-j)>, which
+        is shifted in for step t+1. One pass over the gradient, no host sync."""
+        k = self.history
+        steps = st["anderson_steps"]
+        first = steps == 0
+        valid = _ages(k, home) < steps.clamp(min=1)
+        coefs, fell_back = anderson_coefficients(st["anderson_gram"], valid, self.reg, self.constraint,
+                                                 self.singular_tol)
+        # Nothing kept yet: an SGD step, not a fallback.
+        coefs = torch.where(first, _first_unit(k, home, coefs.dtype), coefs)
+        fell_back = fell_back & ~first
+        # Sharded: each rank's partial Gram was rebuilt from its rings in the
+        # host setup where its set of parameters changed, before this pass
+        # overwrites their oldest slot.
+        self._combine(work, coefs, amp, rows=True)
+        skip = amp.skip(home)
+        if reductions:
+            gram = self._sharded_gram(work, reductions, home, skip)
+        else:
+            gram = shift_in_row(self._base, reduce_gram([w.bucket.gram for w in work], home))
+            self._base.copy_(gram if skip is None else torch.where(skip, self._base, gram))
+        if skip is not None:  # GradScaler's skipped step keeps the optimizer-wide state
+            gram = torch.where(skip, st["anderson_gram"], gram)
+            coefs = torch.where(skip, st["anderson_coefficients"], coefs)
+        st["anderson_gram"].copy_(gram)
+        st["anderson_coefficients"].copy_(coefs)
+        taken = amp.taken(home)
+        st["anderson_steps"].add_(1 if taken is None else taken)
+        self._count_fallback(st, fell_back, taken)
 
     def _ring_partial(self, ws, home: torch.device) -> Tensor:
         """This rank's ``k x k`` partial Gram rebuilt from the rings: the ages
@@ -526,7 +617,10 @@ class Anderson(BucketedOptimizer):
         them), so no rank needs to know about another's changes.
 
         ``skip`` (GradScaler's inf flag): a skipped step keeps the stored
-        partial matrix (the rings it was built from do not change either)."""
+        partial matrix (the rings it was built from do not change either).
+        The partial matrices were made valid for this step's parameters in the
+        host setup (:meth:`_refresh_local_grams`), before any pass: one-pass
+        Anderson's update pass writes the rings the rebuild reads."""
         k = self.history
         by_key: dict[tuple, list] = defaultdict(list)
         for w in work:

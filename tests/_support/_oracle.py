@@ -227,6 +227,81 @@ class AndersonOracle(_Oracle):
         self.t += 1
 
 
+class OnePassAndersonOracle(_Oracle):
+    """ALGORITHMS.md section 2b (one-pass Anderson, lagged coefficients): step
+    ``t`` solves from the Gram kept at the end of step ``t-1`` -- the Gram
+    section 2 forms at step ``t-1``, over that step's parameters with
+    gradients and its ``m = min(t-1, k)`` newest gradients -- and applies the
+    ``m`` coefficients to the current window (``a_1`` on the newest). The
+    first step has no kept Gram: it is an SGD step (``a = e_1``, not a
+    fallback). Then the step forms its own Gram (over its parameters with
+    gradients, ``min(t, k)`` gradients each at its own history), kept for the
+    next step. Reg, simplex and the fallback are section 2's.
+    """
+
+    def __init__(self, groups: list[dict], history: int, reg: float = 0.0,
+                 constraint: str | None = None, singular_tol: float = 1e-6):
+        super().__init__(groups)
+        self.k, self.reg, self.constraint, self.singular_tol = history, reg, constraint, singular_tol
+        self.x_hist: dict[tuple[int, int], list[np.ndarray]] = {}  # k - 1 past iterates
+        self.g_hist: dict[tuple[int, int], list[np.ndarray]] = {}  # k gradients, age 0 first
+        self.kept: np.ndarray | None = None  # the Gram formed at the previous step
+        self.fallbacks = 0
+        self.coefficients = None
+        # of the system each step solves (the kept Gram, reg added; 1.0 at the first step)
+        self.min_eigs: list[float] = []
+        self.grams: list[np.ndarray] = []  # the Gram each step keeps
+
+    def step(self, grads, lrs=None) -> None:
+        k = self.k
+        active = []
+        for gi, group in enumerate(self.groups):
+            for pi, x in enumerate(group["params"]):
+                grad = grads[gi][pi]
+                if grad is None:
+                    continue
+                g = effective_grad(np.asarray(grad, dtype=np.float64), x, group["weight_decay"],
+                                   group["maximize"])
+                key = (gi, pi)
+                if key not in self.g_hist:  # warm start: copies of x^(0), g^(0)
+                    self.x_hist[key] = [x.copy() for _ in range(k - 1)]
+                    self.g_hist[key] = [g.copy() for _ in range(k)]
+                else:
+                    self.g_hist[key] = [g.copy()] + self.g_hist[key][: k - 1]
+                active.append(key)
+        if not active:
+            return
+        a = np.zeros(k)
+        if self.kept is None:
+            a[0] = 1.0
+            self.min_eigs.append(1.0)
+        else:
+            m = len(self.kept)
+            system = self.kept + self.reg * np.trace(self.kept) / m * np.eye(m) if self.reg else self.kept
+            self.min_eigs.append(normalised_min_eig(system))
+            a_m, fell_back = anderson_solve(self.kept, self.reg, self.constraint, self.singular_tol)
+            self.fallbacks += int(fell_back)
+            a[: len(a_m)] = a_m
+        self.coefficients = a
+        m = min(self.t + 1, k)
+        gram = np.zeros((m, m))
+        for key in active:
+            rows = np.stack([h.reshape(-1) for h in self.g_hist[key][:m]])
+            gram += rows @ rows.T
+        self.kept = gram
+        self.grams.append(gram)
+        for key in active:
+            gi, pi = key
+            lr = self._lr(gi, lrs)
+            x = self.groups[gi]["params"][pi]
+            xs = [x] + self.x_hist[key]
+            gs = self.g_hist[key]
+            new = sum(a[i] * xs[i] for i in range(k)) - lr * sum(a[i] * gs[i] for i in range(k))
+            self.x_hist[key] = ([x.copy()] + self.x_hist[key])[: k - 1]
+            self.groups[gi]["params"][pi] = np.asarray(new, dtype=np.float64).reshape(x.shape)
+        self.t += 1
+
+
 # -- RNA -----------------------------------------------------------------------
 
 def rna_coefficients(residuals: np.ndarray, lam: float) -> np.ndarray:

@@ -47,6 +47,8 @@ _INFOS = (
     OptimizerInfo("anderson-k3", interpolatron.Anderson, {"history": 3, "reg": 1e-3}),
     OptimizerInfo("anderson-k2-simplex", interpolatron.Anderson, {"history": 2, "constraint": "simplex"}),
     OptimizerInfo("anderson-k3-simplex", interpolatron.Anderson, {"history": 3, "constraint": "simplex"}),
+    # ALGORITHMS.md 2b: coefficients one step old, the Gram row from the update pass.
+    OptimizerInfo("anderson-k2-onepass", interpolatron.Anderson, {"history": 2, "one_pass": True}),
 )
 OPTIMIZERS: dict[str, OptimizerInfo] = {info.name: info for info in _INFOS}
 # The default configuration of each algorithm: what a test means by "interpolatron".

@@ -47,7 +47,8 @@ def test_bytes_per_element_follow_algorithms_md():
               f"rna-record-w{bm.RNA_WINDOW}": bm.RNA_WINDOW + 2,
               f"rna-extrapolate-w{bm.RNA_WINDOW}": bm.RNA_WINDOW + 1,
               "interpolatron-2-master": 7, "anderson-2-master": 9,
-              "interpolatron-2-sr": 7, "anderson-2-sr": 9}
+              "interpolatron-2-sr": 7, "anderson-2-sr": 9,
+              "anderson-2-onepass": 7, "anderson-3-onepass": 9, "interpolatron-2-diag": 7}
     assert {name: bm.accesses(name) for name in bm.OPTIMIZER_NAMES} == expect
     # master weights on 16-bit parameters: the float32 step, the gradient's
     # upcast and the rounded write-back (bytes per element)

@@ -67,6 +67,10 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "flo
 BACKENDS = ("torch", "native", "triton")
 COMMON = ("plain", "wd_max", "groups", "nograd", "amp")
 SIXTEEN = ("master", "sr")
+# Anderson(one_pass=True) (ALGORITHMS.md 2b): each names the common feature it
+# runs one-pass (the runs test the feature's name through ``_base_feature``).
+ONE_PASS = {"onepass": "plain", "onepass_wd_max": "wd_max", "onepass_nograd": "nograd",
+            "onepass_amp": "amp", "sharded_onepass": "sharded"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ class Case:
 # Under Triton's interpreter a launch costs about 0.1 s: its launchers branch
 # on the features, not on the dtype (but for stochastic rounding), so every
 # feature runs in float32 and the other dtypes run the dtype-specific ones.
-TRITON_DTYPE_FEATURES = {"bf16": ("plain", "master", "sr"), "fp16": ("plain", "sr"), "fp64": ("plain",)}
+TRITON_DTYPE_FEATURES = {"bf16": ("plain", "master", "sr", "onepass"), "fp16": ("plain", "sr"),
+                         "fp64": ("plain",)}
 TRITON_RNA_DTYPE_FEATURES = ("iterates",)
 
 
@@ -114,6 +119,12 @@ def _cases() -> list[Case]:
             for feature in ("iterates", "gradients", "online"):
                 if _wanted(backend, dtype, feature, "rna"):
                     out.append(Case("rna", backend, dtype, feature))
+    # Appended after the others: the record's existing cases keep their order.
+    for backend in BACKENDS:
+        for dtype in DTYPES:
+            for feature in ONE_PASS:
+                if _wanted(backend, dtype, feature, "anderson"):
+                    out.append(Case("anderson", backend, dtype, feature))
     return out
 
 
@@ -148,12 +159,19 @@ def _problem(shapes, dtype, seed: int):
     return x0, grad
 
 
+def _base_feature(feature: str) -> str:
+    """The common feature a one-pass feature runs (others: themselves)."""
+    return ONE_PASS.get(feature, feature)
+
+
 def _optimizer(case: Case, params, groups: bool):
     import interpolatron
 
     torch = _torch()
     kw: dict = dict(backend=case.backend)
-    f = case.feature
+    f = _base_feature(case.feature)
+    if f != case.feature:
+        kw["one_pass"] = True
     if f == "master":
         kw["master_weights"] = True
     if f == "sr":
@@ -223,7 +241,7 @@ def _optimizer_case(case: Case, rank: int | None = None, world: int = 1) -> dict
                 x = x.contiguous(memory_format=torch.channels_last)
             params.append(torch.nn.Parameter(x))
     opt = _optimizer(case, params, groups=case.feature == "groups")
-    f = case.feature
+    f = _base_feature(case.feature)
     out: dict = {}
     for step in range(STEPS):
         kwargs = {}

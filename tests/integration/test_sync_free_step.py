@@ -61,7 +61,8 @@ def _backward(model: torch.nn.Module, x: torch.Tensor) -> None:
     model(x).square().sum().backward()
 
 
-NAMES = ("interpolatron-k2", "interpolatron-k2-diag", "anderson-k2", "anderson-k2-simplex", "anderson-k3")
+NAMES = ("interpolatron-k2", "interpolatron-k2-diag", "anderson-k2", "anderson-k2-simplex", "anderson-k3",
+         "anderson-k2-onepass")
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -140,7 +141,7 @@ def test_anderson_2_closed_form_matches_general_solve():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("name", ["interpolatron-k2", "interpolatron-k2-diag", "anderson-k2",
-                                  "anderson-k2-simplex"])
+                                  "anderson-k2-simplex", "anderson-k2-onepass"])
 def test_gpu_whole_step_graph_replays_like_eager(name, backend):
     """A captured ``opt.step()`` replayed with new gradients and an in-place lr
     change gives the same parameters as eager steps (fp32, tight tolerance)."""

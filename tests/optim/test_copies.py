@@ -12,7 +12,7 @@ from optimizers import backend_params, make
 import interpolatron
 
 # Anderson with the simplex constraint: its solver state is the most to copy.
-CONFIGS = ("interpolatron-k3", "anderson-k3-simplex")
+CONFIGS = ("interpolatron-k3", "anderson-k3-simplex", "anderson-k2-onepass")
 COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda obj: pickle.loads(pickle.dumps(obj))}
 X = torch.randn(16, 6)
 Y = torch.randn(16, 1)
