@@ -25,11 +25,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _run(compiler: str | None, fullgraph: bool, sched: bool, backend: str, steps: int = 6):
+def _run(compiler: str | None, fullgraph: bool, sched: bool, backend: str, steps: int = 6,
+         config: str = "anderson"):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
-    opt = make("anderson", model.parameters(), backend, lr=0.05, weight_decay=1e-3)
+    opt = make(config, model.parameters(), backend, lr=0.05, weight_decay=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if sched else None
     step = torch.compile(opt.step, backend=compiler, fullgraph=fullgraph) if compiler else opt.step
     params, coefs = [], []
@@ -60,4 +61,19 @@ def test_anderson_compiles_from_its_first_step_and_equals_eager(compiler, fullgr
     for t, (a, b) in enumerate(zip(coefs, ref_coefs)):
         assert torch.equal(a, b), f"step {t}: {a} != {b}"
     # the run moved (a compiled step that did nothing would not be caught otherwise)
+    assert not torch.equal(coefs[-1], coefs[0])
+
+
+# One-pass Anderson (its solve reads the kept Gram, its rows come from the update pass).
+ONE_PASS_CASES = [("aot_eager", True, True, "torch")] + [("inductor", True, False, b) for b in BACKENDS]
+
+
+@pytest.mark.parametrize("compiler,fullgraph,sched,backend", ONE_PASS_CASES)
+def test_one_pass_anderson_compiles_from_its_first_step_and_equals_eager(compiler, fullgraph, sched, backend):
+    ref_params, ref_coefs = _run(None, False, sched, backend, config="anderson-k2-onepass")
+    params, coefs = _run(compiler, fullgraph, sched, backend, config="anderson-k2-onepass")
+    for t, (a, b) in enumerate(zip(params, ref_params)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"step {t}"
+    for t, (a, b) in enumerate(zip(coefs, ref_coefs)):
+        assert torch.equal(a, b), f"step {t}: {a} != {b}"
     assert not torch.equal(coefs[-1], coefs[0])
