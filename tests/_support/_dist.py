@@ -38,6 +38,13 @@ def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: 
         dist.destroy_process_group()
 
 
+# What join raises when a rank fails (the names differ across torch versions;
+# torch 2.13 has no ProcessException, and catching a missing name hid the
+# rank's own traceback behind an AttributeError).
+_RANK_ERRORS = tuple(getattr(mp, name) for name in ("ProcessException", "ProcessRaisedException",
+                                                    "ProcessExitedException") if hasattr(mp, name))
+
+
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0, backend: str = "gloo") -> list:
     """``[fn(rank, world, *args) for rank in range(world)]``, each in its own
     process of a fresh process group. ``fn`` must be importable (a module-level
@@ -50,7 +57,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0, back
             while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish in {timeout:.0f} s")
-        except mp.ProcessException:
+        except _RANK_ERRORS:
             pass  # the rank's traceback is in its file, reported below
         finally:
             for p in ctx.processes:
