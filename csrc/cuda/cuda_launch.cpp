@@ -95,12 +95,14 @@ struct Prologue {
 }  // namespace
 
 void combine_cuda(const CombineOp& op, const Segs& segs, const at::Device& device, TableCache& cache) {
+  TORCH_CHECK(op.master == nullptr, "interpolatron: master weights are not implemented in the CUDA kernels yet");
   Prologue pro(segs, op.dtype, device, cache);
   double* partials = pro.partials(cuda::combine_partials(op, pro.table.nblocks));
   check(cuda::run_combine(op, pro.table, partials, pro.stream));
 }
 
 void gram_row_cuda(const GramRowOp& op, const Segs& segs, const at::Device& device, TableCache& cache) {
+  TORCH_CHECK(op.master == nullptr, "interpolatron: master weights are not implemented in the CUDA kernels yet");
   Prologue pro(segs, op.dtype, device, cache);
   double* partials = pro.partials(cuda::gram_row_partials(op, pro.table.nblocks));
   check(cuda::run_gram_row(op, pro.table, partials, pro.stream));

@@ -413,7 +413,8 @@ class Anderson(BucketedOptimizer):
         for w in work:
             b, group = w.bucket, w.group
             ops.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count, group["weight_decay"],
-                         group["maximize"], b.gram, b.backend.name, b.cache, **amp.kernel_args(b.device))
+                         group["maximize"], b.gram, b.backend.name, b.cache, **amp.kernel_args(b.device),
+                         master=b.master)
         if reductions:
             # The active set was recorded in _init_group; the partial Grams are
             # kept per reduction key and summed over the ranks.
@@ -437,7 +438,7 @@ class Anderson(BucketedOptimizer):
             mine = coefs if coefs.device == b.device else coefs.to(b.device)  # a peer copy, no state write
             ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, mine, self._lr(w), b.count,
                         group["weight_decay"], group["maximize"], None, b.backend.name, b.cache,
-                        **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
+                        **amp.kernel_args(b.device), sr_seed=self._sr_seed(group), master=b.master)
 
     def _older_from_rings(self, work, home: torch.device) -> Tensor:
         """A ``k x k`` matrix whose ages ``0..k-2`` block is recomputed from the
