@@ -42,7 +42,7 @@ from interpolatron.backends.base import check_master
 from . import _launch
 from ._helpers import _block_of, _inv_scale, _ld, _ring_ptr, _skip_block, _slot, _st, _tensor_ptr
 from .reduce import reduce_partials
-from .rounding import STREAM_GRAD, STREAM_PARAM, _sr_bits, _sr_col_hash, _sr_key, _sr_round
+from .rounding import STREAM_GRAD, STREAM_PARAM, _rne_bf16, _sr_bits, _sr_col_hash, _sr_key, _sr_round
 
 if TYPE_CHECKING:
     from interpolatron.backends.base import CombineArgs
@@ -102,6 +102,10 @@ def _combine_block(ptrs, ntensors, t, start, rem, col, x_hist, g_hist, x_stride,
     x_new = acc_x - lr_c * acc_g
     if MASTER:
         _st(m, x_new, rem, BLOCK, FAST)
+        if not SR and PDT == tl.bfloat16:
+            # The parameter is the master rounded to nearest even, as the other
+            # backends write it; Triton's own cast truncates in its interpreter.
+            x_new = _rne_bf16(x_new)
     if SR:
         # The 16-bit writes rounded stochastically (interpolatron/rounding.py):
         # the random bits of the element's ring column, drawn from the seed and
