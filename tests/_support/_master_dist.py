@@ -72,7 +72,9 @@ def run_plain(name: str, steps: int, world: int) -> dict:
             p.grad = g
         opt.step()
         coefs.append(_coefs(opt))
-    return _result(list(model.parameters()), coefs)
+    out = _result(list(model.parameters()), coefs)
+    out["masters"] = [opt.state[p]["master"].clone() for p in model.parameters()]
+    return out
 
 
 def ddp(rank: int, world: int, name: str, steps: int) -> dict:
@@ -103,6 +105,27 @@ def fsdp1(rank: int, world: int, name: str, steps: int) -> dict:
         coefs.append(_coefs(opt))
     with FullyShardedDataParallel.summon_full_params(model):
         return _result(list(model.module.parameters()), coefs)
+
+
+def fsdp2(rank: int, world: int, name: str, steps: int) -> dict:
+    """FSDP2 on a CPU mesh: DTensor shards, their masters DTensors sharded alike."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = _optimizer(name, model.parameters())
+    coefs = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, step, rank).backward()
+        opt.step()
+        coefs.append(_coefs(opt))
+    master = opt.state[model.weight]["master"]
+    out = _result([p.full_tensor() for p in model.parameters()], coefs)
+    out["master_type"] = type(master).__name__
+    out["masters"] = [opt.state[p]["master"].full_tensor().clone() for p in model.parameters()]
+    return out
 
 
 def suite(rank: int, world: int, cases: list) -> dict:

@@ -26,7 +26,8 @@ NAMES = ("interpolatron-k3", "anderson-k3")
 def world2():
     cases = []
     for name in NAMES:
-        cases += [(f"ddp-{name}", M.ddp, (name, STEPS)), (f"fsdp1-{name}", M.fsdp1, (name, STEPS))]
+        cases += [(f"ddp-{name}", M.ddp, (name, STEPS)), (f"fsdp1-{name}", M.fsdp1, (name, STEPS)),
+                  (f"fsdp2-{name}", M.fsdp2, (name, STEPS))]
     return run_ranks(M.suite, 2, cases, timeout=240)
 
 
@@ -80,3 +81,22 @@ def test_fsdp1_bf16_master_weights_equal_the_averaged_single_process_run(world2,
                 assert bool(((p.double() - q.double()).abs() <= ulp).all()), (p, q)
     for p, q in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_bf16_master_weights_on_dtensor_shards(world2, plain, name):
+    """FSDP2 (DTensor shards, uneven): the masters are DTensors sharded like
+    their parameters; Interpolatron's parameters and masters are bitwise the
+    single process's, Anderson's coefficients agree to float64 rounding (the
+    Gram is summed over the shards) and its masters to the float32 rounding
+    that a coefficient's last bit can move."""
+    ref = plain[name]
+    for res in _case(world2, f"fsdp2-{name}"):
+        assert res["master_type"] == "DTensor"
+        if ref["coefs"] is None:
+            for got, want in zip(res["params"] + res["masters"], ref["params"] + ref["masters"]):
+                assert torch.equal(got, want)
+        else:
+            assert (res["coefs"] - ref["coefs"]).abs().max().item() <= 1e-12
+            for got, want in zip(res["masters"], ref["masters"]):
+                assert (got - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item())
