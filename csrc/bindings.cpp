@@ -73,11 +73,12 @@ void check_out(const at::Tensor& out, const char* name, const at::Device& device
 
 // The active tensors as segments; nullopt when one is not dense (or a gradient
 // is laid out unlike its parameter).
+// `dtype`: the segments' dtype (the ring's, or 16-bit with master weights).
 std::optional<Segs> make_segs(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>* b,
                                           const std::vector<int64_t>& offsets, const at::Tensor& ring,
-                                          const char* what) {
+                                          const char* what, std::optional<at::ScalarType> seg_dtype = std::nullopt) {
   const at::Device device = ring.device();
-  const at::ScalarType dtype = ring.scalar_type();
+  const at::ScalarType dtype = seg_dtype.value_or(ring.scalar_type());
   const int64_t n_cols = ring.size(1);
   TORCH_CHECK_VALUE(offsets.size() == a.size(), "got ", a.size(), " ", what, " but ", offsets.size(), " offsets");
   if (b) TORCH_CHECK_VALUE(b->size() == a.size(), "got ", a.size(), " ", what, " but ", b->size(), " gradients");
@@ -87,8 +88,8 @@ std::optional<Segs> make_segs(const std::vector<at::Tensor>& a, const std::vecto
   for (size_t i = 0; i < a.size(); ++i) {
     const at::Tensor& t = a[i];
     TORCH_CHECK_VALUE(t.device() == device, what, "[", i, "] is on ", t.device(), ", the ring on ", device);
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, what, "[", i, "] has dtype ", t.scalar_type(),
-                     " but the ring buffer has ", dtype, " (the C++ kernels need one dtype per bucket)");
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, what, "[", i, "] has dtype ", t.scalar_type(), ", expected ", dtype,
+                     " (the C++ kernels need one dtype per bucket)");
     const int64_t n = t.numel();
     TORCH_CHECK_VALUE(offsets[i] >= 0 && offsets[i] + n <= n_cols, what, "[", i, "] (", n,
                       " elements) at offset ", offsets[i], " does not fit the ring's ", n_cols, " columns");
@@ -99,7 +100,7 @@ std::optional<Segs> make_segs(const std::vector<at::Tensor>& a, const std::vecto
     if (b) {
       const at::Tensor& g = (*b)[i];
       TORCH_CHECK_VALUE(g.device() == device, "grads[", i, "] is on ", g.device(), ", the ring on ", device);
-      TORCH_CHECK_TYPE(g.scalar_type() == dtype, "grads[", i, "] has dtype ", g.scalar_type(), " but the ring has ",
+      TORCH_CHECK_TYPE(g.scalar_type() == dtype, "grads[", i, "] has dtype ", g.scalar_type(), ", its parameter ",
                        dtype);
       TORCH_CHECK_VALUE(g.numel() == n, "grads[", i, "] has ", g.numel(), " elements, its parameter ", n);
       contiguous &= g.is_non_overlapping_and_dense() && (n <= 1 || g.strides() == t.strides());
@@ -121,6 +122,24 @@ void check_device(const at::Device& d) {
 void bump(const at::Tensor& t) { torch::autograd::impl::bump_version(t); }
 void bump(const std::vector<at::Tensor>& ts) {
   for (const at::Tensor& t : ts) bump(t);
+}
+
+// Master weights (interpolatron/backends/base.py): a flat contiguous float32
+// tensor with the ring's columns, float32 rings, 16-bit params and gradients.
+// Returns the params' dtype: the ring's without a master.
+at::ScalarType check_master(const std::optional<at::Tensor>& master, const at::Tensor& ring,
+                            const std::vector<at::Tensor>& params) {
+  if (!master) return ring.scalar_type();
+  const at::Tensor& m = *master;
+  TORCH_CHECK_VALUE(m.scalar_type() == at::kFloat && m.dim() == 1 && m.is_contiguous(),
+                    "master must be a contiguous 1-d float32 tensor, got ", m.scalar_type(), " of shape ", m.sizes());
+  TORCH_CHECK_VALUE(m.device() == ring.device() && m.numel() == ring.size(1), "master (", m.numel(), " columns on ",
+                    m.device(), ") must match the rings (", ring.size(1), " columns on ", ring.device(), ")");
+  TORCH_CHECK_VALUE(ring.scalar_type() == at::kFloat, "with master weights the rings are float32, got ",
+                    ring.scalar_type());
+  const at::ScalarType p = params.empty() ? at::kBFloat16 : params[0].scalar_type();
+  TORCH_CHECK_VALUE(p == at::kBFloat16 || p == at::kHalf, "master weights are for 16-bit parameters, got ", p);
+  return p;
 }
 
 // The optional GradScaler tensors as kernel pointers.
@@ -160,7 +179,7 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
              const at::Tensor& coefs, const at::Tensor& lr, const at::Tensor& count, double weight_decay,
              bool maximize, const std::optional<at::Tensor>& gram, TableCache* cache,
              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-             std::optional<int64_t> sr_seed) {
+             std::optional<int64_t> sr_seed, const std::optional<at::Tensor>& master) {
   const at::Device device = x_hist.device();
   check_device(device);
   check_ring(x_hist, "x_hist", device);
@@ -176,7 +195,8 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
   TORCH_CHECK_VALUE(x_hist.size(0) == k - 1, "x_hist must have k - 1 = ", k - 1, " slots, has ", x_hist.size(0));
   TORCH_CHECK_VALUE(g_hist.size(0) == k - 1, "g_hist must have k - 1 = ", k - 1, " slots, has ", g_hist.size(0));
   if (gram) check_out(*gram, "gram", device, k);
-  const auto segs = make_segs(params, &grads, offsets, x_hist, "params");
+  const at::ScalarType param_type = check_master(master, x_hist, params);
+  const auto segs = make_segs(params, &grads, offsets, x_hist, "params", param_type);
   if (!segs) return false;
   // The kernels' copies of the small inputs; alive until the launches are enqueued.
   const at::Tensor coefs64 = scalar_input(coefs, "coefs", device, at::kDouble, std::nullopt);
@@ -189,6 +209,7 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
   }
   CombineOp op{};
   op.dtype = dtype;
+  op.param_dtype = *to_dtype(param_type);
   op.k = k;
   op.x_ring = x_hist.data_ptr();
   op.g_ring = g_hist.data_ptr();
@@ -204,7 +225,9 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
   op.sr_seed = sr_seed ? static_cast<uint32_t>(*sr_seed) : 0;
   op.gram = gram ? gram->data_ptr<double>() : nullptr;
   op.gram_stride = gram ? gram->stride(0) : 0;
+  op.master = master ? master->data_ptr<float>() : nullptr;
   run_on(device, op, *segs, cache, &combine_cpu, INTERP_CUDA_LAUNCHER(combine_cuda));
+  if (master) bump(*master);
   bump(params);
   bump(x_hist);
   bump(g_hist);
@@ -215,7 +238,8 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
 bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
               const std::vector<int64_t>& offsets, const at::Tensor& g_hist, const at::Tensor& count,
               double weight_decay, bool maximize, const at::Tensor& out, TableCache* cache, bool store,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& master) {
   const at::Device device = g_hist.device();
   check_device(device);
   check_ring(g_hist, "g_hist", device);
@@ -227,13 +251,17 @@ bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
   check_out(out, "out", device, store ? slots : slots + 1);
   // The gradients are the segments' payload; params are read only for the
   // weight decay, but they must match the gradients one for one.
-  const auto segs = make_segs(params, &grads, offsets, g_hist, "params");
+  TORCH_CHECK_VALUE(!(master && store), "gram_row with store=True takes no master");
+  const at::ScalarType param_type = check_master(master, g_hist, params);
+  const auto segs = make_segs(params, &grads, offsets, g_hist, "params", param_type);
   if (!segs) return false;
   const at::Tensor count64 = scalar_input(count, "count", device, at::kLong, 1);
   const auto scale = scale_input(grad_scale, "grad_scale", device);
   const auto inf = scale_input(found_inf, "found_inf", device);
   GramRowOp op{};
   op.dtype = dtype;
+  op.param_dtype = *to_dtype(param_type);
+  op.master = master ? master->data_ptr<float>() : nullptr;
   op.g_ring = g_hist.data_ptr();
   op.slots = static_cast<int>(slots);
   op.row_elems = g_hist.size(1);
@@ -328,10 +356,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("combine", &interp::combine, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("x_hist"),
         py::arg("g_hist"), py::arg("coefs"), py::arg("lr"), py::arg("count"), py::arg("weight_decay"),
         py::arg("maximize"), py::arg("gram"), py::arg("cache"), py::arg("grad_scale") = py::none(),
-        py::arg("found_inf") = py::none(), py::arg("sr_seed") = py::none(), release);
+        py::arg("found_inf") = py::none(), py::arg("sr_seed") = py::none(), py::arg("master") = py::none(), release);
   m.def("gram_row", &interp::gram_row, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("g_hist"),
         py::arg("count"), py::arg("weight_decay"), py::arg("maximize"), py::arg("out"), py::arg("cache"), py::arg("store") = true,
-        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(), release);
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(), py::arg("master") = py::none(),
+        release);
   m.def("rna_record", &interp::rna_record, py::arg("sources"), py::arg("offsets"), py::arg("window"),
         py::arg("count"), py::arg("out"), py::arg("cache"), release);
   m.def("rna_extrapolate", &interp::rna_extrapolate, py::arg("window"), py::arg("offsets"), py::arg("count"),
@@ -347,7 +376,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "variant now in use.");
   // Bumped whenever the Python-visible interface changes, so that a stale
   // build is reported as such instead of failing on a missing function.
-  m.attr("API_VERSION") = 5;
+  m.attr("API_VERSION") = 6;
   m.attr("CPU_CHUNK") = interp::cpu::kChunk;
   m.attr("MAX_SLOTS") = interp::cpu::kMaxSlots;
 }

@@ -31,8 +31,18 @@ struct Seg {
 // the effective gradient g0 = sign * grad / grad_scale + weight_decay * param;
 // the old param and g0 then replace the oldest ring entries. With `gram`,
 // also <g0, g(age j)>, j = 0..k-1 (float64, layout-invariant).
+//
+// Master weights (`master` set): the segments are 16-bit (`param_dtype`), the
+// rings float32 (`dtype`), and age 0 of the iterate is the float32 master
+// (row_elems floats in the rings' columns), not the param: the op reads the
+// master and the 16-bit gradient (weight decay on the master) and writes the
+// new master, the rings and the param = the new master rounded to nearest
+// even (stochastically with `stochastic`, stream 1; the float32 g ring is not
+// rounded). The param is never read. The float32 math is that of a float32
+// bucket holding the masters and the upcast gradients, op for op.
 struct CombineOp {
-  DType dtype;
+  DType dtype;        // the rings' dtype (and the segments' without a master)
+  DType param_dtype;  // the segments' dtype: dtype, or bf16/fp16 with a master
   int k;           // coefficients (1..cpu::kMaxSlots); each ring has k - 1 slots
   void* x_ring;    // (k - 1, row_elems)
   void* g_ring;    // (k - 1, row_elems)
@@ -53,6 +63,7 @@ struct CombineOp {
   uint32_t sr_seed;
   double* gram;  // k entries at gram[j * gram_stride], or nullptr
   int64_t gram_stride;
+  float* master;  // row_elems float32 masters (ring columns), or nullptr
 };
 
 // <g0, g(age j)>, j = 0..ndots()-1, g0 the effective gradient as in combine.
@@ -60,7 +71,8 @@ struct CombineOp {
 // count mod slots first, ndots == slots); read-only: they hold ages 1..slots,
 // nothing is written, ndots == slots + 1.
 struct GramRowOp {
-  DType dtype;
+  DType dtype;        // the ring's dtype
+  DType param_dtype;  // the segments' dtype (16-bit with a master, else dtype)
   void* g_ring;  // (slots, row_elems)
   int slots;
   int64_t row_elems;
@@ -72,6 +84,9 @@ struct GramRowOp {
   const float* found_inf;
   double* out;  // ndots() entries at out[j * out_stride]
   int64_t out_stride;
+  // Master weights (as CombineOp; read-only ops only): the float32 masters
+  // (ring columns) the weight decay reads instead of the params, or nullptr.
+  const float* master;
   int ndots() const { return store ? slots : slots + 1; }
 };
 

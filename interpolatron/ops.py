@@ -26,7 +26,9 @@ with GradScaler's ``grad_scale`` and ``found_inf``, optional tensors
 defaulting to None (read-only: not in ``mutates_args``; custom ops do not
 allow keyword-only tensors, callers pass them by keyword); None keeps the
 unscaled behaviour. ``combine`` then takes ``sr_seed`` (None: round to
-nearest), a plain int: a constant of the graph.
+nearest), a plain int: a constant of the graph, and ``master`` (None: no
+master weights), the bucket's flat float32 master copies, which ``combine``
+rewrites (in ``mutates_args``) and ``gram_row`` reads for the weight decay.
 """
 
 from __future__ import annotations
@@ -69,27 +71,31 @@ def _backend(name: str):
     return module.BACKEND
 
 
-@torch.library.custom_op("interpolatron::combine", mutates_args=("params", "x_hist", "g_hist", "gram"))
+@torch.library.custom_op("interpolatron::combine",
+                         mutates_args=("params", "x_hist", "g_hist", "gram", "master"))
 def combine(params: list[Tensor], grads: list[Tensor], offsets: list[int], x_hist: Tensor, g_hist: Tensor,
             coefs: Tensor, lr: Tensor, count: Tensor, weight_decay: float, maximize: bool,
             gram: Optional[Tensor], backend: str, cache: int,  # noqa: UP045 (the schema)
             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,  # noqa: UP045
-            sr_seed: Optional[int] = None) -> None:  # noqa: UP045
+            sr_seed: Optional[int] = None, master: Optional[Tensor] = None) -> None:  # noqa: UP045
     """:meth:`Backend.combine` of ``backend`` (``grad_scale`` / ``found_inf``:
     GradScaler's fused contract, read on the device; ``sr_seed``: stochastic
-    rounding of the 16-bit writes)."""
+    rounding of the 16-bit writes; ``master``: the float32 master weights of
+    16-bit parameters, read and rewritten)."""
     args = CombineArgs(params, grads, offsets, x_hist, g_hist, coefs, lr, count, weight_decay, maximize, gram,
-                       grad_scale, found_inf, sr_seed)
+                       grad_scale, found_inf, sr_seed, master)
     _backend(backend).combine(args, cache_of(cache))
 
 
 @torch.library.custom_op("interpolatron::gram_row", mutates_args=("out",))
 def gram_row(params: list[Tensor], grads: list[Tensor], offsets: list[int], g_hist: Tensor, count: Tensor,
              weight_decay: float, maximize: bool, out: Tensor, backend: str, cache: int,
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:  # noqa: UP045
-    """:meth:`Backend.gram_row` with ``store=False`` (read-only: Anderson's Gram pass)."""
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,  # noqa: UP045
+             master: Optional[Tensor] = None) -> None:  # noqa: UP045
+    """:meth:`Backend.gram_row` with ``store=False`` (read-only: Anderson's Gram pass;
+    ``master``: the weight decay reads the float32 masters of 16-bit parameters)."""
     args = GramArgs(params, grads, offsets, g_hist, count, weight_decay, maximize, out, False, grad_scale,
-                    found_inf)
+                    found_inf, master)
     _backend(backend).gram_row(args, cache_of(cache))
 
 

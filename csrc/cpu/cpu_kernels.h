@@ -54,6 +54,10 @@ struct CombineArgs {
   bool stochastic;
   uint32_t key_param;
   uint32_t key_grad;
+  // Master weights (ops.h CombineOp): the segments are param_dtype (16-bit),
+  // `dtype` is float32, and master + col is the element's float32 master.
+  DType param_dtype;
+  float* master;
 };
 
 struct GramArgs {
@@ -67,6 +71,8 @@ struct GramArgs {
   char* const* g_rows;  // [j], j = 1..k-1
   char* g_write;        // row that receives the effective gradient, or nullptr (read-only)
   double* partials;     // partials[chunk * k + j]
+  DType param_dtype;    // the segments' dtype (16-bit with a master)
+  const float* master;  // the weight decay's float32 masters (ring columns), or nullptr
 };
 
 struct RecordArgs {

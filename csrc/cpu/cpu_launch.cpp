@@ -165,8 +165,10 @@ void combine_cpu(const CombineOp& op, const Segs& segs) {
   args.x_write = k > 1 ? x.row(c, 0) : nullptr;
   args.g_write = k > 1 ? g.row(c, 0) : nullptr;
   args.partials = op.gram ? plan.partials.data() : nullptr;
-  // Stochastic rounding applies to 16-bit data only (wider dtypes ignore the seed).
-  args.stochastic = op.stochastic && (op.dtype == DType::kBFloat16 || op.dtype == DType::kFloat16);
+  args.param_dtype = op.param_dtype;
+  args.master = op.master;
+  // Stochastic rounding applies to 16-bit params only (wider dtypes ignore the seed).
+  args.stochastic = op.stochastic && (op.param_dtype == DType::kBFloat16 || op.param_dtype == DType::kFloat16);
   if (args.stochastic) {
     args.key_param = sr_key(sr_salt(op.sr_seed, kStreamParam), c);
     args.key_grad = sr_key(sr_salt(op.sr_seed, kStreamGrad), c);
@@ -196,6 +198,8 @@ void gram_row_cpu(const GramRowOp& op, const Segs& segs) {
   args.g_rows = g_rows.data();
   args.g_write = op.store ? g.row(c, 0) : nullptr;
   args.partials = plan.partials.data();
+  args.param_dtype = op.param_dtype;
+  args.master = op.master;
 
   const cpu::KernelTable& kt = kernels();
   plan.run([&](int64_t c0, int64_t c1) { kt.gram_row(args, c0, c1); });

@@ -79,22 +79,27 @@ bool exact16(double weight_decay, float sign) {
 // (gram_row's ring slot, never one of `others`); without it the lanes may be
 // loaded in any order (IO::load_unordered), the same for every operand.
 // EXACT: the exact16 products (16-bit S, no weight decay; the caller checks
-// exact16 and recomputes a non-finite result without EXACT).
-template <typename S, int ND, bool SELF, bool EXACT, bool STORE>
-INTERP_FLATTEN void gram_row_dots(const S* p, const S* g, int64_t len, const S* const* others,
+// exact16 and recomputes a non-finite result without EXACT). G: the gradient's
+// storage type, S's unless the params have float32 masters (S float, G
+// 16-bit, `p` the masters): every lane then stays in order, as S's loads.
+template <typename S, int ND, bool SELF, bool EXACT, bool STORE, typename G = S>
+INTERP_FLATTEN void gram_row_dots(const S* p, const G* g, int64_t len, const S* const* others,
                                   typename IO<S>::C sign, typename IO<S>::C wd, bool has_wd, S* write,
                                   double* out) {
   using C = typename IO<S>::C;
   using V = typename IO<S>::V;
   constexpr int64_t W = IO<S>::W;
   constexpr int D0 = SELF ? 1 : 0;  // first dot that reads others[]
-  static_assert(!EXACT || kSixteenBit<S>, "exact16 products are for 16-bit data");
+  constexpr bool kOrdered = STORE || !std::is_same_v<S, G>;
+  static_assert(!EXACT || (kSixteenBit<S> && std::is_same_v<S, G>), "exact16 products are for 16-bit data");
   static_assert(SELF || !STORE, "only the first dot group stores g0");
-  const auto load = [](const S* q, V& lo, V& hi) {
-    if constexpr (STORE) {
-      IO<S>::load(q, lo, hi);
+  static_assert(IO<S>::W == IO<G>::W, "one step loads as many gradients as ring entries");
+  const auto load = [](const auto* q, V& lo, V& hi) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(q)>>;
+    if constexpr (kOrdered) {
+      IO<T>::load(q, lo, hi);
     } else {
-      IO<S>::load_unordered(q, lo, hi);
+      IO<T>::load_unordered(q, lo, hi);
     }
   };
   const bool wd_on = !EXACT && has_wd;
@@ -179,8 +184,8 @@ INTERP_FLATTEN void gram_row_dots(const S* p, const S* g, int64_t len, const S* 
 // dot reads). exact: the caller checked exact16; a group whose exact16 dots
 // are not all finite (a bfloat16 product overflowed, or the data hold an Inf
 // or NaN) is recomputed widened, so it ends as it would have without exact16.
-template <typename S>
-void gram_row_chunk(const S* p, const S* g, int64_t len, const S* const* others, int ndots, typename IO<S>::C sign,
+template <typename S, typename G = S>
+void gram_row_chunk(const S* p, const G* g, int64_t len, const S* const* others, int ndots, typename IO<S>::C sign,
                     typename IO<S>::C wd, bool has_wd, bool exact, S* write, double* out) {
   dot_groups(ndots, out, [&](auto nd, int d0, double* group_out) {
     constexpr int ND = decltype(nd)::value;
@@ -188,14 +193,14 @@ void gram_row_chunk(const S* p, const S* g, int64_t len, const S* const* others,
     const auto run = [&](auto exact_products, bool store) {
       constexpr bool X = decltype(exact_products)::value;
       if (d0 != 0) {
-        gram_row_dots<S, ND, false, X, false>(p, g, len, others + d0, sign, wd, has_wd, nullptr, group_out);
+        gram_row_dots<S, ND, false, X, false, G>(p, g, len, others + d0, sign, wd, has_wd, nullptr, group_out);
       } else if (store) {
-        gram_row_dots<S, ND, true, X, true>(p, g, len, others, sign, wd, has_wd, write, group_out);
+        gram_row_dots<S, ND, true, X, true, G>(p, g, len, others, sign, wd, has_wd, write, group_out);
       } else {
-        gram_row_dots<S, ND, true, X, false>(p, g, len, others, sign, wd, has_wd, nullptr, group_out);
+        gram_row_dots<S, ND, true, X, false, G>(p, g, len, others, sign, wd, has_wd, nullptr, group_out);
       }
     };
-    if constexpr (kSixteenBit<S>) {
+    if constexpr (kSixteenBit<S> && std::is_same_v<S, G>) {
       if (exact) {
         run(std::true_type{}, write != nullptr);
         bool finite = true;
@@ -209,25 +214,33 @@ void gram_row_chunk(const S* p, const S* g, int64_t len, const S* const* others,
   });
 }
 
-template <typename S>
+// G: the gradients' storage type; G != S (16-bit gradients, float32 ring) is
+// master weights, whose weight decay reads the masters (a.master).
+template <typename S, typename G = S>
 void gram_row_impl(const GramArgs& a, int64_t c0, int64_t c1) {
   using C = typename IO<S>::C;
+  constexpr bool kMaster = !std::is_same_v<S, G>;
   const int k = a.ndots;
   const C sign = static_cast<C>((a.maximize ? -1.0 : 1.0) * a.grad_mul);
   const C wd = static_cast<C>(a.weight_decay);
   const bool has_wd = a.weight_decay != 0.0;
-  const bool exact = exact16<S>(a.weight_decay, sign);
+  const bool exact = !kMaster && exact16<S>(a.weight_decay, sign);
   const S* others[kMaxSlots];
   for (int64_t c = c0; c < c1; ++c) {
     const Chunk& ch = a.chunks[c];
     const Seg& sg = a.segs[ch.seg];
     const int64_t off = sg.col + ch.begin;
-    const S* p = static_cast<const S*>(sg.a) + ch.begin;
-    const S* g = static_cast<const S*>(sg.b) + ch.begin;
+    const S* p = nullptr;
+    if constexpr (kMaster) {
+      p = a.master + off;
+    } else {
+      p = static_cast<const S*>(sg.a) + ch.begin;
+    }
+    const G* g = static_cast<const G*>(sg.b) + ch.begin;
     others[0] = nullptr;
     for (int j = 1; j < k; ++j) others[j] = at_col<S>(a.g_rows[j], off);
     S* gw = a.g_write ? at_col<S>(a.g_write, off) : nullptr;
-    gram_row_chunk<S>(p, g, ch.len, others, k, sign, wd, has_wd, exact, gw, a.partials + c * k);
+    gram_row_chunk<S, G>(p, g, ch.len, others, k, sign, wd, has_wd, exact, gw, a.partials + c * k);
   }
   stream_fence();
 }

@@ -28,11 +28,22 @@
 namespace interp::cpu {
 namespace {
 
+// With master weights the rings are float32 and the segments 16-bit.
 void combine_entry(const CombineArgs& a, int64_t c0, int64_t c1) {
-  INTERP_DISPATCH_DTYPE(a.dtype, S, void(), [&] { combine_impl<S>(a, c0, c1); });
+  if (a.master != nullptr) {
+    if (a.param_dtype == DType::kBFloat16) combine_impl<float, bf16>(a, c0, c1);
+    if (a.param_dtype == DType::kFloat16) combine_impl<float, fp16>(a, c0, c1);
+    return;
+  }
+  INTERP_DISPATCH_DTYPE(a.dtype, S, void(), [&] { combine_impl<S, S>(a, c0, c1); });
 }
 void gram_row_entry(const GramArgs& a, int64_t c0, int64_t c1) {
-  INTERP_DISPATCH_DTYPE(a.dtype, S, void(), [&] { gram_row_impl<S>(a, c0, c1); });
+  if (a.master != nullptr) {
+    if (a.param_dtype == DType::kBFloat16) gram_row_impl<float, bf16>(a, c0, c1);
+    if (a.param_dtype == DType::kFloat16) gram_row_impl<float, fp16>(a, c0, c1);
+    return;
+  }
+  INTERP_DISPATCH_DTYPE(a.dtype, S, void(), [&] { gram_row_impl<S, S>(a, c0, c1); });
 }
 void rna_record_entry(const RecordArgs& a, int64_t c0, int64_t c1) {
   INTERP_DISPATCH_DTYPE(a.dtype, S, void(), [&] { rna_record_impl<S>(a, c0, c1); });

@@ -38,10 +38,18 @@ __device__ __forceinline__ void store_sr(T* pp, T* gp, int n, const float (&x)[F
 // <g0, g(age j)>, j < K, from the values loaded for the update (no second pass).
 // SR (16-bit T): the new param and the gradient slot rounded stochastically
 // (the dots use the unrounded gradient). The kernels below instantiate it.
-template <typename T, int K, bool DOTS, bool SR>
+// P != T: master weights (T float: rings and p.master; P the 16-bit param and
+// gradient, 8-byte accesses of the same 4 elements): age 0 of the iterate is
+// the master, the new iterate goes to the master and, rounded (SR: stochastically),
+// to the param, which is never read; the float32 g ring is not rounded. Each
+// element meets the float32 kernel's operations in its order, and each thread
+// the float32 kernel's elements: master, rings and dots are that kernel's bits.
+template <typename T, int K, bool DOTS, bool SR, typename P = T>
 __device__ __forceinline__ void combine_body(const CombineLaunch p) {
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
+  constexpr bool M = !std::is_same_v<T, P>;
+  static_assert(!M || (std::is_same_v<T, float> && N == kHalfN), "master weights: float32 rings, 16-bit params");
   constexpr int R = K > 1 ? K - 1 : 1;  // ring rows read (both rings hold ages 1..K-1)
   if (skip_step(p.found_inf)) return;
   const Work w = block_work(p.table);
@@ -55,12 +63,15 @@ __device__ __forceinline__ void combine_body(const CombineLaunch p) {
   const C wd = static_cast<C>(p.weight_decay);
   const bool has_wd = p.weight_decay != 0.0;
 
-  T* param = reinterpret_cast<T*>(w.a);
-  const T* grad = reinterpret_cast<const T*>(w.b);
+  P* param = reinterpret_cast<P*>(w.a);
+  const P* grad = reinterpret_cast<const P*>(w.b);
   T* xr = reinterpret_cast<T*>(p.x_ring) + w.col;
   T* gr = reinterpret_cast<T*>(p.g_ring) + w.col;
+  // Age 0 of the iterate: the param, or its master.
+  T* mst = M ? reinterpret_cast<T*>(p.master) + w.col : reinterpret_cast<T*>(param);
   int64_t off[R];
-  bool vec = aligned16(param) && aligned16(grad) && w.len % N == 0;
+  bool vec = (M ? aligned16(mst) && aligned8(param) && aligned8(grad) : aligned16(param) && aligned16(grad)) &&
+             w.len % N == 0;
 #pragma unroll
   for (int j = 0; j < R; ++j) {
     off[j] = K > 1 ? ring_slot(count, j + 1, K - 1) * p.row_elems : 0;
@@ -73,15 +84,21 @@ __device__ __forceinline__ void combine_body(const CombineLaunch p) {
 #pragma unroll
   for (int d = 0; d < K; ++d) dots[d] = 0.0;
 
-  // Raw fragments of one step: param, grad and the K - 1 rows of both rings.
+  // Raw fragments of one step: param (or master), grad (16-bit: gh) and the
+  // K - 1 rows of both rings.
   struct Raw {
     uint4 x, g, hx[R], hg[R];
+    uint2 gh;
   };
   auto load = [&](auto v, int64_t i, int n) {
     constexpr bool V = decltype(v)::value;
     Raw r;
-    r.x = ld_frag<T, V>(param + i, n);
-    r.g = ld_frag<T, V>(grad + i, n);
+    r.x = ld_frag<T, V>(mst + i, n);  // the param, or its master
+    if constexpr (M) {
+      r.gh = ld_half<P, V>(grad + i, n);
+    } else {
+      r.g = ld_frag<T, V>(grad + i, n);
+    }
 #pragma unroll
     for (int j = 0; j < K - 1; ++j) {
       r.hx[j] = ld_frag<T, V>(xr + off[j] + i, n);
@@ -93,7 +110,11 @@ __device__ __forceinline__ void combine_body(const CombineLaunch p) {
     constexpr bool V = decltype(v)::value;
     C x0[N], g0[N], ax[N], ag[N], h[N];
     unpack<T>(r.x, x0);
-    unpack<T>(r.g, g0);
+    if constexpr (M) {
+      unpack_half<P>(r.gh, g0);
+    } else {
+      unpack<T>(r.g, g0);
+    }
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       g0[e] = effective_grad(g0[e], x0[e], sign, wd, has_wd);
@@ -111,7 +132,16 @@ __device__ __forceinline__ void combine_body(const CombineLaunch p) {
       for (int e = 0; e < N; ++e) ag[e] += coef[j + 1] * h[e];
       if constexpr (DOTS) dot_acc<N>(dots[j + 1], g0, h);
     }
-    if constexpr (SR) {
+    if constexpr (M) {
+      if constexpr (K > 1) {
+        st_frag<T, V>(xr + woff + i, n, r.x);  // the old master, bit for bit
+        st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
+      }
+#pragma unroll
+      for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
+      st_frag<T, V>(mst + i, n, pack<T>(ax));
+      st_half<P, V>(param + i, n, pack_half<P, SR>(ax, keys.x, w.col + i));
+    } else if constexpr (SR) {
       if constexpr (K > 1) st_frag<T, V>(xr + woff + i, n, r.x);  // the old iterate, bit for bit
 #pragma unroll
       for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
@@ -145,12 +175,21 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), K>()) combine_
   combine_body<T, K, DOTS, true>(p);
 }
 
+// Master weights (16-bit P, float32 rings and master), to nearest or SR.
+template <typename P, int K, bool DOTS, bool SR>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(float), K>()) combine_master_kernel(
+    const CombineLaunch p) {
+  combine_body<float, K, DOTS, SR, P>(p);
+}
+
 // The same step for any k at run time (k > kMaxStaticK): ring rows one at a
 // time. DOTS needs k <= kDotGroup (the register group).
-template <typename T, bool DOTS, bool SR>
+template <typename T, bool DOTS, bool SR, typename P = T>
 __device__ __forceinline__ void combine_any_body(const CombineLaunch p) {
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
+  constexpr bool M = !std::is_same_v<T, P>;  // master weights, as in combine_body
+  static_assert(!M || (std::is_same_v<T, float> && N == kHalfN), "master weights: float32 rings, 16-bit params");
   if (skip_step(p.found_inf)) return;
   extern __shared__ __align__(16) unsigned char smem[];
   const int k = p.k;
@@ -171,11 +210,13 @@ __device__ __forceinline__ void combine_any_body(const CombineLaunch p) {
   const C wd = static_cast<C>(p.weight_decay);
   const bool has_wd = p.weight_decay != 0.0;
   const int64_t woff = k > 1 ? ring_slot(count, 0, slots) * p.row_elems : 0;
-  T* param = reinterpret_cast<T*>(w.a);
-  const T* grad = reinterpret_cast<const T*>(w.b);
+  P* param = reinterpret_cast<P*>(w.a);
+  const P* grad = reinterpret_cast<const P*>(w.b);
   T* xr = reinterpret_cast<T*>(p.x_ring) + w.col;
   T* gr = reinterpret_cast<T*>(p.g_ring) + w.col;
-  bool vec = aligned16(param) && aligned16(grad) && w.len % N == 0;
+  T* mst = M ? reinterpret_cast<T*>(p.master) + w.col : reinterpret_cast<T*>(param);
+  bool vec = (M ? aligned16(mst) && aligned8(param) && aligned8(grad) : aligned16(param) && aligned16(grad)) &&
+             w.len % N == 0;
   for (int j = 1; j < k; ++j) vec = vec && aligned16(xr + off[j]) && aligned16(gr + off[j]);
   const C a0 = coef[0];
 
@@ -185,11 +226,14 @@ __device__ __forceinline__ void combine_any_body(const CombineLaunch p) {
 
   for_each_frag<T>(w.len, vec, [&](auto v, int64_t i, int n) {
     constexpr bool V = decltype(v)::value;
-    const uint4 rx = ld_frag<T, V>(param + i, n);
-    const uint4 rg = ld_frag<T, V>(grad + i, n);
+    const uint4 rx = ld_frag<T, V>(mst + i, n);
     C x0[N], g0[N], ax[N], ag[N], h[N];
+    if constexpr (M) {
+      unpack_half<P>(ld_half<P, V>(grad + i, n), g0);
+    } else {
+      unpack<T>(ld_frag<T, V>(grad + i, n), g0);
+    }
     unpack<T>(rx, x0);
-    unpack<T>(rg, g0);
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       g0[e] = effective_grad(g0[e], x0[e], sign, wd, has_wd);
@@ -227,7 +271,15 @@ __device__ __forceinline__ void combine_any_body(const CombineLaunch p) {
         for (int e = 0; e < N; ++e) ag[e] += aj * h[e];
       }
     }
-    if constexpr (SR) {
+    if constexpr (M) {
+      // k > kMaxStaticK here: both ring slots are always stored.
+      st_frag<T, V>(xr + woff + i, n, rx);
+      st_frag<T, V>(gr + woff + i, n, pack<T>(g0));
+#pragma unroll
+      for (int e = 0; e < N; ++e) ax[e] = interpolate(ax[e], ag[e], lr);
+      st_frag<T, V>(mst + i, n, pack<T>(ax));
+      st_half<P, V>(param + i, n, pack_half<P, SR>(ax, keys.x, w.col + i));
+    } else if constexpr (SR) {
       // k > kMaxStaticK here: both ring slots are always stored.
       st_frag<T, V>(xr + woff + i, n, rx);
 #pragma unroll
@@ -255,6 +307,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_
 template <typename T, bool DOTS>
 __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), 0>()) combine_any_sr_kernel(const CombineLaunch p) {
   combine_any_body<T, DOTS, true>(p);
+}
+
+template <typename P, bool DOTS, bool SR>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(float), 0>()) combine_any_master_kernel(
+    const CombineLaunch p) {
+  combine_any_body<float, DOTS, SR, P>(p);
 }
 
 template <typename T>
@@ -318,10 +376,55 @@ cudaError_t combine_typed(const CombineLaunch& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Master weights: 16-bit P, float32 rings and master.
+template <typename P, int K, bool SR>
+void combine_master_static(const CombineLaunch& p, dim3 grid, cudaStream_t stream) {
+  if (p.partials) {
+    combine_master_kernel<P, K, true, SR><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    combine_master_kernel<P, K, false, SR><<<grid, kThreads, 0, stream>>>(p);
+  }
+}
+
+template <typename P, bool SR>
+void combine_master_dispatch(const CombineLaunch& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.table.nblocks));
+  switch (p.k) {
+    case 1: combine_master_static<P, 1, SR>(p, grid, stream); break;
+    case 2: combine_master_static<P, 2, SR>(p, grid, stream); break;
+    case 3: combine_master_static<P, 3, SR>(p, grid, stream); break;
+    case 4: combine_master_static<P, 4, SR>(p, grid, stream); break;
+    default: {
+      const size_t smem = static_cast<size_t>(p.k) * (sizeof(int64_t) + sizeof(float));
+      if (p.partials) {
+        combine_any_master_kernel<P, true, SR><<<grid, kThreads, smem, stream>>>(p);
+      } else {
+        combine_any_master_kernel<P, false, SR><<<grid, kThreads, smem, stream>>>(p);
+      }
+    }
+  }
+}
+
+template <typename P>
+cudaError_t combine_master_typed(const CombineLaunch& p, cudaStream_t stream) {
+  if (p.stochastic) {
+    combine_master_dispatch<P, true>(p, stream);
+  } else {
+    combine_master_dispatch<P, false>(p, stream);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_combine(const CombineLaunch& p, cudaStream_t stream) {
   if (p.table.nblocks == 0) return cudaSuccess;
+  if (p.master != nullptr) {
+    if (p.dtype != DType::kFloat32) return cudaErrorInvalidValue;
+    if (p.param_dtype == DType::kBFloat16) return combine_master_typed<bf16>(p, stream);
+    if (p.param_dtype == DType::kFloat16) return combine_master_typed<fp16>(p, stream);
+    return cudaErrorInvalidValue;
+  }
   return INTERP_DISPATCH_DTYPE(p.dtype, T, cudaErrorInvalidValue, [&] { return combine_typed<T>(p, stream); });
 }
 

@@ -103,6 +103,77 @@ __device__ __forceinline__ void st_frag(T* p, int n, const uint4& u) {
   }
 }
 
+// Master weights: a fragment of the float32 rings and master is 4 elements,
+// and the 16-bit parameter and gradient of those elements are 8 bytes, one
+// 64-bit access on the vector path (the elements of each thread are the
+// float32 kernel's, so its dot products sum in the same order, bit for bit).
+constexpr int kHalfN = 4;
+
+template <typename P, bool VEC>
+__device__ __forceinline__ uint2 ld_half(const P* p, int n) {
+  if constexpr (VEC) {
+    uint2 r;
+    asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+  } else {
+    Pack<P, kHalfN> pk;
+#pragma unroll
+    for (int i = 0; i < kHalfN; ++i) {
+      if (i < n) {
+        pk.v[i] = p[i];
+      } else {
+        std::memset(&pk.v[i], 0, sizeof(P));
+      }
+    }
+    uint2 u;
+    std::memcpy(&u, &pk, sizeof(u));
+    return u;
+  }
+}
+
+template <typename P, bool VEC>
+__device__ __forceinline__ void st_half(P* p, int n, const uint2& u) {
+  if constexpr (VEC) {
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(u.x), "r"(u.y) : "memory");
+  } else {
+    Pack<P, kHalfN> pk;
+    std::memcpy(&pk, &u, sizeof(u));
+#pragma unroll
+    for (int i = 0; i < kHalfN; ++i) {
+      if (i < n) p[i] = pk.v[i];
+    }
+  }
+}
+
+template <typename P>
+__device__ __forceinline__ void unpack_half(const uint2& u, float (&out)[kHalfN]) {
+  Pack<P, kHalfN> pk;
+  std::memcpy(&pk, &u, sizeof(u));
+#pragma unroll
+  for (int i = 0; i < kHalfN; ++i) out[i] = load_c(&pk.v[i]);
+}
+
+// The new masters rounded into the 16-bit parameter: to nearest even, or
+// stochastically (SR, key of the parameter stream, element e at column col + e).
+template <typename P, bool SR>
+__device__ __forceinline__ uint2 pack_half(const float (&v)[kHalfN], uint32_t key, int64_t col) {
+  Pack<P, kHalfN> pk;
+  const uint32_t c0 = static_cast<uint32_t>(static_cast<uint64_t>(col));
+#pragma unroll
+  for (int e = 0; e < kHalfN; ++e) {
+    if constexpr (SR) {
+      sr_store(&pk.v[e], v[e], sr_random(lowbias32(c0 + static_cast<uint32_t>(e)), key));
+    } else {
+      store_c(&pk.v[e], v[e]);
+    }
+  }
+  uint2 u;
+  std::memcpy(&u, &pk, sizeof(u));
+  return u;
+}
+
+__device__ __forceinline__ bool aligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7u) == 0; }
+
 template <typename T>
 __device__ __forceinline__ void unpack(const uint4& u, compute_t<T> (&out)[Frag<T>::N]) {
   constexpr int N = Frag<T>::N;

@@ -31,10 +31,11 @@ void check(const cuda::LaunchStatus& s) { check(s.error, s.kernel); }
 // in the kernel, from the actual addresses (ring rows included), so an odd
 // ring width never turns them off for a whole bucket.
 cuda::Table device_table(TableCache& cache, const Segs& segs, DType dtype, const at::Device& device,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, DType seg_dtype) {
   std::vector<int64_t> key;
-  key.reserve(segs.size() * 4 + 1);
+  key.reserve(segs.size() * 4 + 2);
   key.push_back(cuda::chunk_elems(dtype));
+  key.push_back(dtype_bytes(seg_dtype));
   for (const Seg& s : segs) {
     key.insert(key.end(), {reinterpret_cast<int64_t>(s.a), reinterpret_cast<int64_t>(s.b), s.numel, s.col});
   }
@@ -51,7 +52,7 @@ cuda::Table device_table(TableCache& cache, const Segs& segs, DType dtype, const
                 "and keep the gradients' storages fixed (zero_grad(set_to_none=False)) while replaying");
     const int64_t n = std::max<int64_t>(1, nblocks * cuda::kFields);
     at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    cuda::fill_table(segs.data(), segs.size(), dtype, host.data_ptr<int64_t>());
+    cuda::fill_table(segs.data(), segs.size(), dtype, host.data_ptr<int64_t>(), seg_dtype);
     // A CUDA graph captured with the old table keeps its address: the old
     // table stays alive (the newest kRetiredTables of them) instead of going
     // back to the allocator, where a replay would read whatever reused it.
@@ -72,9 +73,11 @@ cuda::Table device_table(TableCache& cache, const Segs& segs, DType dtype, const
 // What every launcher needs first: the device, its current stream and the op's table.
 struct Prologue {
   Prologue(const Segs& segs, DType dtype, const at::Device& dev, TableCache& cache)
+      : Prologue(segs, dtype, dev, cache, dtype) {}
+  Prologue(const Segs& segs, DType dtype, const at::Device& dev, TableCache& cache, DType seg_dtype)
       : guard(dev),
         stream(c10::cuda::getCurrentCUDAStream()),
-        table(device_table(cache, segs, dtype, dev, stream)),
+        table(device_table(cache, segs, dtype, dev, stream, seg_dtype)),
         device(dev) {}
 
   // `n` float64 elements from torch's caching allocator (stream-ordered reuse:
@@ -95,13 +98,13 @@ struct Prologue {
 }  // namespace
 
 void combine_cuda(const CombineOp& op, const Segs& segs, const at::Device& device, TableCache& cache) {
-  Prologue pro(segs, op.dtype, device, cache);
+  Prologue pro(segs, op.dtype, device, cache, cuda::seg_dtype(op));
   double* partials = pro.partials(cuda::combine_partials(op, pro.table.nblocks));
   check(cuda::run_combine(op, pro.table, partials, pro.stream));
 }
 
 void gram_row_cuda(const GramRowOp& op, const Segs& segs, const at::Device& device, TableCache& cache) {
-  Prologue pro(segs, op.dtype, device, cache);
+  Prologue pro(segs, op.dtype, device, cache, cuda::seg_dtype(op));
   double* partials = pro.partials(cuda::gram_row_partials(op, pro.table.nblocks));
   check(cuda::run_gram_row(op, pro.table, partials, pro.stream));
 }

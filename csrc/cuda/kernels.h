@@ -98,6 +98,11 @@ struct CombineLaunch {
   const float* grad_scale;  // GradScaler: 1, device, or nullptr (the gradient is divided by it)
   const float* found_inf;   // GradScaler: 1, device, or nullptr (nonzero: every block returns at once)
   double* partials;  // fused gram (k <= kDotGroup): nblocks * kDotGroup, else nullptr
+  // Master weights (ops.h CombineOp): `dtype` float32 (rings, master), the
+  // table's param and gradient pointers param_dtype (16-bit); the float32
+  // masters at master + ring column. nullptr: none.
+  float* master;
+  DType param_dtype;
 };
 
 // <g0, g(age j)>, j = 0..ndots-1, with g0 the effective gradient and the ring
@@ -119,6 +124,10 @@ struct GramRowLaunch {
   const float* grad_scale;  // as in CombineLaunch
   const float* found_inf;
   double* partials;  // groups * nblocks * kDotGroup
+  // Master weights (read-only form): 16-bit gradients (param_dtype), and the
+  // weight decay reads the float32 masters at master + ring column.
+  const float* master;
+  DType param_dtype;
 };
 
 // Copies the sources into slot count mod slots; with ndots = slots - 1 > 0 also

@@ -43,6 +43,8 @@ GramRowLaunch gram_row_launch(const GramRowOp& op, const Table& table, double* p
   d.grad_scale = op.grad_scale;
   d.found_inf = op.found_inf;
   d.partials = partials;
+  d.master = op.master;
+  d.param_dtype = op.master != nullptr ? op.param_dtype : op.dtype;
   return d;
 }
 
@@ -62,6 +64,8 @@ GramRowOp dot_pass(const CombineOp& op) {
   g.found_inf = op.found_inf;
   g.out = op.gram;
   g.out_stride = op.gram_stride;
+  g.master = op.master;
+  g.param_dtype = op.param_dtype;
   return g;
 }
 
@@ -74,9 +78,9 @@ int64_t count_blocks(const Seg* segs, size_t nsegs, DType dtype) {
   return nblocks;
 }
 
-void fill_table(const Seg* segs, size_t nsegs, DType dtype, int64_t* records) {
+void fill_table(const Seg* segs, size_t nsegs, DType dtype, int64_t* records, DType seg_dtype) {
   const int64_t chunk = chunk_elems(dtype);
-  const int64_t es = dtype_bytes(dtype);
+  const int64_t es = dtype_bytes(seg_dtype);
   int64_t* h = records;
   for (size_t i = 0; i < nsegs; ++i) {
     const Seg& s = segs[i];
@@ -124,6 +128,8 @@ LaunchStatus run_combine(const CombineOp& op, const Table& table, double* partia
   p.grad_scale = op.grad_scale;
   p.found_inf = op.found_inf;
   p.partials = fused ? partials : nullptr;
+  p.master = op.master;
+  p.param_dtype = op.master != nullptr ? op.param_dtype : op.dtype;
   // The seed's half of the keys on the host; the kernel adds the count it reads.
   p.stochastic = op.stochastic;
   if (p.stochastic) {

@@ -11,7 +11,7 @@
 //   // 1. The block table: one 32-byte record per block, built on the host, copied once.
 //   const int64_t nblocks = cuda::count_blocks(segs.data(), segs.size(), DType::kFloat32);
 //   std::vector<int64_t> records(nblocks * cuda::kFields);
-//   cuda::fill_table(segs.data(), segs.size(), DType::kFloat32, records.data());
+//   cuda::fill_table(segs.data(), segs.size(), DType::kFloat32, records.data(), DType::kFloat32);
 //   int64_t* table_dev;  // cudaMalloc + cudaMemcpy of `records`
 //   const cuda::Table table{table_dev, nblocks};
 //   // 2. The op in device pointers (ops.h); scalars live on the device too.
@@ -64,8 +64,13 @@ constexpr int64_t kMaxBlocks = 2147483647;
 int64_t count_blocks(const Seg* segs, size_t nsegs, DType dtype);
 
 // Writes the count_blocks(segs, nsegs, dtype) records, kFields int64 each,
-// to `records` (host memory).
-void fill_table(const Seg* segs, size_t nsegs, DType dtype, int64_t* records);
+// to `records` (host memory). The chunks are `dtype`'s (the rings'); the
+// segments' pointers advance by `seg_dtype` elements (16-bit params and
+// gradients of a master-weights combine: table_dtype(op)).
+void fill_table(const Seg* segs, size_t nsegs, DType dtype, int64_t* records, DType seg_dtype);
+// The segments' dtype of an op (16-bit with master weights, else the rings').
+inline DType seg_dtype(const CombineOp& op) { return op.master != nullptr ? op.param_dtype : op.dtype; }
+inline DType seg_dtype(const GramRowOp& op) { return op.master != nullptr ? op.param_dtype : op.dtype; }
 
 // ---------------------------------------------------------------------------
 // Partial buffers: the float64 elements of device memory an op needs for the

@@ -52,6 +52,21 @@ the random bits of :mod:`interpolatron.rounding` drawn from the seed, the
 ``count`` read on the device and the element's ring column: every backend
 writes the same bits for the same float32 values. Other dtypes ignore it.
 
+Master weights: ``combine`` and ``gram_row`` take ``master`` (or None), a
+flat contiguous float32 tensor of shape ``(N,)`` with the rings' columns (a
+member's master in its columns, the gaps zero), given when the bucket's
+parameters are 16-bit (bfloat16/float16) with float32 master copies. Then
+``params`` and ``grads`` are 16-bit, the rings float32, and age 0 of the
+iterate is the MASTER, not the parameter: ``combine`` reads the master and the
+16-bit gradient, forms the effective gradient with the weight decay on the
+master, and writes in its one pass the new master (float32), the rings and the
+16-bit parameter, the new master rounded to nearest even (stochastically with
+``sr_seed``, stream 1, the element's ring column: the rule above; the float32
+g ring is not rounded). ``params`` are written, never read. The float32 math
+is the same operations in the same order as a float32 bucket holding the
+masters and the upcast gradients, so the master, the rings and the dots are
+bitwise those of that bucket. ``gram_row`` takes the weight decay on the master.
+
 ``cache`` is a dict owned by the bucket and private to the backend (pointer
 tables, column indices); the optimizers reach the backends through the custom
 ops of :mod:`interpolatron.ops`, which look it up by the bucket's handle. A
@@ -93,6 +108,7 @@ class CombineArgs:
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
     sr_seed: int | None = None
+    master: Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +126,7 @@ class GramArgs:
     store: bool
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
+    master: Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +214,25 @@ class Backend(Protocol):
         the shapes of the recorded sources and the window's dtype; they may be
         the very tensors that were recorded (online mode, swapping)."""
         ...
+
+
+def check_master(master: Tensor | None, ring: Tensor, params: Sequence[Tensor]) -> None:
+    """A ``master`` argument fits its bucket (see the module docstring): float32,
+    flat, contiguous, one column per ring column, on the ring's device, with
+    float32 rings and 16-bit parameters. Raises ValueError (nothing written)."""
+    if master is None:
+        return
+    if master.dtype != torch.float32 or master.dim() != 1 or not master.is_contiguous():
+        raise ValueError(f"master must be a contiguous 1-d float32 tensor, got {master.dtype} of shape "
+                         f"{tuple(master.shape)}")
+    if master.device != ring.device or master.numel() != ring.shape[1]:
+        raise ValueError(f"master ({master.numel()} columns on {master.device}) must match the rings "
+                         f"({ring.shape[1]} columns on {ring.device})")
+    if ring.dtype != torch.float32:
+        raise ValueError(f"with master weights the rings are float32, got {ring.dtype}")
+    for i, p in enumerate(params):
+        if p.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"master weights are for 16-bit parameters; params[{i}] is {p.dtype}")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -22,7 +22,7 @@ from .base import SUPPORTED_DTYPES, CombineArgs, ExtrapArgs, GramArgs, RecordArg
 from .torch_backend import BACKEND as _REFERENCE
 
 # The interface version of csrc/bindings.cpp this module speaks.
-_API_VERSION = 5
+_API_VERSION = 6
 
 try:
     from interpolatron import _C
@@ -161,7 +161,7 @@ class NativeBackend:
         done = _C.combine(a.params, a.grads, a.offsets, a.x_hist, a.g_hist, a.coefs, a.lr, a.count,
                           float(a.weight_decay), bool(a.maximize), a.gram,
                           _tables(cache, "combine", a.x_hist.device),
-                          grad_scale=a.grad_scale, found_inf=a.found_inf, sr_seed=seed)
+                          grad_scale=a.grad_scale, found_inf=a.found_inf, sr_seed=seed, master=a.master)
         if not done:
             _fallback("combine")
             _REFERENCE.combine(args, cache)
@@ -170,7 +170,7 @@ class NativeBackend:
         a = args
         done = _C.gram_row(a.params, a.grads, a.offsets, a.g_hist, a.count, float(a.weight_decay),
                            bool(a.maximize), a.out, _tables(cache, "gram_row", a.g_hist.device),
-                           bool(a.store), grad_scale=a.grad_scale, found_inf=a.found_inf)
+                           bool(a.store), grad_scale=a.grad_scale, found_inf=a.found_inf, master=a.master)
         if not done:
             _fallback("gram_row")
             _REFERENCE.gram_row(args, cache)

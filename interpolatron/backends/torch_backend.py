@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import rounding
 from ..ring import align_elems, dim_order, flat, round_up, unflat
-from .base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs, compute_dtype
+from .base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs, check_master, compute_dtype
 
 # How many column sets a bucket's cache keeps (least recently used dropped):
 # a mixture of experts changes the set of parameters with gradients every step,
@@ -236,14 +236,18 @@ class TorchBackend:
 
     def combine(self, args: CombineArgs, cache: dict) -> None:
         params, grads, offsets, coefs, count = args.params, args.grads, args.offsets, args.coefs, args.count
-        x_hist, g_hist, gram, sr_seed = args.x_hist, args.g_hist, args.gram, args.sr_seed
+        x_hist, g_hist, gram, sr_seed, master = args.x_hist, args.g_hist, args.gram, args.sr_seed, args.master
+        check_master(master, x_hist, params)
         k = coefs.numel()
         dtype = params[0].dtype if params else x_hist.dtype
         cd = compute_dtype(dtype)
         device = x_hist.device
         cx = _columns(params, offsets, x_hist, cache)
         sp = _splits(params, offsets, x_hist, cache)
-        x = _flat(params, cd, device, cache, "x", sp)
+        if master is None:
+            x = _flat(params, cd, device, cache, "x", sp)
+        else:  # age 0 is the master (its gaps are zero, as _flat's); the parameters are only written
+            x = master if cx is None else master.index_select(0, cx)
         lr_c, a0 = args.lr.to(cd), coefs[0].to(cd)
         new = _buffer(cache, "new", x.numel(), cd, device)
         torch.mul(x, a0, out=new)
@@ -269,13 +273,22 @@ class TorchBackend:
         stochastic = sr_seed is not None and dtype in (torch.bfloat16, torch.float16)
         if k > 1:  # the oldest slots take the old iterate and gradient, read above
             slot = torch.remainder(count, k - 1)
-            _write_slot(x_hist, cx, slot, x, skip)  # x is a 16-bit value already: exact
-            if stochastic:
+            _write_slot(x_hist, cx, slot, x, skip)  # x is a value of the ring's dtype already: exact
+            if stochastic and master is None:  # a master's g ring is float32: nothing to round
                 g = rounding.stochastic_round(g, cx, sr_seed, count, rounding.STREAM_GRAD, dtype)
             _write_slot(g_hist, cx, slot, g, skip)
+        if master is not None:
+            if cx is None:
+                master.copy_(new)
+            else:
+                master.index_copy_(0, cx, new)
         if stochastic:
             new = rounding.stochastic_round(new, cx, sr_seed, count, rounding.STREAM_PARAM, dtype)
-        _scatter_back(params, new if dtype == cd else new.to(dtype), sp)
+        elif dtype != cd:
+            new = new.to(dtype)
+        if master is not None and skip is not None:  # a skipped step leaves the parameters as they are
+            new = torch.where(skip, _flat(params, dtype, device, splits=sp), new)
+        _scatter_back(params, new, sp)
 
     def gram_row(self, args: GramArgs, cache: dict) -> None:
         params, grads, offsets, g_hist, count, store = (args.params, args.grads, args.offsets, args.g_hist,
@@ -287,7 +300,12 @@ class TorchBackend:
         device = g_hist.device
         cd = compute_dtype(g_hist.dtype)
         cols = _columns(grads, offsets, g_hist, cache)
-        g = _effective_grad(params, grads, args.weight_decay, args.maximize, cd, device, cache,
+        master = args.master
+        check_master(master, g_hist, params)
+        x = None  # the weight decay reads the parameters, or their masters
+        if master is not None and args.weight_decay != 0:
+            x = master if cols is None else master.index_select(0, cols)
+        g = _effective_grad(params, grads, args.weight_decay, args.maximize, cd, device, cache, x,
                             splits=_splits(grads, offsets, g_hist, cache),
                             inv_scale=_inv_scale(args.grad_scale, cd))
         row = [_dot64(g, g, cache).view(1)]

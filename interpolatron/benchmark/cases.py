@@ -48,11 +48,16 @@ OPTIMIZER_NAMES = tuple(TORCH_OPTIMIZERS) + OUR_OPTIMIZERS
 def bytes_per_element(optimizer: str, elem: int) -> int:
     """Bytes one step moves per parameter element of ``elem`` bytes. A
     ``-master`` case (``master_weights=True``) on 16-bit parameters runs the
-    float32 step on the float32 master and rings (its accesses at 4 bytes, the
-    float32 gradient copy included), plus the gradient's upcast (read ``elem``,
-    write 4) and the rounded write-back of the parameter (read 4, write
-    ``elem``): for k = 2 Interpolatron 7 x 4 + 6 + 6 = 40 bytes against plain
-    bfloat16's 7 x 2 = 14. On 32/64-bit parameters it is the plain step. An
+    fused master step (issue 17 item 1): the combine reads the float32 master
+    in place of the parameter and writes the new master besides the rounded
+    parameter, so of its accesses the gradient reads and the parameter write
+    are ``elem`` bytes (2 for Interpolatron; 3 for exact Anderson, whose Gram
+    pass reads the gradient too), every other access 4 bytes, plus the
+    master's write: for k = 2 Interpolatron reads master 4 + gradient 2 +
+    x ring 4 + g ring 4 and writes master 4 + parameter 2 + two ring slots 8,
+    28 bytes (the p.data swap it replaces moved 40: the float32 step's 28 plus
+    the gradient's upcast, 2 + 4, and the rounded write-back, 4 + 2); Anderson
+    k = 2 34 (the swap: 48). On 32/64-bit parameters it is the plain step. An
     ``-sr`` case (``stochastic_rounding=True``) moves the plain step's bytes:
     the rounding is arithmetic on values already in registers. ``-onepass``
     (``Anderson(one_pass=True)``) moves Interpolatron's bytes, its Gram row
@@ -60,7 +65,8 @@ def bytes_per_element(optimizer: str, elem: int) -> int:
     the same dots on Interpolatron's step: it isolates their cost."""
     acc = accesses(optimizer)
     if optimizer.endswith("-master") and elem < 4:
-        return acc * 4 + (elem + 4) + (4 + elem)
+        narrow = 3 if optimizer.startswith("anderson") else 2  # gradient reads + the parameter write
+        return (acc - narrow) * 4 + narrow * elem + 4
     return acc * elem
 
 

@@ -29,7 +29,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         elem = r["bytes"] // (r["numel"] * r["accesses_per_elem"])
-        plain = r["bytes"] == r["numel"] * r["accesses_per_elem"] * elem
+        plain = (r["bytes"] == r["numel"] * r["accesses_per_elem"] * elem
+                 and not r["optimizer"].endswith("-master"))
         # A master-weights step mixes widths: its bytes per element as such.
         per_elem = f"{r['accesses_per_elem']}x{elem}" if plain else str(r["bytes"] // r["numel"])
         lines.append(

@@ -1,6 +1,6 @@
 """What Interpolatron and Anderson share: settings and their checks, the step
-scaffold, checkpoints and copies. The bucket plan (:mod:`._buckets`), the
-master-weight swap (:mod:`._master`), GradScaler's inputs (:mod:`._amp`) and
+scaffold, checkpoints and copies. The bucket plan (:mod:`._buckets`, which
+also holds the float32 master weights, :mod:`._master`), GradScaler's inputs (:mod:`._amp`) and
 the reduction keys (:class:`~interpolatron.sharding.ReductionKeys`) live in
 their own modules; this class wires them into one ``step``.
 """
@@ -30,7 +30,7 @@ from ._checks import (
     check_rounding,
     identical,
 )
-from ._master import Swapped, enter_master, exit_master, state_dtype
+from ._master import state_dtype
 from ._process_groups import check_process_group, check_same_parameters, fsdp1_groups, zero_group
 
 __all__ = ["BucketedOptimizer", "scheduler_ready"]
@@ -141,8 +141,8 @@ class BucketedOptimizer(Optimizer):
 
     def _step_buckets(self, work: list[Work], amp: AmpStep) -> None:
         """The algorithm's device work of one step on the buckets in ``work``
-        (after the host setup; 16-bit parameters with master copies are their
-        float32 masters here). The step count advances afterwards."""
+        (after the host setup; a bucket with master weights passes
+        ``bucket.master`` to its ops). The step count advances afterwards."""
         raise NotImplementedError
 
     def _validate_group(self, group: dict, read_lr: bool = True) -> None:
@@ -154,9 +154,6 @@ class BucketedOptimizer(Optimizer):
         for key, value in self._later_group_keys.items():  # a group added as a dict without them
             group.setdefault(key, value)
         check_rounding(group["stochastic_rounding"], group["sr_seed"])
-        if group["stochastic_rounding"] and getattr(self, "master_weights", False):
-            raise ValueError("stochastic_rounding and master_weights exclude each other: a master copy "
-                             "keeps the small updates already (its 16-bit parameter is rounded to nearest)")
 
     def _validate_groups(self, groups: list[dict]) -> None:
         """Rules across groups (Anderson's optimizer-wide settings)."""
@@ -299,14 +296,13 @@ class BucketedOptimizer(Optimizer):
         a training step that calls ``opt.step()`` traces into one frame."""
         loss = self._closure_loss(closure)
         amp = self._begin_step(grad_scale, found_inf)
-        swapped = self._enter_master()
         try:
             self._setup()
             work = self._plan.rotate_idle(amp)
             self._step_buckets(work, amp)
             self._advance(work, amp)
         finally:
-            self._end_step(swapped)
+            self._end_step()
         return loss
 
     @staticmethod
@@ -330,21 +326,13 @@ class BucketedOptimizer(Optimizer):
         return AmpStep(grad_scale, found_inf)
 
     def _begin_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> AmpStep:
-        """A step's GradScaler inputs (kept for the warm starts of :meth:`_init_group`);
-        with master weights the checks run first, before a parameter becomes its master."""
+        """A step's GradScaler inputs (kept for the warm starts of :meth:`_init_group`)."""
         amp = self._amp_step(grad_scale, found_inf)
-        if self.master_weights and not torch.compiler.is_compiling():
-            self._check_step()
         self._amp = amp
         return amp
 
-    def _enter_master(self) -> Swapped:
-        """With master weights, 16-bit parameters become their float32 masters for the step."""
-        return enter_master(self.param_groups, self.state) if self.master_weights else []
-
-    def _end_step(self, swapped: Swapped) -> None:
+    def _end_step(self) -> None:
         self._amp = NO_AMP
-        exit_master(swapped)
 
     def _init_group(self) -> None:
         """Host-side setup of a step: every check (:meth:`_check_step`, before
@@ -367,7 +355,7 @@ class BucketedOptimizer(Optimizer):
                 self._tensor_lr(group)
                 self._lr_checked[gi] = group["lr"]
         rules = PlanRules(self.backend, self._ring_slots, self._coef_len, self._keys.of,
-                          None if self._keys.per_param else self._keys.plain())
+                          None if self._keys.per_param else self._keys.plain(), self.master_weights)
         self._plan.update(self.param_groups, self.state, rules, self._amp, self._stale_warm)
         self._stale_warm = self._plan.refresh_stale_warm_starts(self.param_groups, self.state, self._amp,
                                                                 self._stale_warm)

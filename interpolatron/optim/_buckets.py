@@ -5,7 +5,11 @@ A bucket holds the parameters of one param group on one device with one dtype
 (and one reduction key) that have state. Its rings are two flat buffers; each
 parameter's state holds *views* into them (``state[p]["x_hist"]`` has shape
 ``(S, *p.shape)``), so ``state_dict()`` looks like any ``torch.optim`` state
-and ``load_state_dict`` can rebuild the buckets from it.
+and ``load_state_dict`` can rebuild the buckets from it. With master weights
+(16-bit parameters, ``master_weights=True``) the rings are float32 and a third
+flat buffer holds the float32 masters, ``state[p]["master"]`` a view into it:
+the kernels read and rewrite it with the rings, and round it into the
+parameter, whose storage (``p.data``) is never replaced.
 
 :class:`BucketPlan` owns the buckets and this step's :class:`Work`, and
 declares the flag an algorithm reads: ``membership_changed`` (the members or
@@ -27,6 +31,7 @@ from ..backends import resolve
 from ..ring import dim_order, padded_offsets, ring_view
 from ..sharding import as_history, history_placements, is_dtensor, local
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
+from ._master import as_master, has_master, local_master
 
 __all__ = ["Bucket", "BucketKey", "BucketPlan", "PlanRules", "Work"]
 
@@ -45,8 +50,10 @@ class Bucket:
     it is not sharded); ``members`` are the optimizer's parameters themselves."""
 
     def __init__(self, key: BucketKey, backend, members: list[Tensor], x_slots: int, g_slots: int,
-                 count: Tensor, coef_len: int):
-        device, dtype = key[1], key[2]
+                 count: Tensor, coef_len: int, master: bool = False):
+        device = key[1]
+        # The rings' dtype: float32 for 16-bit parameters with master copies.
+        dtype = torch.float32 if master else key[2]
         self.key = key
         self.reduction = key[3] if len(key) > 3 else ()
         self.backend = backend
@@ -58,6 +65,8 @@ class Bucket:
         self.offset_of = {id(p): off for p, off in zip(members, self.offsets)}
         self.x_hist = torch.zeros(x_slots, self.numel, dtype=dtype, device=device)
         self.g_hist = torch.zeros(g_slots, self.numel, dtype=dtype, device=device)
+        # The float32 masters in the rings' columns (gaps zero), or None.
+        self.master = torch.zeros(self.numel, dtype=torch.float32, device=device) if master else None
         self.count = count
         self.coefs = torch.zeros(coef_len, dtype=torch.float64, device=device)
         self.coefs_seen: tuple | None = None
@@ -101,6 +110,13 @@ class Bucket:
         return (ring_view(self.x_hist[:, off:off + n], t, order),
                 ring_view(self.g_hist[:, off:off + n], t, order))
 
+    def master_view(self, p: Tensor) -> Tensor:
+        """The float32 master of ``p``'s local shard, shaped and strided like it
+        (a view into :attr:`master`)."""
+        off, t = self.offset_of[id(p)], local(p)
+        n = t.numel()
+        return ring_view(self.master[off:off + n].view(1, n), t, dim_order(t))[0]
+
 
 class Work:
     """One bucket's share of a step: the members that have a gradient now
@@ -141,8 +157,9 @@ def local_history(saved: Tensor, p: Tensor) -> Tensor:
     return distribute_tensor(saved, p.device_mesh, target).to_local()
 
 
-def effective_grad_into(out: Tensor, p: Tensor, group: dict, amp: AmpStep) -> None:
-    """``out = sign * grad / grad_scale + weight_decay * p`` (as the kernels form it)."""
+def effective_grad_into(out: Tensor, p: Tensor, group: dict, amp: AmpStep, x: Tensor | None = None) -> None:
+    """``out = sign * grad / grad_scale + weight_decay * x`` (as the kernels form it),
+    ``x`` the parameter's local shard or its master."""
     out.copy_(local(p.grad))
     inv = amp.inv_scale(p.device, torch.float32 if out.dtype != torch.float64 else torch.float64)
     if inv is not None:
@@ -150,18 +167,19 @@ def effective_grad_into(out: Tensor, p: Tensor, group: dict, amp: AmpStep) -> No
     if group["maximize"]:
         out.neg_()
     if group["weight_decay"] != 0:
-        out.add_(local(p).detach(), alpha=group["weight_decay"])
+        out.add_(local(p).detach() if x is None else x, alpha=group["weight_decay"])
 
 
-def warm_start(p: Tensor, group: dict, xv: Tensor, gv: Tensor, amp: AmpStep = NO_AMP) -> None:
-    """Fill every slot with ``x^(0)`` and the effective ``g^(0)``, computed
-    in place in the first slot (no parameter-sized temporary)."""
-    x = local(p).detach()
+def warm_start(p: Tensor, group: dict, xv: Tensor, gv: Tensor, amp: AmpStep = NO_AMP,
+               master: Tensor | None = None) -> None:
+    """Fill every slot with ``x^(0)`` (the master, if given) and the effective
+    ``g^(0)``, computed in place in the first slot (no parameter-sized temporary)."""
+    x = local(p).detach() if master is None else master
     if xv.shape[0]:
         xv.copy_(x.unsqueeze(0).expand_as(xv))
     if gv.shape[0]:
         first = gv[0]
-        effective_grad_into(first, p, group, amp)
+        effective_grad_into(first, p, group, amp, x)
         if gv.shape[0] > 1:
             gv[1:].copy_(first.unsqueeze(0).expand_as(gv[1:]))
 
@@ -183,6 +201,8 @@ class PlanRules:
     reduction: Callable[[Tensor], tuple]
     #: Every parameter's reduction key when all share it (no DTensor), else None.
     plain: tuple | None = None
+    #: Whether 16-bit parameters keep float32 master copies (``master_weights=True``).
+    master_weights: bool = False
 
 
 class BucketPlan:
@@ -292,15 +312,21 @@ class BucketPlan:
             count = (loaded[0].to(device=device, dtype=torch.int64).clone() if loaded
                      else torch.zeros((), dtype=torch.int64, device=device))
         bucket = Bucket(key, resolve(rules.backend, device, key[2]), members, x_slots, g_slots,
-                        count, rules.coef_len(group))
+                        count, rules.coef_len(group), has_master(key[2], rules.master_weights))
         for p in members:
             st = state[p]
             xv, gv = bucket.views(p)
+            mv = None
+            if bucket.master is not None:
+                # The master kept (or loaded), else made now from the parameter.
+                mv = bucket.master_view(p)
+                mv.copy_(local_master(st["master"], p) if "master" in st else local(p).detach())
+                st["master"] = as_master(mv, p)
             if "x_hist" in st:
                 xv.copy_(local_history(st["x_hist"], p))
                 gv.copy_(local_history(st["g_hist"], p))
             else:  # warm start: every missing slot holds x^(0), g^(0)
-                warm_start(p, group, xv, gv, amp)
+                warm_start(p, group, xv, gv, amp, mv)
                 if amp.may_skip and gv.shape[0]:
                     stale.append(StaleWarmStart(p, amp.skip(device)))
             st["step"], st["x_hist"], st["g_hist"] = count, as_history(xv, p), as_history(gv, p)
@@ -326,7 +352,7 @@ class BucketPlan:
                 continue
             gv = st["g_hist"]
             fresh = torch.empty_like(gv[0])
-            effective_grad_into(fresh, p, where[id(p)], amp)
+            effective_grad_into(fresh, p, where[id(p)], amp, local(st["master"]) if "master" in st else None)
             gv.copy_(torch.where(entry.stale, fresh.unsqueeze(0).expand_as(gv), gv))
             entry.update(amp.skip(p.device))
         if kept:

@@ -172,8 +172,8 @@ def plan_load(spec: CheckpointSpec, state_dict: Any) -> tuple[list[dict], dict[T
             new["g_hist"] = load_tensor(entry["g_hist"], f"state of {name}, key 'g_hist'", dtype=ring_dtype,
                                         device=p.device, shape=(g_slots, *p.shape))
             new["step"] = load_count(entry["step"], f"state of {name}, key 'step'", p.device)
-            # One count per bucket (group, device, dtype): its members' rings are aligned.
-            key, count = (gi, p.device, ring_dtype), int(new["step"])
+            # One count per bucket (group, device, parameter dtype): its members' rings are aligned.
+            key, count = (gi, p.device, p.dtype), int(new["step"])
             other = bucket_steps.setdefault(key, (index, count))
             if other[1] != count:
                 raise CheckpointError(

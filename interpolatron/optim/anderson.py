@@ -479,7 +479,8 @@ class Anderson(BucketedOptimizer):
         for w in work:
             b, group = w.bucket, w.group
             ops.gram_row(w.params, w.grads, w.offsets, b.g_hist, b.count, group["weight_decay"],
-                         group["maximize"], b.gram, b.backend.name, b.cache, **amp.kernel_args(b.device))
+                         group["maximize"], b.gram, b.backend.name, b.cache, **amp.kernel_args(b.device),
+                         master=b.master)
         if reductions:
             # The active set was recorded in _init_group; the partial Grams are
             # kept per reduction key and summed over the ranks.
@@ -510,7 +511,7 @@ class Anderson(BucketedOptimizer):
             mine = coefs if coefs.device == b.device else coefs.to(b.device)  # a peer copy, no state write
             ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, mine, self._lr(w), b.count,
                         group["weight_decay"], group["maximize"], b.gram if rows else None, b.backend.name,
-                        b.cache, **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
+                        b.cache, **amp.kernel_args(b.device), sr_seed=self._sr_seed(group), master=b.master)
 
     def _update_one_pass(self, work: list[Work], reductions: list[tuple], amp: AmpStep, st: dict,
                          home: torch.device) -> None:
@@ -571,9 +572,12 @@ class Anderson(BucketedOptimizer):
             counts = torch.arange(slots, dtype=torch.int64, device=b.device)
             by_slot = torch.empty(slots, slots, dtype=torch.float64, device=b.device)
             row = torch.empty(k, dtype=torch.float64, device=b.device)
+            # The ring dtype's tensors in the params' role (not read: no weight
+            # decay): with master weights the rings are float32, the params 16-bit.
+            params = w.params if b.master is None else [b.master_view(p) for p in w.keys]
             for s in range(slots):
                 grads = [b.views(p)[1][s] for p in w.keys]
-                ops.gram_row(w.params, grads, w.offsets, b.g_hist, counts[s], 0.0, False, row,
+                ops.gram_row(params, grads, w.offsets, b.g_hist, counts[s], 0.0, False, row,
                              b.backend.name, b.cache)
                 by_slot[s, torch.remainder(s - torch.arange(1, k, device=b.device), slots)] = row[1:]
                 by_slot[s, s] = row[0]

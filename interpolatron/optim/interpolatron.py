@@ -156,7 +156,7 @@ class Interpolatron(BucketedOptimizer):
             gram = b.gram if self._diagnostics_on else None
             ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
                         group["weight_decay"], group["maximize"], gram, b.backend.name, b.cache,
-                        **amp.kernel_args(b.device), sr_seed=self._sr_seed(group))
+                        **amp.kernel_args(b.device), sr_seed=self._sr_seed(group), master=b.master)
         if self._diagnostics_on:
             reductions = self._reductions()
             if work or reductions:

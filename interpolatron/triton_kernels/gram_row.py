@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import triton
 import triton.language as tl
 
+from interpolatron.backends.base import check_master
+
 from . import _launch
 from ._helpers import _block_of, _inv_scale, _ld, _ring_ptr, _skip_block, _slot, _st, _tensor_ptr
 from .reduce import reduce_partials
@@ -26,10 +28,11 @@ if TYPE_CHECKING:
 
 @triton.jit
 def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, grad_scale, partials,
-                    nblocks, K: tl.constexpr, SLOTS: tl.constexpr, STORE: tl.constexpr,
+                    nblocks, master, K: tl.constexpr, SLOTS: tl.constexpr, STORE: tl.constexpr,
                     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, SCALED: tl.constexpr,
                     GDT: tl.constexpr, PDT: tl.constexpr, CD: tl.constexpr,
-                    RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+                    RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr,
+                    MASTER: tl.constexpr):
     RH: tl.constexpr = FAST and RING_ALIGNED
     pid = tl.program_id(0)
     c = tl.load(count)
@@ -43,7 +46,10 @@ def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count,
     if MAXIMIZE:
         g = -g
     if HAS_WD:
-        x = _ld(_tensor_ptr(ptrs + ntensors, t, start, PDT, FAST), rem, BLOCK, FAST).to(CD)
+        if MASTER:  # the weight decay of a 16-bit parameter with a master reads the master
+            x = _ld(_ring_ptr(master, 0, 0, col, RH), rem, BLOCK, FAST).to(CD)
+        else:
+            x = _ld(_tensor_ptr(ptrs + ntensors, t, start, PDT, FAST), rem, BLOCK, FAST).to(CD)
         g = g + tl.load(wd).to(CD) * x
     if STORE:
         _st(_ring_ptr(g_hist, _slot(c, 0, SLOTS), g_stride, col, RH), g, rem, BLOCK, FAST)
@@ -59,23 +65,23 @@ def _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count,
 
 @triton.jit(do_not_specialize=["ntensors", "g_stride", "nblocks"])
 def _gram_row_kernel(ptrs, numels, cols, flags, blk_tensor, blk_start, ntensors,
-                     g_hist, g_stride, count, wd, grad_scale, found_inf, partials, nblocks,
+                     g_hist, g_stride, count, wd, grad_scale, found_inf, partials, nblocks, master,
                      K: tl.constexpr, SLOTS: tl.constexpr, STORE: tl.constexpr,
                      MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, SCALED: tl.constexpr,
                      SKIPPABLE: tl.constexpr,
                      GDT: tl.constexpr, PDT: tl.constexpr, CD: tl.constexpr,
-                     RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                     RING_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, MASTER: tl.constexpr):
     t, start, rem, col, fast = _block_of(blk_tensor, blk_start, numels, cols, flags, BLOCK)
     if SKIPPABLE:
         rem, fast = _skip_block(found_inf, rem, fast)
     if fast:
         _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, grad_scale, partials,
-                        nblocks, K, SLOTS, STORE, MAXIMIZE, HAS_WD, SCALED, GDT, PDT, CD, RING_ALIGNED, BLOCK,
-                        True)
+                        nblocks, master, K, SLOTS, STORE, MAXIMIZE, HAS_WD, SCALED, GDT, PDT, CD,
+                        RING_ALIGNED, BLOCK, True, MASTER)
     else:
         _gram_row_block(ptrs, ntensors, t, start, rem, col, g_hist, g_stride, count, wd, grad_scale, partials,
-                        nblocks, K, SLOTS, STORE, MAXIMIZE, HAS_WD, SCALED, GDT, PDT, CD, RING_ALIGNED, BLOCK,
-                        False)
+                        nblocks, master, K, SLOTS, STORE, MAXIMIZE, HAS_WD, SCALED, GDT, PDT, CD,
+                        RING_ALIGNED, BLOCK, False, MASTER)
 
 
 def gram_row(args: GramArgs, cache: dict) -> None:
@@ -92,9 +98,12 @@ def gram_row(args: GramArgs, cache: dict) -> None:
     dtype = g_hist.dtype
     cfg = _launch.settings(dtype)
     has_wd = weight_decay != 0
-    # Without weight decay the parameters are not read, so they stay out of the
-    # table (and out of its key).
-    rows = [grads, params] if has_wd else [grads]
+    master = args.master
+    check_master(master, g_hist, params)
+    # Without weight decay (or with masters) the parameters are not read, so
+    # they stay out of the table (and out of its key).
+    rows = [grads, params] if has_wd and master is None else [grads]
+    mr = g_hist if master is None or not has_wd else master.view(1, -1)
     tabs = _launch.tables(cache, "gram_row", rows, ["r"] * len(rows), offsets, device, cfg.block,
                           g_hist.dtype)
     tabs.check_ring(g_hist, "g_hist")
@@ -109,12 +118,13 @@ def gram_row(args: GramArgs, cache: dict) -> None:
         tabs.ptrs, tabs.numels, tabs.cols, tabs.flags, tabs.blk_tensor, tabs.blk_start, tabs.ntensors,
         g_hist, g_hist.stride(0), count, wd,
         count if grad_scale is None else grad_scale, count if found_inf is None else found_inf,
-        partials, tabs.nblocks,
+        partials, tabs.nblocks, mr,
         num_warps=cfg.num_warps,
         K=k, SLOTS=slots, STORE=bool(store), MAXIMIZE=bool(args.maximize), HAS_WD=has_wd,
         SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None,
         GDT=_launch.tl_dtype(grads[0].dtype),
         PDT=_launch.tl_dtype(params[0].dtype if has_wd else grads[0].dtype),
-        CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(g_hist), BLOCK=cfg.block,
+        CD=_launch.compute_dtype(dtype), RING_ALIGNED=tabs.ring_aligned(g_hist, mr), BLOCK=cfg.block,
+        MASTER=master is not None and has_wd,
     )
     reduce_partials(partials, out)

@@ -64,6 +64,17 @@ def _sr_bf16(x, r):
 
 
 @triton.jit
+def _rne_bf16(x):
+    """float32 ``x`` rounded to the NEAREST bfloat16 (ties to even) from its bits,
+    as torch's cast: Triton's cast truncates in the CPU interpreter."""
+    bits = x.to(tl.uint32, bitcast=True)
+    up = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    out = tl.where(nan, 0x7FC0, up)
+    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _sr_fp16(x, r):
     bits = x.to(tl.uint32, bitcast=True)
     sign = (bits >> 16) & 0x8000

@@ -37,10 +37,11 @@ def _cases(dtype: torch.dtype) -> dict:
     amp = {"grad_scale": "*fp32", "found_inf": "*fp32"}
     no_amp = dict(SCALED=False, SKIPPABLE=False)
     with_amp = dict(SCALED=True, SKIPPABLE=True)
-    def combine_sig(t: str) -> dict:
-        return {**tables, "ntensors": "i32", "x_hist": f"*{t}", "g_hist": f"*{t}", "x_stride": "i32",
+    def combine_sig(t: str, ring: str | None = None) -> dict:
+        ring = ring or t
+        return {**tables, "ntensors": "i32", "x_hist": f"*{ring}", "g_hist": f"*{ring}", "x_stride": "i32",
                 "g_stride": "i32", "coefs": "*fp64", "lr": "*fp64", "count": "*i64", "wd": "*fp64",
-                **amp, "partials": "*fp64", "nblocks": "i32", "sr_seed": "i32"}
+                **amp, "partials": "*fp64", "nblocks": "i32", "sr_seed": "i32", "master": "*fp32"}
 
     sr_cases = {}
     if dtype == torch.bfloat16:
@@ -49,29 +50,38 @@ def _cases(dtype: torch.dtype) -> dict:
         for t16, tdt16 in (("bf16", tl.bfloat16), ("fp16", tl.float16)):
             sr_cases[f"combine-{t16}-k2-sr"] = (_combine_kernel, combine_sig(t16), dict(
                 K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt16, GDT=tdt16, **common,
-                **with_amp, SR=True), 4 * per_thread, 3 * per_thread)
+                **with_amp, SR=True, MASTER=False), 4 * per_thread, 3 * per_thread)
+        # Master weights: bf16 parameter and gradient, float32 master and rings,
+        # the float32 block (8 elements per thread: one 128-bit access of each
+        # 16-bit stream, two of each float32 one). Reads master, gradient, two
+        # rings; writes master, parameter, two ring slots.
+        sr_cases["combine-bf16-k2-master"] = (_combine_kernel, combine_sig("bf16", "fp32"), dict(
+            K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tl.bfloat16, GDT=tl.bfloat16,
+            CD=tl.float32, RING_ALIGNED=True, BLOCK=_launch.settings(torch.float32).block, **with_amp,
+            SR=False, MASTER=True),
+            2 + 1 + 2 + 2, 2 + 1 + 2 + 2)
     return {
         f"combine-{ty}-k2": (_combine_kernel, combine_sig(ty),
             dict(K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt, GDT=tdt, **common, **no_amp,
-                 SR=False),
+                 SR=False, MASTER=False),
             4 * per_thread, 3 * per_thread),
         # GradScaler's variant: the scale and the skip flag read on the device.
         f"combine-{ty}-k2-amp": (_combine_kernel, combine_sig(ty),
             dict(K=2, KP=2, GRAM=True, MAXIMIZE=False, HAS_WD=True, PDT=tdt, GDT=tdt, **common,
-                 **with_amp, SR=False),
+                 **with_amp, SR=False, MASTER=False),
             4 * per_thread, 3 * per_thread),
         **sr_cases,
         f"gram_row-{ty}-k2": (_gram_row_kernel, {
             **tables, "ntensors": "i32", "g_hist": f"*{ty}", "g_stride": "i32", "count": "*i64",
-            "wd": "*fp64", **amp, "partials": "*fp64", "nblocks": "i32"},
+            "wd": "*fp64", **amp, "partials": "*fp64", "nblocks": "i32", "master": "*fp32"},
             dict(K=2, SLOTS=2, STORE=True, MAXIMIZE=False, HAS_WD=True, GDT=tdt, PDT=tdt, **common,
-                 **no_amp),
+                 **no_amp, MASTER=False),
             3 * per_thread, 1 * per_thread),
         f"gram_row-{ty}-k2-amp": (_gram_row_kernel, {
             **tables, "ntensors": "i32", "g_hist": f"*{ty}", "g_stride": "i32", "count": "*i64",
-            "wd": "*fp64", **amp, "partials": "*fp64", "nblocks": "i32"},
+            "wd": "*fp64", **amp, "partials": "*fp64", "nblocks": "i32", "master": "*fp32"},
             dict(K=2, SLOTS=2, STORE=True, MAXIMIZE=False, HAS_WD=True, GDT=tdt, PDT=tdt, **common,
-                 **with_amp),
+                 **with_amp, MASTER=False),
             3 * per_thread, 1 * per_thread),
         f"rna_record-{ty}-s3": (_rna_record_kernel, {
             **tables, "window": f"*{ty}", "w_stride": "i32", "count": "*i64", "partials": "*fp64",

@@ -148,6 +148,24 @@ def test_cuda_vector_paths_are_128_bit(cuda_sass, dtype, kernel, suffix, loads, 
 
 @needs_nvcc
 @needs_cuobjdump
+@pytest.mark.parametrize("suffix", ["Li2ELb0ELb0E", "Li2ELb1ELb0E", "Li2ELb0ELb1E"],
+                         ids=["k2", "k2-gram", "k2-sr"])
+def test_cuda_master_combine_vector_path(cuda_sass, suffix):
+    """Master weights (bf16 parameters, float32 master and rings): the float32
+    streams move 128 bits per access (master, x and g ring rows in; master and
+    both ring slots out) and the bf16 gradient and parameter 64 bits (the same
+    4 elements per thread as the float32 kernel, whose dot products it must
+    equal bit for bit)."""
+    funcs, _ = cuda_sass
+    c = _one(funcs, "combine_master_kernel" + DT["bf16"] + suffix)
+    assert wide(c, "LDG") >= 3 + 1, dict(c)
+    assert wide(c, "STG") >= 3, dict(c)
+    assert sum(n for op, n in c.items() if op.startswith("LDG.") and ".64" in op) >= 1, dict(c)
+    assert sum(n for op, n in c.items() if op.startswith("STG.") and ".64" in op) >= 1, dict(c)
+
+
+@needs_nvcc
+@needs_cuobjdump
 def test_cuda_kernels_round_every_multiply_and_add(cuda_sass):
     """The rounding rule of the CUDA kernels is the CPU kernels' (-ffp-contract=off):
     nvcc --fmad=false, so no fp32 FFMA anywhere (nvcc contracted ``g * sign + wd * x``
@@ -202,7 +220,8 @@ def triton_sass(tmp_path_factory):
 TRITON_CASES = ["combine-fp32-k2", "combine-bf16-k2", "gram_row-fp32-k2", "gram_row-bf16-k2",
                 "combine-fp32-k2-amp", "combine-bf16-k2-amp", "gram_row-fp32-k2-amp", "gram_row-bf16-k2-amp",
                 "rna_record-fp32-s3", "rna_record-bf16-s3", "rna_extrapolate-fp32-s3",
-                "rna_extrapolate-bf16-s3", "combine-bf16-k2-sr", "combine-fp16-k2-sr"]
+                "rna_extrapolate-bf16-s3", "combine-bf16-k2-sr", "combine-fp16-k2-sr",
+                "combine-bf16-k2-master"]
 
 
 @pytest.mark.parametrize("name", TRITON_CASES)

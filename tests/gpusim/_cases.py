@@ -33,7 +33,7 @@ from interpolatron.backends.native_backend import BACKEND as NATIVE
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 OPS = {"combine": 0, "gram_row": 1, "rna_record": 2, "rna_extrapolate": 3}
-F_MAXIMIZE, F_OUT, F_STORE, F_SCALE, F_FOUND_INF, F_STOCHASTIC = 1, 2, 4, 8, 16, 32
+F_MAXIMIZE, F_OUT, F_STORE, F_SCALE, F_FOUND_INF, F_STOCHASTIC, F_MASTER = 1, 2, 4, 8, 16, 32, 64
 U64 = 2.0 ** -53
 THREADS = 256  # csrc/cuda/kernels.h kThreads
 
@@ -183,13 +183,22 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
                  grad_scale: float | None = None, found_inf: float | None = None, sr_seed: int | None = None,
                  count: int = 7, misalign: list[int] | None = None, odd_cols: tuple[int, ...] = (),
                  gap: int = 0,
-                 row_pad: int = 0) -> Case:
-    cols, n_cols = _layout(numels, dtype, odd_cols, gap)
+                 row_pad: int = 0, master: bool = False) -> Case:
+    """``master``: 16-bit ``dtype`` parameters and gradients with float32 master
+    weights and rings (the case's dtype is then the rings', float32, and ``m``
+    carries the parameters' dtype code)."""
+    ring_dtype = torch.float32 if master else dtype
+    cols, n_cols = _layout(numels, ring_dtype, odd_cols, gap)
     row = n_cols + row_pad
     params = [_rand(n, dtype, gen) for n in numels]
     grads = [_rand(n, dtype, gen, 0.1) for n in numels]
-    x_hist = _rand((k - 1) * row, dtype, gen).reshape(k - 1, row)
-    g_hist = _rand((k - 1) * row, dtype, gen, 0.1).reshape(k - 1, row)
+    x_hist = _rand((k - 1) * row, ring_dtype, gen).reshape(k - 1, row)
+    g_hist = _rand((k - 1) * row, ring_dtype, gen, 0.1).reshape(k - 1, row)
+    # The masters: near the parameters (a master rounds to its parameter), the gaps random too.
+    masters = _rand(row, torch.float32, gen) if master else None
+    if master:
+        for p, c in zip(params, cols):
+            masters[c:c + p.numel()] = p.float() + _rand(p.numel(), torch.float32, gen, 1e-3)
     coefs = torch.softmax(torch.randn(k, generator=gen, dtype=torch.float64), 0)
     lr = torch.tensor([0.05], dtype=torch.float64)
     cnt = torch.tensor(count, dtype=torch.int64)
@@ -199,9 +208,9 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
 
     ref_p = [p.clone() for p in params]
     ref_x, ref_g = x_hist.clone(), g_hist.clone()
+    ref_m = masters.clone() if master else None
     NATIVE.combine(CombineArgs(ref_p, [g.clone() for g in grads], cols, ref_x, ref_g, coefs, lr.reshape(()),
-                               cnt, weight_decay, maximize, gram_t, grad_scale=scale_t, found_inf=inf_t,
-                               sr_seed=sr_seed), {})
+                               cnt, weight_decay, maximize, gram_t, scale_t, inf_t, sr_seed, ref_m), {})
     skipped = found_inf is not None and found_inf != 0
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"param{i}", p, None if skipped else rp, misalign=mis[i]) for i, (p, rp) in
@@ -211,10 +220,13 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
              Buf("g_hist", g_hist, None if skipped else ref_g),
              Buf("coefs", coefs), Buf("lr", lr), Buf("count", cnt.reshape(1))]
     flags = F_MAXIMIZE * maximize
+    if master:
+        flags |= F_MASTER
+        bufs.append(Buf("master", masters, None if skipped else ref_m))
     if gram:
         flags |= F_OUT
         mag = _gram_magnitudes(params, grads, g_hist, cols, count, k, weight_decay, maximize, grad_scale,
-                               ring_slots=k - 1)
+                               ring_slots=k - 1, masters=masters)
         bufs.append(Buf("gram", torch.zeros(k, dtype=torch.float64), gram_t, dots=mag, n_terms=sum(numels),
                         undefined=skipped))
     if scale_t is not None:
@@ -225,7 +237,8 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
         bufs.append(Buf("found_inf", inf_t))
     if sr_seed is not None:
         flags |= F_STOCHASTIC
-    return Case(name, "combine", dtype, numels, cols, row, k, flags, seed=(sr_seed or 0) & 0xFFFFFFFF,
+    return Case(name, "combine", ring_dtype, numels, cols, row, k, flags,
+                m=DTYPE_CODE[dtype] if master else 0, seed=(sr_seed or 0) & 0xFFFFFFFF,
                 weight_decay=weight_decay, bufs=bufs)
 
 
@@ -237,8 +250,11 @@ def _effective(params, grads, weight_decay, maximize, grad_scale) -> list[torch.
 
 
 def _gram_magnitudes(params, grads, g_hist, cols, count, ndots, weight_decay, maximize, grad_scale,
-                     ring_slots) -> torch.Tensor:
-    """sum_i |g0_i g(age j)_i| per dot j (float64, from the inputs)."""
+                     ring_slots, masters=None) -> torch.Tensor:
+    """sum_i |g0_i g(age j)_i| per dot j (float64, from the inputs; the weight
+    decay on the masters when given)."""
+    if masters is not None:
+        params = [masters[c:c + p.numel()] for p, c in zip(params, cols)]
     g0 = _effective(params, grads, weight_decay, maximize, grad_scale)
     mags = torch.zeros(ndots, dtype=torch.float64)
     for j in range(ndots):
@@ -256,38 +272,45 @@ def gram_case(name: str, dtype: torch.dtype, slots: int, store: bool, numels: li
               gen: torch.Generator, weight_decay: float = 0.0, maximize: bool = False,
               grad_scale: float | None = None, found_inf: float | None = None, count: int = 7,
               misalign: list[int] | None = None, odd_cols: tuple[int, ...] = (), gap: int = 0,
-              row_pad: int = 0) -> Case:
-    cols, n_cols = _layout(numels, dtype, odd_cols, gap)
+              row_pad: int = 0, master: bool = False) -> Case:
+    """``master``: 16-bit ``dtype`` gradients, a float32 ring and masters (the
+    weight decay's operand; read-only only)."""
+    ring_dtype = torch.float32 if master else dtype
+    cols, n_cols = _layout(numels, ring_dtype, odd_cols, gap)
     row = n_cols + row_pad
     params = [_rand(n, dtype, gen) for n in numels]
     grads = [_rand(n, dtype, gen, 0.1) for n in numels]
-    g_hist = _rand(slots * row, dtype, gen, 0.1).reshape(slots, row)
+    g_hist = _rand(slots * row, ring_dtype, gen, 0.1).reshape(slots, row)
+    masters = _rand(row, torch.float32, gen) if master else None
     ndots = slots if store else slots + 1
     cnt = torch.tensor(count, dtype=torch.int64)
     scale_t = None if grad_scale is None else torch.tensor([grad_scale], dtype=torch.float32)
     inf_t = None if found_inf is None else torch.tensor([found_inf], dtype=torch.float32)
     out = torch.full((ndots,), float("nan"), dtype=torch.float64)
     ref_g = g_hist.clone()
-    NATIVE.gram_row(GramArgs(params, grads, cols, ref_g, cnt, weight_decay, maximize, out, store,
-                             grad_scale=scale_t, found_inf=inf_t), {})
+    NATIVE.gram_row(GramArgs(params, grads, cols, ref_g, cnt, weight_decay, maximize, out, store, scale_t,
+                             inf_t, masters), {})
     skipped = found_inf is not None and found_inf != 0
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"param{i}", p, misalign=mis[i]) for i, p in enumerate(params)]
     bufs += [Buf(f"grad{i}", g, misalign=mis[i]) for i, g in enumerate(grads)]
     mag = _gram_magnitudes(params, grads, g_hist, cols, count, ndots, weight_decay, maximize, grad_scale,
-                           ring_slots=max(slots, 1))
+                           ring_slots=max(slots, 1), masters=masters)
     bufs += [Buf("g_hist", g_hist, None if skipped else ref_g), Buf("count", cnt.reshape(1)),
              Buf("out", torch.zeros(ndots, dtype=torch.float64), out, dots=mag, n_terms=sum(numels),
                  undefined=skipped)]
     flags = F_MAXIMIZE * maximize | F_STORE * store
+    if master:
+        flags |= F_MASTER
+        bufs.append(Buf("master", masters))
     if scale_t is not None:
         flags |= F_SCALE
         bufs.append(Buf("grad_scale", scale_t))
     if inf_t is not None:
         flags |= F_FOUND_INF
         bufs.append(Buf("found_inf", inf_t))
-    return Case(name, "gram_row", dtype, numels, cols, row, slots, flags, weight_decay=weight_decay,
-                bufs=bufs)
+    return Case(name, "gram_row", ring_dtype, numels, cols, row, slots, flags,
+                m=DTYPE_CODE[dtype] if master else 0, weight_decay=weight_decay, bufs=bufs)
 
 
 def record_case(name: str, dtype: torch.dtype, slots: int, numels: list[int], *, gen: torch.Generator,

@@ -103,6 +103,24 @@ def build_matrix() -> list[tuple[str, Callable[[torch.Generator], C.Case]]]:
                                count=k * 1000 + 1, **(ODD if k == 2 else {}))
     # 1,100 small tensors in one bucket, and a bucket of empty tensors
     many = [int(x) for x in torch.randint(1, 10, (1100,), generator=torch.Generator().manual_seed(1100))]
+    # master weights (issue 17): 16-bit params and gradients, float32 masters and
+    # rings (the float32 chunks and fragments: 8-byte 16-bit accesses), to
+    # nearest and stochastic; a dot pass (k = 9), GradScaler's scale and skip
+    for dtype in (BF16, F16):
+        name = str(dtype).replace("torch.", "")
+        for k, sr in ((1, False), (2, False), (3, False), (2, True), (4, True), (6, False)):
+            combine(f"combine-{name}-k{k}-master{'-sr' if sr else ''}", dtype, k,
+                    shapes(F32) if k == 2 else small(F32), master=True, gram=k <= 4,
+                    weight_decay=0.01 * (k % 2), maximize=k == 3, count=k * 100 + 3,
+                    sr_seed=0x5EED + k if sr else None, **(ODD if k == 2 else {}))
+    combine("combine-bfloat16-k9-master-gram", BF16, 9, small(F32), master=True, gram=True, weight_decay=0.01)
+    combine("combine-float16-k3-master-scale", F16, 3, small(F32), master=True, gram=True, grad_scale=1024.0,
+            found_inf=0.0)
+    combine("combine-bfloat16-k2-master-skip", BF16, 2, small(F32), master=True, grad_scale=8.0,
+            found_inf=1.0)
+    gram("gram-bfloat16-readonly-S3-master", BF16, 3, False, shapes(F32), master=True, weight_decay=0.01,
+         **ODD)
+    gram("gram-float16-readonly-S1-master", F16, 1, False, small(F32), master=True, weight_decay=0.1)
     combine("combine-float32-k2-1100-tensors", F32, 2, many, gram=True)
     combine("combine-bfloat16-k3-1100-tensors", BF16, 3, many, gram=True, weight_decay=0.1)
     combine("combine-float32-k2-empty", F32, 2, [0, 0], gram=True)
@@ -150,16 +168,21 @@ MATRIX = build_matrix()
 
 
 @pytest.fixture(scope="module")
-def simulated():
-    """Runs the whole matrix once on the simulated GPU: {case name: problems}."""
+def simulated(request):
+    """Runs the selected cases of the matrix (``-k``) once on the simulated GPU:
+    {case name: problems}. Every case is built (in matrix order, from one
+    generator) whatever the selection, so a case's data do not depend on it."""
     sim, why = _gpusim.find()
     if sim is None:
         pytest.skip(why)
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.originalname == "test_case" and hasattr(item, "callspec")}
     exe = _gpusim.build_harness()
     with tempfile.TemporaryDirectory(prefix="gpusim-cases-") as tmp:
         cases_path, out_path = Path(tmp) / "cases.bin", Path(tmp) / "out.bin"
         g = torch.Generator().manual_seed(20)
         cases = [make(g) for _, make in MATRIX]
+        cases = [c for c in cases if c.name in selected]
         C.write_cases(cases, str(cases_path))
         run = _gpusim.run(sim, exe, ["run", str(cases_path), str(out_path)], functional=True, timeout=1800)
         if "HARNESS_DONE" not in run.stdout:

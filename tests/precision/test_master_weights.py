@@ -9,7 +9,10 @@ nearest. Checked against independent runs:
 * a bf16 model at lr 1e-3 tracks the float32 model: its distance to the
   float32 trajectory is under a quarter of plain bf16's;
 * ``state_dict`` carries the master: a resumed run continues bitwise;
-* GradScaler's skipped step leaves master and parameter unchanged.
+* GradScaler's skipped step leaves master and parameter unchanged;
+* the master lives in the kernels (issue 17 item 1): the parameter object,
+  its storage and AccumulateGrad node stay, a compiled step equals eager, and
+  ``stochastic_rounding=True`` rounds the parameter from the master.
 """
 
 from __future__ import annotations
@@ -131,13 +134,118 @@ def test_master_weights_leaves_wide_params_alone():
         Interpolatron([p], master_weights=1)
 
 
-def test_master_weights_refused_inside_torch_compile():
-    """The p.data swap cannot be compiled: a clear error, not a silent other trajectory."""
-    m = torch.nn.Linear(4, 2).to(torch.bfloat16)
-    opt = Interpolatron(m.parameters(), lr=1e-3, master_weights=True, backend="torch")
-    x = torch.randn(8, 4, dtype=torch.bfloat16)
-    m(x).float().sum().backward()
-    opt.step()
-    m(x).float().sum().backward()
-    with pytest.raises(Exception, match="master_weights=True is not supported inside torch.compile"):
-        torch.compile(opt.step, fullgraph=True)()
+def _steps(m, opt, x, y, steps, step=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(m(x).float(), y.float()).backward()
+        (step or opt.step)()
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
+def test_compiled_step_equals_eager(algo, backend):
+    """The masters are bucket state the kernels rewrite (no ``p.data`` swap):
+    ``torch.compile(opt.step, fullgraph=True)`` runs them and equals eager
+    bitwise (parameters, masters, rings). Failed before issue 17: the swap
+    raised under compile."""
+    need_backend(backend, torch.bfloat16)
+    x, y = make_data(torch.bfloat16)
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        m = make_model(torch.bfloat16)
+        opt = make_optimizer(algo, m.parameters(), backend, master_weights=True)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        # Anderson compiles from its second step (issue 17 item 3 is another change).
+        eager_first = 1 if algo == "anderson" else 0
+        _steps(m, opt, x, y, eager_first)
+        _steps(m, opt, x, y, 5 - eager_first, step)
+        runs.append((m, opt))
+    (m1, o1), (m2, o2) = runs
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+        for key in ("master", "x_hist", "g_hist"):
+            assert torch.equal(o1.state[p][key], o2.state[q][key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameter_and_its_autograd_node_stay(backend):
+    """The step writes the rounded master into the parameter's own storage: the
+    parameter object, its storage, its AccumulateGrad node (where DDP and FSDP
+    hook their gradient reductions) and a hook registered on it stay, and the
+    hook fires at every backward. Failed before issue 17: the p.data swap made
+    autograd build a new AccumulateGrad node from the second step on."""
+    need_backend(backend, torch.bfloat16)
+    m = make_model(torch.bfloat16)
+    opt = make_optimizer("interpolatron", m.parameters(), backend, master_weights=True)
+    x, y = make_data(torch.bfloat16)
+    params = list(m.parameters())
+    nodes = [p.view_as(p).grad_fn.next_functions[0][0] for p in params]
+    ptrs = [p.data_ptr() for p in params]
+    fired = []
+    for node in nodes:
+        node.register_hook(lambda *args: fired.append(1))
+    for step in range(4):
+        _steps(m, opt, x, y, 1)
+        assert len(fired) == len(params) * (step + 1)
+        for p, node, ptr in zip(params, nodes, ptrs):
+            assert p.view_as(p).grad_fn.next_functions[0][0] is node
+            assert p.data_ptr() == ptr and p.dtype == torch.bfloat16
+    assert [id(p) for p in m.parameters()] == [id(p) for p in params]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_stochastic_rounding_of_the_master(backend, dtype):
+    """``stochastic_rounding=True`` with master weights: the master is the
+    float32 run's bitwise, and the 16-bit parameter is the master rounded
+    stochastically with the rule of interpolatron/rounding.py (stream 1, the
+    bucket's step count, the ring column). Refused before issue 17."""
+    from interpolatron import rounding
+
+    need_backend(backend, dtype)
+    m = make_model(dtype)
+    shadow = [p.detach().float().clone().requires_grad_() for p in m.parameters()]
+    opt = make_optimizer("anderson", m.parameters(), backend, master_weights=True, stochastic_rounding=True,
+                         sr_seed=99)
+    ref = make_optimizer("anderson", shadow, backend)
+    x, y = make_data(dtype)
+    nearest = 0
+    for step in range(4):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(m(x).float(), y.float()).backward()
+        for s, p in zip(shadow, m.parameters()):
+            s.grad = p.grad.float()
+        opt.step()
+        ref.step()
+        b = next(iter(opt._plan.buckets.values()))
+        for s, p in zip(shadow, m.parameters()):
+            assert torch.equal(opt.state[p]["master"], s.detach())
+            off, n = b.offset_of[id(p)], p.numel()
+            cols = torch.arange(off, off + n)
+            want = rounding.stochastic_round(s.detach().reshape(-1), cols, 99, torch.tensor(step),
+                                             rounding.STREAM_PARAM, dtype).view(p.shape)
+            assert torch.equal(p.detach(), want)
+            nearest += int(torch.equal(p.detach(), s.detach().to(dtype)))
+    assert nearest < 4 * len(shadow)  # not simply rounded to nearest
+
+
+def test_checkpoint_of_the_swap_era_loads():
+    """A state_dict whose ``master`` entries are standalone tensors (as the
+    p.data swap kept them) loads and continues as the uninterrupted run."""
+    x, y = make_data(torch.bfloat16)
+    m = make_model(torch.bfloat16)
+    opt = make_optimizer("anderson", m.parameters(), "torch", master_weights=True)
+    _steps(m, opt, x, y, 3)
+    sd = opt.state_dict()
+    old = {"param_groups": copy.deepcopy(sd["param_groups"]),
+           "state": {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+                     for i, st in sd["state"].items()}}
+    m2 = copy.deepcopy(m)
+    opt2 = make_optimizer("anderson", m2.parameters(), "torch", master_weights=True)
+    opt2.load_state_dict(old)
+    _steps(m, opt, x, y, 2)
+    _steps(m2, opt2, x, y, 2)
+    for p, q in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master"], opt2.state[q]["master"])

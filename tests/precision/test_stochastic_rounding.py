@@ -254,9 +254,8 @@ def test_old_checkpoint_loads_with_rounding_to_nearest():
 
 @pytest.mark.parametrize("bad", [dict(stochastic_rounding=1), dict(stochastic_rounding=True, sr_seed=-1),
                                  dict(stochastic_rounding=True, sr_seed=2**32),
-                                 dict(stochastic_rounding=True, sr_seed=1.5),
-                                 dict(stochastic_rounding=True, master_weights=True)],
-                         ids=["not_bool", "negative_seed", "seed_too_big", "float_seed", "with_master"])
+                                 dict(stochastic_rounding=True, sr_seed=1.5)],
+                         ids=["not_bool", "negative_seed", "seed_too_big", "float_seed"])
 def test_bad_settings_refused(bad):
     m = make_model(torch.bfloat16)
     with pytest.raises(ValueError):

@@ -31,10 +31,11 @@ struct Workspace {
   }
 };
 
-inline cuda::Table upload_table(const std::vector<Seg>& segs, DType dtype, Workspace& ws) {
+// seg_dtype: the segments' dtype (16-bit params of a master-weights op), else dtype.
+inline cuda::Table upload_table(const std::vector<Seg>& segs, DType dtype, Workspace& ws, DType seg_dtype) {
   const int64_t nblocks = cuda::count_blocks(segs.data(), segs.size(), dtype);
   std::vector<int64_t> records(static_cast<size_t>(nblocks > 0 ? nblocks * cuda::kFields : cuda::kFields), 0);
-  cuda::fill_table(segs.data(), segs.size(), dtype, records.data());
+  cuda::fill_table(segs.data(), segs.size(), dtype, records.data(), seg_dtype);
   auto* d = static_cast<int64_t*>(ws.alloc(records.size() * sizeof(int64_t)));
   if (d) cudaMemcpy(d, records.data(), records.size() * sizeof(int64_t), cudaMemcpyHostToDevice);
   return {d, nblocks};
@@ -50,22 +51,22 @@ inline cudaError_t report(const cuda::LaunchStatus& s) {
 }
 
 inline cudaError_t combine(const CombineOp& op, const std::vector<Seg>& segs, Workspace& ws) {
-  const cuda::Table t = upload_table(segs, op.dtype, ws);
+  const cuda::Table t = upload_table(segs, op.dtype, ws, cuda::seg_dtype(op));
   return report(cuda::run_combine(op, t, partials(cuda::combine_partials(op, t.nblocks), ws), nullptr));
 }
 
 inline cudaError_t gram_row(const GramRowOp& op, const std::vector<Seg>& segs, Workspace& ws) {
-  const cuda::Table t = upload_table(segs, op.dtype, ws);
+  const cuda::Table t = upload_table(segs, op.dtype, ws, cuda::seg_dtype(op));
   return report(cuda::run_gram_row(op, t, partials(cuda::gram_row_partials(op, t.nblocks), ws), nullptr));
 }
 
 inline cudaError_t rna_record(const RecordOp& op, const std::vector<Seg>& segs, Workspace& ws) {
-  const cuda::Table t = upload_table(segs, op.dtype, ws);
+  const cuda::Table t = upload_table(segs, op.dtype, ws, op.dtype);
   return report(cuda::run_rna_record(op, t, partials(cuda::rna_record_partials(op, t.nblocks), ws), nullptr));
 }
 
 inline cudaError_t rna_extrapolate(const ExtrapOp& op, const std::vector<Seg>& segs, Workspace& ws) {
-  const cuda::Table t = upload_table(segs, op.dtype, ws);
+  const cuda::Table t = upload_table(segs, op.dtype, ws, op.dtype);
   return report(cuda::run_rna_extrapolate(op, t, nullptr));
 }
 

@@ -97,6 +97,7 @@ enum Flag : int64_t {
   kHasGradScale = 8,
   kHasFoundInf = 16,
   kStochastic = 32,
+  kMaster = 64,  // combine, gram_row: float32 rings (dtype) and masters, 16-bit segments (m: their dtype)
 };
 
 // Case layout (int64 unless said): op, dtype, nseg, row_elems, slots (k for
@@ -153,6 +154,8 @@ int run_case(Reader& r, FILE* out, int index) {
       a.count = reinterpret_cast<const int64_t*>(take().ptr());
       a.weight_decay = weight_decay;
       a.maximize = flags & kMaximize;
+      a.master = reinterpret_cast<float*>(opt(kMaster));
+      a.param_dtype = (flags & kMaster) ? static_cast<DType>(m) : dtype;
       a.gram = reinterpret_cast<double*>(opt(kHasOut));
       a.gram_stride = 1;
       a.grad_scale = reinterpret_cast<const float*>(opt(kHasGradScale));
@@ -174,6 +177,8 @@ int run_case(Reader& r, FILE* out, int index) {
       a.store = flags & kStore;
       a.out = reinterpret_cast<double*>(take().ptr());
       a.out_stride = 1;
+      a.master = reinterpret_cast<const float*>(opt(kMaster));
+      a.param_dtype = (flags & kMaster) ? static_cast<DType>(m) : dtype;
       a.grad_scale = reinterpret_cast<const float*>(opt(kHasGradScale));
       a.found_inf = reinterpret_cast<const float*>(opt(kHasFoundInf));
       err = harness::gram_row(a, segs, ws);
