@@ -18,7 +18,7 @@ namespace {
 // weight decay on p.master; read-only), each thread on the float32 kernel's
 // elements, so the partials are that kernel's bits.
 template <typename T, int NDOTS, typename P = T>
-__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) gram_row_kernel(const GramRowLaunch p) {
+__device__ __forceinline__ void gram_row_body(const GramRowLaunch p) {
   using C = compute_t<T>;
   constexpr int N = Frag<T>::N;
   constexpr bool M = !std::is_same_v<T, P>;
@@ -100,6 +100,18 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) gram
   }
 }
 
+template <typename T, int NDOTS>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(T), NDOTS>()) gram_row_kernel(const GramRowLaunch p) {
+  gram_row_body<T, NDOTS>(p);
+}
+
+// Master weights: 16-bit gradients P, float32 ring and masters.
+template <typename P, int NDOTS>
+__global__ void __launch_bounds__(kThreads, min_blocks<sizeof(float), NDOTS>()) gram_row_master_kernel(
+    const GramRowLaunch p) {
+  gram_row_body<float, NDOTS, P>(p);
+}
+
 template <typename T>
 cudaError_t gram_row_typed(const GramRowLaunch& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.table.nblocks));
@@ -119,11 +131,11 @@ template <typename P>
 cudaError_t gram_row_master(const GramRowLaunch& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.table.nblocks));
   switch (p.ndots) {
-    case 1: gram_row_kernel<float, 1, P><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: gram_row_kernel<float, 2, P><<<grid, kThreads, 0, stream>>>(p); break;
-    case 3: gram_row_kernel<float, 3, P><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: gram_row_kernel<float, 4, P><<<grid, kThreads, 0, stream>>>(p); break;
-    default: gram_row_kernel<float, 0, P><<<grid, kThreads, 0, stream>>>(p); break;
+    case 1: gram_row_master_kernel<P, 1><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: gram_row_master_kernel<P, 2><<<grid, kThreads, 0, stream>>>(p); break;
+    case 3: gram_row_master_kernel<P, 3><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: gram_row_master_kernel<P, 4><<<grid, kThreads, 0, stream>>>(p); break;
+    default: gram_row_master_kernel<P, 0><<<grid, kThreads, 0, stream>>>(p); break;
   }
   return cudaGetLastError();
 }

@@ -15,5 +15,8 @@ PATCH_SHA256_16 = "e830e9ae25c051a9"  # sha256 of tools/gpusim/gpgpu-sim.patch, 
 # Every op (combine k = 1..10 with and without the Gram row, gram_row, RNA
 # record / extrapolate) and path of the matrix passed for these dtypes.
 # (2026-12-07: 96 cases, all passed; fp64 on a smaller matrix: combine k = 1,
-# 2, 5, gram_row, record, extrapolate.)
+# 2, 5, gram_row, record, extrapolate. Then with master weights, branch
+# master-kernels: 113 cases, all passed, the 17 new ones bf16/fp16 parameters
+# with float32 masters and rings, to nearest and stochastic, combine k = 1, 2,
+# 3, 4, 6, 9 and read-only gram_row.)
 NATIVE_CUDA_VERIFIED: frozenset[str] = frozenset({"float32", "bfloat16", "float16", "float64"})

@@ -145,20 +145,6 @@ def _tables(cache: dict, op: str, device: torch.device):
     return tables
 
 
-_warned_master = False
-
-
-def _master_on_cuda() -> None:
-    """The CUDA kernels do not take master weights yet (csrc/cuda): such calls run
-    on the torch backend, the same float32 math, one warning per process."""
-    global _warned_master
-    if not _warned_master:
-        _warned_master = True
-        warnings.warn("interpolatron native backend: master_weights=True on CUDA runs on the torch backend "
-                      "(the CUDA kernels do not take master weights yet; backend='triton' fuses them)",
-                      RuntimeWarning, stacklevel=3)
-
-
 class NativeBackend:
     """The seam on ``_C``, whose functions still take the op's arguments one by
     one: each method below is the one place that unpacks its argument object
@@ -169,10 +155,6 @@ class NativeBackend:
 
     def combine(self, args: CombineArgs, cache: dict) -> None:
         a = args
-        if a.master is not None and a.x_hist.device.type == "cuda":
-            _master_on_cuda()
-            _REFERENCE.combine(args, cache)
-            return
         # The kernels round 16-bit writes stochastically themselves (the seed mod 2^32,
         # as interpolatron.rounding takes it); wider dtypes ignore the seed.
         seed = None if a.sr_seed is None else int(a.sr_seed) & 0xFFFFFFFF
@@ -186,10 +168,6 @@ class NativeBackend:
 
     def gram_row(self, args: GramArgs, cache: dict) -> None:
         a = args
-        if a.master is not None and a.g_hist.device.type == "cuda":
-            _master_on_cuda()
-            _REFERENCE.gram_row(args, cache)
-            return
         done = _C.gram_row(a.params, a.grads, a.offsets, a.g_hist, a.count, float(a.weight_decay),
                            bool(a.maximize), a.out, _tables(cache, "gram_row", a.g_hist.device),
                            bool(a.store), grad_scale=a.grad_scale, found_inf=a.found_inf, master=a.master)

@@ -141,18 +141,20 @@ def _steps(m, opt, x, y, steps, step=None):
         (step or opt.step)()
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
-def test_compiled_step_equals_eager(algo):
+def test_compiled_step_equals_eager(algo, backend):
     """The masters are bucket state the kernels rewrite (no ``p.data`` swap):
     ``torch.compile(opt.step, fullgraph=True)`` runs them and equals eager
     bitwise (parameters, masters, rings). Failed before issue 17: the swap
     raised under compile."""
+    need_backend(backend, torch.bfloat16)
     x, y = make_data(torch.bfloat16)
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()
         m = make_model(torch.bfloat16)
-        opt = make_optimizer(algo, m.parameters(), "torch", master_weights=True)
+        opt = make_optimizer(algo, m.parameters(), backend, master_weights=True)
         step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
         # Anderson compiles from its second step (issue 17 item 3 is another change).
         eager_first = 1 if algo == "anderson" else 0
