@@ -108,6 +108,9 @@ def main() -> None:
                          "simulation time)")
     ap.add_argument("--name", required=True, help="result file name under bench/results/gpusim/")
     ap.add_argument("--note", default="")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="another simulator option (e.g. -ptx_opcode_initiation_dp=2,2,2,2,130: a data-centre"
+                         " GPU's float64 rate instead of the RTX 3070's 1/64)")
     ap.add_argument("--fmad", action="store_true",
                     help="build the kernels with nvcc's default contraction (--fmad=true): what the "
                          "project's rounding rule (--fmad=false) costs in this model")
@@ -126,6 +129,9 @@ def main() -> None:
     config = {"-gpgpu_perf_sim_memcpy": 0, "-gpgpu_kernel_launch_latency": 0}
     if args.bank_xor:
         config["-dram_bnk_indexing_policy"] = 1
+    for item in args.set:
+        option, _, value = item.partition("=")
+        config[option] = value
     if args.l2_sets != 64:
         config["-gpgpu_cache:dl2"] = f"S:{args.l2_sets}:128:16,L:B:m:L:P,A:192:4,32:0,32"
     out = ROOT / "bench" / "results" / "gpusim" / f"{args.name}.json"
