@@ -25,9 +25,11 @@ def make_data(dtype: torch.dtype = torch.float32):
 
 
 def make_optimizer(algo: str, params, backend: str, **kw):
-    """Interpolatron k = 2 or Anderson k = 3 of the registry, with weight decay."""
-    return make("interpolatron-k2" if algo == "interpolatron" else "anderson-k3", params, backend,
-                **{"weight_decay": 0.01, **kw})
+    """Interpolatron k = 2, Anderson k = 3 or one-pass Anderson k = 2 of the
+    registry, with weight decay."""
+    name = {"interpolatron": "interpolatron-k2", "anderson": "anderson-k3",
+            "anderson-onepass": "anderson-k2-onepass"}[algo]
+    return make(name, params, backend, **{"weight_decay": 0.01, **kw})
 
 
 def assert_skipped_step_writes_nothing(algo: str, backend: str, **kw) -> None:

@@ -28,7 +28,7 @@ from interpolatron.optim import Interpolatron
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
+@pytest.mark.parametrize("algo", ["interpolatron", "anderson", "anderson-onepass"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_master_equals_float32_run_on_the_same_gradients(backend, algo, dtype):
     need_backend(backend, dtype)
@@ -142,7 +142,7 @@ def _steps(m, opt, x, y, steps, step=None):
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
-@pytest.mark.parametrize("algo", ["interpolatron", "anderson"])
+@pytest.mark.parametrize("algo", ["interpolatron", "anderson", "anderson-onepass"])
 def test_compiled_step_equals_eager(algo, backend):
     """The masters are bucket state the kernels rewrite (no ``p.data`` swap):
     ``torch.compile(opt.step, fullgraph=True)`` runs them and equals eager
