@@ -493,6 +493,14 @@ class Anderson(BucketedOptimizer):
         skip = amp.skip(home)
         if not reductions:
             self._base.copy_(gram if skip is None else torch.where(skip, self._base, gram))
+        coefs = self._keep(st, gram, coefs, fell_back, amp, skip, home)
+        self._combine(work, coefs, amp, rows=False)
+
+    def _keep(self, st: dict, gram: Tensor, coefs: Tensor, fell_back: Tensor, amp: AmpStep,
+              skip: Tensor | None, home: torch.device) -> Tensor:
+        """Store this step's Gram and coefficients and count the step and its
+        fallback; GradScaler's skipped step keeps the optimizer-wide state.
+        Returns the coefficients the update pass applies."""
         if skip is not None:  # GradScaler's skipped step keeps the optimizer-wide state
             gram = torch.where(skip, st["anderson_gram"], gram)
             coefs = torch.where(skip, st["anderson_coefficients"], coefs)
@@ -501,7 +509,7 @@ class Anderson(BucketedOptimizer):
         taken = amp.taken(home)
         st["anderson_steps"].add_(1 if taken is None else taken)
         self._count_fallback(st, fell_back, taken)
-        self._combine(work, coefs, amp, rows=False)
+        return coefs
 
     def _combine(self, work: list[Work], coefs: Tensor, amp: AmpStep, rows: bool) -> None:
         """The update pass of every bucket; ``rows``: each bucket's partial Gram
@@ -539,14 +547,7 @@ class Anderson(BucketedOptimizer):
         else:
             gram = shift_in_row(self._base, reduce_gram([w.bucket.gram for w in work], home))
             self._base.copy_(gram if skip is None else torch.where(skip, self._base, gram))
-        if skip is not None:  # GradScaler's skipped step keeps the optimizer-wide state
-            gram = torch.where(skip, st["anderson_gram"], gram)
-            coefs = torch.where(skip, st["anderson_coefficients"], coefs)
-        st["anderson_gram"].copy_(gram)
-        st["anderson_coefficients"].copy_(coefs)
-        taken = amp.taken(home)
-        st["anderson_steps"].add_(1 if taken is None else taken)
-        self._count_fallback(st, fell_back, taken)
+        self._keep(st, gram, coefs, fell_back, amp, skip, home)
 
     def _ring_partial(self, ws, home: torch.device) -> Tensor:
         """This rank's ``k x k`` partial Gram rebuilt from the rings: the ages
