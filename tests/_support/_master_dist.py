@@ -77,17 +77,23 @@ def run_plain(name: str, steps: int, world: int) -> dict:
     return out
 
 
-def ddp(rank: int, world: int, name: str, steps: int) -> dict:
-    from torch.nn.parallel import DistributedDataParallel
-
-    model = DistributedDataParallel(make_model())
-    opt = _optimizer(name, model.parameters())
+def _train(model, opt, steps: int, rank: int) -> list:
+    """``steps`` steps on rank ``rank``'s data; the coefficients after each."""
     coefs = []
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         loss_of(model, step, rank).backward()
         opt.step()
         coefs.append(_coefs(opt))
+    return coefs
+
+
+def ddp(rank: int, world: int, name: str, steps: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(make_model())
+    opt = _optimizer(name, model.parameters())
+    coefs = _train(model, opt, steps, rank)
     return _result(list(model.module.parameters()), coefs)
 
 
@@ -97,12 +103,7 @@ def fsdp1(rank: int, world: int, name: str, steps: int) -> dict:
     model = FullyShardedDataParallel(make_model(), use_orig_params=False, device_id=torch.device("cpu"))
     kw = {"process_group": dist.group.WORLD} if name.startswith("anderson") else {}
     opt = _optimizer(name, model.parameters(), **kw)
-    coefs = []
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss_of(model, step, rank).backward()
-        opt.step()
-        coefs.append(_coefs(opt))
+    coefs = _train(model, opt, steps, rank)
     with FullyShardedDataParallel.summon_full_params(model):
         return _result(list(model.module.parameters()), coefs)
 
@@ -115,12 +116,7 @@ def fsdp2(rank: int, world: int, name: str, steps: int) -> dict:
     model = make_model()
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     opt = _optimizer(name, model.parameters())
-    coefs = []
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss_of(model, step, rank).backward()
-        opt.step()
-        coefs.append(_coefs(opt))
+    coefs = _train(model, opt, steps, rank)
     master = opt.state[model.weight]["master"]
     out = _result([p.full_tensor() for p in model.parameters()], coefs)
     out["master_type"] = type(master).__name__

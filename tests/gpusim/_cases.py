@@ -178,6 +178,18 @@ def _layout(numels: list[int], dtype: torch.dtype, odd_cols: tuple[int, ...],
     return cols, max(c, 1)
 
 
+def _scaler_bufs(bufs: list, scale_t, inf_t) -> int:
+    """GradScaler's inputs appended to ``bufs``; returns their flags."""
+    flags = 0
+    if scale_t is not None:
+        flags |= F_SCALE
+        bufs.append(Buf("grad_scale", scale_t))
+    if inf_t is not None:
+        flags |= F_FOUND_INF
+        bufs.append(Buf("found_inf", inf_t))
+    return flags
+
+
 def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, gen: torch.Generator,
                  weight_decay: float = 0.0, maximize: bool = False, gram: bool = False,
                  grad_scale: float | None = None, found_inf: float | None = None, sr_seed: int | None = None,
@@ -229,12 +241,7 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
                                ring_slots=k - 1, masters=masters)
         bufs.append(Buf("gram", torch.zeros(k, dtype=torch.float64), gram_t, dots=mag, n_terms=sum(numels),
                         undefined=skipped))
-    if scale_t is not None:
-        flags |= F_SCALE
-        bufs.append(Buf("grad_scale", scale_t))
-    if inf_t is not None:
-        flags |= F_FOUND_INF
-        bufs.append(Buf("found_inf", inf_t))
+    flags |= _scaler_bufs(bufs, scale_t, inf_t)
     if sr_seed is not None:
         flags |= F_STOCHASTIC
     return Case(name, "combine", ring_dtype, numels, cols, row, k, flags,
@@ -303,12 +310,7 @@ def gram_case(name: str, dtype: torch.dtype, slots: int, store: bool, numels: li
     if master:
         flags |= F_MASTER
         bufs.append(Buf("master", masters))
-    if scale_t is not None:
-        flags |= F_SCALE
-        bufs.append(Buf("grad_scale", scale_t))
-    if inf_t is not None:
-        flags |= F_FOUND_INF
-        bufs.append(Buf("found_inf", inf_t))
+    flags |= _scaler_bufs(bufs, scale_t, inf_t)
     return Case(name, "gram_row", ring_dtype, numels, cols, row, slots, flags,
                 m=DTYPE_CODE[dtype] if master else 0, weight_decay=weight_decay, bufs=bufs)
 
