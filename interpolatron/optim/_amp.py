@@ -99,13 +99,16 @@ class StaleWarmStart:
     """A parameter's g ring, warm-started in a step that may have been skipped
     (the gradient it copied may be inf). Until a step is taken, each step
     refills the ring from the current gradient, on the device; the host drops
-    the entry once a non-blocking copy of the flag says it is clear."""
+    the entry once a non-blocking copy of the flag says it is clear. ``late``:
+    the optimizer was past its first step when the parameter joined (its first
+    taken step is then an SGD step of its own, see ``BucketPlan.first_steps``)."""
 
-    __slots__ = ("param", "stale", "host", "event")
+    __slots__ = ("param", "stale", "late", "host", "event")
 
-    def __init__(self, param: Tensor, stale: Tensor):
+    def __init__(self, param: Tensor, stale: Tensor, late: bool = False):
         self.param = param
         self.stale = stale.clone()
+        self.late = late
         self.host: Tensor | None = None
         self.event = None
         self._mirror()
@@ -121,10 +124,10 @@ class StaleWarmStart:
 
     def __getstate__(self) -> dict:
         # deepcopy / pickle: the flag itself; the host mirror (and its CUDA event) is remade.
-        return {"param": self.param, "stale": self.stale}
+        return {"param": self.param, "stale": self.stale, "late": self.late}
 
     def __setstate__(self, state: dict) -> None:
-        self.param, self.stale = state["param"], state["stale"]
+        self.param, self.stale, self.late = state["param"], state["stale"], state.get("late", False)
         self.host, self.event = None, None
         self._mirror()
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import ops
 from ..backends import BACKEND_NAMES, canonical_name, resolve
 from ..sharding import ReductionKeys, check_grad_layout, is_dtensor, reduction_key
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
@@ -276,6 +277,38 @@ class BucketedOptimizer(Optimizer):
         lr = lr.detach().reshape(())
         return lr if lr.device == w.bucket.device else lr.to(w.bucket.device)
 
+    def _combine(self, w: Work, coefs: Tensor, amp: AmpStep, gram: Tensor | None) -> None:
+        """``w``'s update pass (``ops.combine``) with ``coefs``; ``gram``: the
+        partial Gram row of the new gradient lands there (or None).
+
+        A member whose first step this is while its bucket is past its own (it
+        joined late, :attr:`BucketPlan.first_steps`) has k copies of ``x0, g0``
+        in its rings; its step is the SGD step ``x0 - lr * g0`` rounded once, as
+        at the optimizer's first step: its own pass with the coefficients
+        ``e_1``, not ``coefs`` over the copies (which round differently). The
+        passes' rows add up (summed in another order than one pass: a float64
+        rounding, in that step only)."""
+        b, group = w.bucket, w.group
+        lr = self._lr(w)
+        extra = dict(**amp.kernel_args(b.device), sr_seed=self._sr_seed(group), master=b.master)
+        args = (group["weight_decay"], group["maximize"])
+        parts = self._plan.parts(w)
+        if len(parts) == 1 and parts[0][1] is False:
+            ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, lr, b.count, *args, gram,
+                        b.backend.name, b.cache, **extra)
+            return
+        grads = w.grads
+        unit = torch.zeros_like(coefs)
+        unit[0] = 1
+        row = None if gram is None else torch.zeros_like(gram)
+        for n, (idx, first) in enumerate(parts):
+            mine = coefs if first is False else unit if first is None else torch.where(first, unit, coefs)
+            out = None if gram is None else gram if n == 0 else row
+            ops.combine([w.params[i] for i in idx], [grads[i] for i in idx], [w.offsets[i] for i in idx],
+                        b.x_hist, b.g_hist, mine, lr, b.count, *args, out, b.backend.name, b.cache, **extra)
+            if n and gram is not None:
+                gram.add_(row)
+
     def _group_index(self) -> dict[int, tuple[int, int]]:
         return {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
 
@@ -301,6 +334,8 @@ class BucketedOptimizer(Optimizer):
             work = self._plan.rotate_idle(amp)
             self._step_buckets(work, amp)
             self._advance(work, amp)
+            if self._plan.first_steps:
+                self._plan.first_steps = {}
         finally:
             self._end_step()
         return loss

@@ -219,6 +219,14 @@ class BucketPlan:
         # This step's members or their rings changed since the last step: what
         # was derived from the rings (Anderson's kept Gram) must be recomputed.
         self.membership_changed = False
+        # The members whose first step this is while their bucket is past its
+        # own (they first have a gradient now, or first since the steps GradScaler
+        # skipped): by id, None (this step is their first if it is taken) or a
+        # device bool (a warm start in a step that may have been skipped: their
+        # first while it is set). See :meth:`parts`. Emptied when the step ends
+        # (a traced write under torch.compile: the graph that split a pass for
+        # them guards on it, so the next step does not run that graph again).
+        self.first_steps: dict[int, Tensor | None] = {}
 
     def ready(self, groups: list[dict]) -> bool:
         """Whether the last host setup still holds: the same parameters have
@@ -253,12 +261,16 @@ class BucketPlan:
                         "have a gradient at every step (this one has none for some); step this "
                         "optimizer eagerly for such steps")
         self.membership_changed = False
+        self.first_steps = {}
         plan_key = []
+        late = None  # whether the optimizer is past its first step (a history exists)
         for key, active in wanted.items():
             group = groups[key[0]]
             bucket = self.buckets.get(key)
             if bucket is None or any(id(p) not in bucket.offset_of for p in active):
-                bucket = self._rebuild(key, groups, state, rules, active, bucket, amp, stale)
+                if late is None:
+                    late = bool(self.buckets) or any("x_hist" in st for st in state.values())
+                bucket = self._rebuild(key, groups, state, rules, active, bucket, amp, stale, late)
             if len(active) != len(bucket.members):
                 self.membership_changed = True
             plan_key.append((id(bucket), tuple(id(p) for p in active)))
@@ -273,6 +285,20 @@ class BucketPlan:
             self.work, self.key = work, plan_key
         self.has_grad = [[p.grad is not None for p in g["params"]] for g in groups]
 
+    def parts(self, w: Work) -> list[tuple[list[int], Tensor | None | bool]]:
+        """``w``'s members split for its update passes: ``(indices into w.keys,
+        first)`` with ``first`` False for the members past their first step, None
+        for those whose first step this is, a device bool for those whose first
+        step it is while that flag is set (:attr:`first_steps`). One part, all
+        members, when none is at its first step."""
+        if not self.first_steps or not any(id(p) in self.first_steps for p in w.keys):
+            return [(list(range(len(w.keys))), False)]
+        by_flag: dict[int, tuple[list[int], Tensor | None | bool]] = {}
+        for i, p in enumerate(w.keys):
+            first = self.first_steps.get(id(p), False)
+            by_flag.setdefault(id(first), ([], first))[0].append(i)
+        return list(by_flag.values())
+
     def rotate_idle(self, amp: AmpStep = NO_AMP) -> list[Work]:
         """This step's work; the rings of members without a gradient move one
         slot on (device work, so it is traced; a skipped step rotates nothing)."""
@@ -283,7 +309,7 @@ class BucketPlan:
 
     def _rebuild(self, key: BucketKey, groups: list[dict], state: dict, rules: PlanRules,
                  active: list[Tensor], old: Bucket | None, amp: AmpStep,
-                 stale: list[StaleWarmStart]) -> Bucket:
+                 stale: list[StaleWarmStart], late: bool) -> Bucket:
         group = groups[key[0]]
         order = {id(p): (gi, pi) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])}
         present = {id(p): p for p in (old.members if old else [])}
@@ -327,8 +353,10 @@ class BucketPlan:
                 gv.copy_(local_history(st["g_hist"], p))
             else:  # warm start: every missing slot holds x^(0), g^(0)
                 warm_start(p, group, xv, gv, amp, mv)
+                if late:
+                    self.first_steps[id(p)] = None
                 if amp.may_skip and gv.shape[0]:
-                    stale.append(StaleWarmStart(p, amp.skip(device)))
+                    stale.append(StaleWarmStart(p, amp.skip(device), late))
             st["step"], st["x_hist"], st["g_hist"] = count, as_history(xv, p), as_history(gv, p)
         self.buckets[key] = bucket
         return bucket
@@ -351,6 +379,8 @@ class BucketPlan:
             if p.grad is None or "g_hist" not in st or st["g_hist"].shape[0] == 0:
                 continue
             gv = st["g_hist"]
+            if entry.late:  # still its first step while every step since its warm start was skipped
+                self.first_steps.setdefault(id(p), entry.stale.clone())
             fresh = torch.empty_like(gv[0])
             effective_grad_into(fresh, p, where[id(p)], amp, local(st["master"]) if "master" in st else None)
             gv.copy_(torch.where(entry.stale, fresh.unsqueeze(0).expand_as(gv), gv))

@@ -494,7 +494,7 @@ class Anderson(BucketedOptimizer):
         if not reductions:
             self._base.copy_(gram if skip is None else torch.where(skip, self._base, gram))
         coefs = self._keep(st, gram, coefs, fell_back, amp, skip, home)
-        self._combine(work, coefs, amp, rows=False)
+        self._update(work, coefs, amp, rows=False)
 
     def _keep(self, st: dict, gram: Tensor, coefs: Tensor, fell_back: Tensor, amp: AmpStep,
               skip: Tensor | None, home: torch.device) -> Tensor:
@@ -511,15 +511,13 @@ class Anderson(BucketedOptimizer):
         self._count_fallback(st, fell_back, taken)
         return coefs
 
-    def _combine(self, work: list[Work], coefs: Tensor, amp: AmpStep, rows: bool) -> None:
+    def _update(self, work: list[Work], coefs: Tensor, amp: AmpStep, rows: bool) -> None:
         """The update pass of every bucket; ``rows``: each bucket's partial Gram
         row of the new gradient lands in ``bucket.gram`` (computed in the pass)."""
         for w in work:
-            b, group = w.bucket, w.group
+            b = w.bucket
             mine = coefs if coefs.device == b.device else coefs.to(b.device)  # a peer copy, no state write
-            ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, mine, self._lr(w), b.count,
-                        group["weight_decay"], group["maximize"], b.gram if rows else None, b.backend.name,
-                        b.cache, **amp.kernel_args(b.device), sr_seed=self._sr_seed(group), master=b.master)
+            self._combine(w, mine, amp, b.gram if rows else None)
 
     def _update_one_pass(self, work: list[Work], reductions: list[tuple], amp: AmpStep, st: dict,
                          home: torch.device) -> None:
@@ -540,7 +538,7 @@ class Anderson(BucketedOptimizer):
         # Sharded: each rank's partial Gram was rebuilt from its rings in the
         # host setup where its set of parameters changed, before this pass
         # overwrites their oldest slot.
-        self._combine(work, coefs, amp, rows=True)
+        self._update(work, coefs, amp, rows=True)
         skip = amp.skip(home)
         if reductions:
             gram = self._sharded_gram(work, reductions, home, skip)

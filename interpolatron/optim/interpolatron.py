@@ -8,7 +8,6 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .. import ops
 from ..gram import reduce_gram
 from ..sharding import collective_device
 from ._amp import AmpStep
@@ -153,10 +152,7 @@ class Interpolatron(BucketedOptimizer):
                 # also when GradScaler skipped the first step), not the alphas
                 # over k identical copies of x0 and g0, which round differently.
                 coefs = torch.where(b.count == 0, b.first_coefs, coefs)
-            gram = b.gram if self._diagnostics_on else None
-            ops.combine(w.params, w.grads, w.offsets, b.x_hist, b.g_hist, coefs, self._lr(w), b.count,
-                        group["weight_decay"], group["maximize"], gram, b.backend.name, b.cache,
-                        **amp.kernel_args(b.device), sr_seed=self._sr_seed(group), master=b.master)
+            self._combine(w, coefs, amp, b.gram if self._diagnostics_on else None)
         if self._diagnostics_on:
             reductions = self._reductions()
             if work or reductions:

@@ -209,3 +209,154 @@ def test_set_optimizer_state_dict_on_a_fresh_optimizer_leaves_the_model_unchange
     model.zero_grad(set_to_none=True)
     set_optimizer_state_dict(model, fresh, osd)
     assert _same_bits(list(model.parameters()), before)
+
+
+# -- a parameter's first step when the optimizer is past its own --------------------------------
+#
+# A parameter that first has a gradient after the optimizer's first step (a
+# layer unfrozen later, a group added later) is warm-started like every other:
+# its rings hold k copies of x0 and g0. Its step is still the SGD step, rounded
+# once. Before: the bucket's coefficients over those copies, up to 4.8e-7 off.
+
+JOIN_NAMES = ["interpolatron-k2", "interpolatron-k3", "anderson-k2", "anderson-k3", "anderson-k2-onepass"]
+
+
+def _join_modes(dtype):
+    sixteen = [{"stochastic_rounding": True, "sr_seed": 5}, {"master_weights": True}]
+    return [{}, {"weight_decay": 0.1}] + (sixteen if dtype in SIXTEEN else [])
+
+
+def _join_cases() -> list:
+    out = []
+    for b in [p.values[0] for p in backend_params()]:
+        for dt in DTYPES:
+            why = unavailable(b, dt)
+            marks = [pytest.mark.skip(reason=f"backend {b!r}: {why}")] if why else []
+            for m in _join_modes(dt):
+                out.append(pytest.param(b, dt, m, id=f"{b}-{str(dt)[6:]}-{_mode_id(m)}", marks=marks))
+    return out
+
+
+def _settled_data(dtype, steps):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(29, generator=gen, dtype=torch.float64).to(dtype)
+    return x, [torch.randn(29, generator=gen, dtype=torch.float64).to(dtype) for _ in range(steps)]
+
+
+def _join_run(name, dtype, backend, lr, mode, *, zero_grads=False, before=3, new_group=False):
+    """``before`` steps on a settled parameter alone, then one with the joiners
+    too (in its group, or in a group added now); the joiners after that step."""
+    xs, gs = _data(dtype, zero_grads)
+    x, settled_grads = _settled_data(dtype, before + 1)
+    settled = x.clone().requires_grad_()
+    joiners = [t.clone().requires_grad_() for t in xs]
+    opt = make(name, [settled] if new_group else [settled] + joiners, backend, lr=lr, **mode)
+    for t in range(before):
+        settled.grad = settled_grads[t].clone()
+        opt.step()
+    if new_group:
+        opt.add_param_group({"params": joiners})
+    settled.grad = settled_grads[before].clone()
+    for p, g in zip(joiners, gs):
+        p.grad = g.clone()
+    opt.step()
+    masters = [opt.state[p]["master"] for p in joiners] if mode.get("master_weights") else []
+    return [p.detach() for p in joiners], masters
+
+
+@pytest.mark.parametrize("backend,dtype,mode", _join_cases())
+@pytest.mark.parametrize("name", JOIN_NAMES)
+def test_a_parameter_that_joins_late_takes_the_k1_step_bitwise(name, backend, dtype, mode):
+    """Against k = 1 joining at the same step (the same count and columns: the
+    same stochastic-rounding draws)."""
+    want, want_master = _join_run(SGD, dtype, backend, 0.1, mode)
+    got, got_master = _join_run(name, dtype, backend, 0.1, mode)
+    assert _same_bits(got, want), max((a.double() - b.double()).abs().max().item() for a, b in zip(got, want))
+    assert _same_bits(got_master, want_master)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", JOIN_NAMES)
+def test_a_parameter_that_joins_late_at_lr_0_on_zero_gradients_stays(name, backend):
+    xs, _ = _data(torch.float32)
+    got, _ = _join_run(name, torch.float32, backend, 0.0, {}, zero_grads=True)
+    assert _same_bits(got, xs)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", JOIN_NAMES)
+def test_a_group_added_late_takes_the_k1_step_bitwise(name, backend):
+    """A new group is a new bucket: its count is 0 but Anderson's coefficients
+    are the whole model's, fitted on the settled parameters."""
+    want, _ = _first_step(SGD, torch.float32, backend, 0.1)
+    got, _ = _join_run(name, torch.float32, backend, 0.1, {}, new_group=True)
+    assert _same_bits(got, want)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", JOIN_NAMES)
+def test_a_parameter_that_joins_in_a_skipped_step_takes_the_k1_step_at_the_next(name, backend):
+    """GradScaler skips the step in which the joiners first have a gradient
+    (found_inf), and the one after: the next taken step is their first, the
+    k = 1 step from x0 with that step's gradient; the steps after it are the
+    bucket's (the joiners then move like the settled parameter's run does)."""
+    xs, gs = _data(torch.float32)
+    x, settled_grads = _settled_data(torch.float32, 8)
+    scale = torch.tensor([4.0])
+
+    def run(config):
+        settled = x.clone().requires_grad_()
+        joiners = [t.clone().requires_grad_() for t in xs]
+        opt = make(config, [settled] + joiners, backend, lr=0.1)
+        for t in range(6):
+            found = 1.0 if t in (2, 3) else 0.0
+            settled.grad = settled_grads[t] * 4.0
+            if t >= 2:
+                for p, g in zip(joiners, gs):
+                    p.grad = torch.full_like(g, float("inf")) if found else g * (4.0 + t)
+            opt.step(grad_scale=scale, found_inf=torch.tensor([found]))
+            if t == 4:
+                first = [p.detach().clone() for p in joiners]
+        return first
+
+    sgd_joiners = [t.clone().requires_grad_() for t in xs]
+    sgd = make(SGD, sgd_joiners, backend, lr=0.1)
+    for p, g in zip(sgd_joiners, gs):
+        p.grad = g * 8.0
+    sgd.step(grad_scale=scale, found_inf=torch.tensor([0.0]))
+    assert _same_bits(run(name), [p.detach() for p in sgd_joiners])
+
+
+@pytest.mark.parametrize("name", ["interpolatron-k2", "anderson-k2", "anderson-k2-onepass"])
+def test_a_parameter_that_joins_late_compiled_equals_eager(name):
+    """torch.compile(opt.step): the joiners' first step is the k = 1 step, and
+    the steps after it are the bucket's (a compiled graph with the joiners'
+    SGD pass is not reused once they are past it)."""
+    xs, gs = _data(torch.float32)
+    x, settled_grads = _settled_data(torch.float32, 8)
+
+    def run(compiled):
+        torch._dynamo.reset()
+        settled = x.clone().requires_grad_()
+        joiners = [t.clone().requires_grad_() for t in xs]
+        opt = make(name, [settled] + joiners, "torch", lr=torch.tensor(0.1))
+        step = torch.compile(opt.step) if compiled else opt.step
+        out = []
+        for t in range(7):
+            settled.grad = settled_grads[t].clone()
+            if t >= 2:
+                for p, g in zip(joiners, gs):
+                    p.grad = g * (1.0 + t)
+            step()
+            out.append([p.detach().clone() for p in [settled] + joiners])
+        return out
+
+    eager, compiled = run(False), run(True)
+    for a, b in zip(eager, compiled):
+        assert _same_bits(a, b)
+    sgd_joiners = [t.clone().requires_grad_() for t in xs]
+    sgd = make(SGD, sgd_joiners, "torch", lr=torch.tensor(0.1))
+    for p, g in zip(sgd_joiners, gs):
+        p.grad = g * 3.0
+    sgd.step()
+    assert _same_bits(eager[2][1:], [p.detach() for p in sgd_joiners])
