@@ -20,6 +20,7 @@ Checked against independent computations:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -179,28 +180,37 @@ def _distance(a, b) -> float:
     return float(sum(((u.detach().float() - v.detach().float()) ** 2).sum() for u, v in zip(a, b)).sqrt())
 
 
+def _train_small_lr(dtype, backend, steps, **kw) -> list[torch.Tensor]:
+    m = make_model(dtype)
+    opt = Interpolatron(m.parameters(), lr=1e-3, alphas=(0.1, 0.9), backend=backend, **kw)
+    _run(m, opt, *make_data(dtype), steps)
+    return [p.detach() for p in m.parameters()]
+
+
+@functools.cache
+def _small_lr_baselines(steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The float32 run and the plain (nearest-rounding) bf16 run, on the oracle
+    backend: what each backend's stochastic run is measured against (computed
+    once: a backend's own plain runs would only repeat them, slowly in Triton's
+    interpreter)."""
+    return _train_small_lr(torch.float32, "torch", steps), _train_small_lr(torch.bfloat16, "torch", steps)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_stochastic_rounding_tracks_float32_at_small_lr(backend):
     """lr 1e-3, 200 steps: plain bf16 loses most updates to rounding (its gap to
     the float32 run is about the distance the float32 run moved); stochastic
     rounding keeps them on average. Measured on the torch backend: moved 0.34,
-    plain gap 0.31, stochastic 0.088 (0.28 of plain), master weights 0.027."""
+    plain gap 0.31, stochastic 0.088 (0.28 of plain), master weights 0.027.
+    Triton (its CPU interpreter is slow) runs 100 steps: moved 0.18, plain gap
+    0.17, stochastic 0.068 (0.41 of plain; at 60 steps 0.53, too few)."""
     _backend(backend, torch.bfloat16)
-    x32, y32 = make_data(torch.float32)
-    xb, yb = make_data(torch.bfloat16)
-
-    def train(dtype, **kw):
-        m = make_model(dtype)
-        opt = Interpolatron(m.parameters(), lr=1e-3, alphas=(0.1, 0.9), backend=backend, **kw)
-        _run(m, opt, *((x32, y32) if dtype == torch.float32 else (xb, yb)), 200)
-        return list(m.parameters())
-
+    steps = 100 if backend == "triton" else 200
     start = list(make_model(torch.float32).parameters())
-    fp32 = train(torch.float32)
-    plain = train(torch.bfloat16)
-    sr = train(torch.bfloat16, stochastic_rounding=True)
+    fp32, plain = _small_lr_baselines(steps)
+    sr = _train_small_lr(torch.bfloat16, backend, steps, stochastic_rounding=True)
     moved, gap_plain, gap_sr = _distance(fp32, start), _distance(plain, fp32), _distance(sr, fp32)
-    assert moved > 0.2
+    assert moved > 0.15
     assert gap_sr < 0.5 * gap_plain, (moved, gap_plain, gap_sr)
 
 
