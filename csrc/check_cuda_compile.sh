@@ -14,6 +14,10 @@
 # INTERPOLATRON_WITH_CUDA) with -fsyntax-only, which catches glue errors on
 # machines whose torch has no CUDA (set INTERPOLATRON_CHECK_GLUE=0 to skip).
 #
+# INTERPOLATRON_CHECK_KEEP=DIR keeps each kernel object (NAME.cu.o, SASS for
+# the architecture inside) and its ptxas log (NAME.cu.log) in DIR, for the
+# SASS tests to read without compiling again.
+#
 # Exit status: 0 ok, 1 a check failed, 2 nvcc not found.
 set -uo pipefail
 
@@ -47,6 +51,9 @@ for cu in "$here"/cuda/*.cu; do
     echo "FAIL: $name does not compile for $arch" >&2
     status=1
     continue
+  fi
+  if [ -n "${INTERPOLATRON_CHECK_KEEP:-}" ]; then
+    cp "$tmp/$name.o" "$INTERPOLATRON_CHECK_KEEP/$name.o" && cp "$log" "$INTERPOLATRON_CHECK_KEEP/$name.log"
   fi
   # ptxas prints, per entry: "Compiling entry function 'NAME' for 'sm_90'",
   # "N bytes stack frame, S bytes spill stores, L bytes spill loads" and

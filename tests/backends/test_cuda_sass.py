@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from _nvcc_check import check_cuda_compile
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -84,25 +85,19 @@ def narrow_generic(c: Counter) -> int:
 
 
 @pytest.fixture(scope="module")
-def cuda_sass(tmp_path_factory) -> tuple[dict[str, Counter], str]:
+def cuda_sass() -> tuple[dict[str, Counter], str]:
+    """SASS of the kernel objects csrc/check_cuda_compile.sh compiled (sm_90,
+    --fmad=false and -O3 as setup.py builds them), with their ptxas logs."""
     if NVCC is None or CUOBJDUMP is None:
         pytest.skip("nvcc or cuobjdump missing")
-    tmp = tmp_path_factory.mktemp("sass")
-    procs = []
-    for name in ("combine.cu", "gram_row.cu", "rna.cu"):
-        cubin = tmp / (name + ".cubin")
-        # --fmad=false: as setup.py builds them (the rounding rule)
-        cmd = [NVCC, "-cubin", f"-arch={ARCH}", "-O3", "-std=c++17", "--fmad=false", "-Xptxas", "-v",
-               f"-I{CSRC}", str(CSRC / "cuda" / name), "-o", str(cubin)]
-        procs.append((cubin, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              text=True)))
+    kept = check_cuda_compile().kept
     funcs: dict[str, Counter] = {}
     log = ""
-    for cubin, proc in procs:
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, out
-        log += out
-        funcs.update(sass_by_function(cubin))
+    for name in ("combine.cu", "gram_row.cu", "rna.cu"):
+        obj, ptxas = kept / (name + ".o"), kept / (name + ".log")
+        assert obj.exists(), f"{name} did not compile: see test_cuda_compile.py's report"
+        log += ptxas.read_text()
+        funcs.update(sass_by_function(obj))
     return funcs, log
 
 
