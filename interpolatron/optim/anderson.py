@@ -317,7 +317,8 @@ class Anderson(BucketedOptimizer):
         self._active_sig = None
         self._streak = None
         self._local_grams = {}
-        self._carried = extra or None
+        # Only a sharded optimizer keeps partials: elsewhere they are dropped now.
+        self._carried = (extra or None) if self._reductions() else None
         self._base = None
 
     def _layouts(self) -> dict[tuple, tuple]:

@@ -137,6 +137,30 @@ def resume(rank, world, route_name, backend, dtype, steps, save_at, one_pass=Fal
     return out
 
 
+def pickled(rank, world, backend, dtype, steps, save_at, one_pass=False):
+    """The uninterrupted run, and a ``pickle`` copy of the optimizer (and its
+    parameters) taken at ``save_at`` continuing in its place: pickle cannot
+    carry the process groups the partial Grams are keyed by, so the copy
+    carries them by layout, as a checkpoint does."""
+    import pickle
+
+    route = _Route("dtensor", world, rank)
+    x0, grads = _data(dtype, steps)
+    out = {}
+    for mode in ("straight", "pickled"):
+        params = route.params(x0)
+        opt, coefs = route.make(params, backend, one_pass, False), []
+        if mode == "straight":
+            _train(route, params, opt, grads, 0, steps, coefs, {})
+        else:
+            _train(route, params, opt, grads, 0, save_at, coefs, {})
+            opt = pickle.loads(pickle.dumps(opt))
+            params = [p for g in opt.param_groups for p in g["params"]]
+            _train(route, params, opt, grads, save_at, steps, coefs, {})
+        out[mode] = _outcome(route, params, opt, coefs)
+    return out
+
+
 def ignored_elsewhere(rank, world, backend, dtype, steps, save_at):
     """A checkpoint's partial Grams are used only on the layout that wrote
     them: loaded on another (parameter 0 replicated instead of sharded; the

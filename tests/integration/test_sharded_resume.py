@@ -56,6 +56,8 @@ def _cases():
     cases += [(_name("dtensor", "torch", torch.float32, False, False), R.resume,
                ("dtensor", "torch", torch.float32, STEPS, SAVE_AT)),
               ("ignored", R.ignored_elsewhere, ("torch", torch.bfloat16, STEPS, SAVE_AT))]
+    cases += [(f"pickled-{'one' if one_pass else 'exact'}", R.pickled,
+               ("torch", torch.bfloat16, STEPS, SAVE_AT, one_pass)) for one_pass in (False, True)]
     return cases
 
 
@@ -153,4 +155,14 @@ def test_partials_are_ignored_on_another_layout(world2):
     for res in _case(world2, "ignored"):
         assert res["carried"]
         d = _diff(res["with"], res["without"])
+        assert all(v == 0.0 for v in d.values()), d
+
+
+@pytest.mark.parametrize("one_pass", [False, True], ids=["exact", "one"])
+def test_pickled_copy_continues_bitwise(world2, one_pass):
+    """A ``pickle`` copy of sharded Anderson (bfloat16 rings) continues the
+    original bitwise: its partial Grams travel by layout, as in a checkpoint
+    (before: rebuilt from the rings, bitwise for float32 rings only)."""
+    for res in _case(world2, f"pickled-{'one' if one_pass else 'exact'}"):
+        d = _diff(res["straight"], res["pickled"])
         assert all(v == 0.0 for v in d.values()), d
