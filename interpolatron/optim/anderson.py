@@ -142,6 +142,9 @@ class Anderson(BucketedOptimizer):
     one all-reduce per step (float64, ``k x k``) sums it into the whole model's,
     so every rank solves for the same coefficients, equal to the
     single-process ones to float64 rounding whatever the layout.
+    ``state_dict()`` also writes each rank's partial Grams, by layout (the
+    top-level ``"anderson_partials"``, :mod:`interpolatron.optim._partials`):
+    a resume on the same layout is bitwise, 16-bit rings included.
     """
 
     _algorithm = "Anderson"
@@ -602,7 +605,8 @@ class Anderson(BucketedOptimizer):
         formed: no weight decay, sign or scale again), the buckets summed in
         the order of the step's row. (Exact for float32 and float64 rings; a
         16-bit ring holds the rounded gradient, the running sums the float32
-        one.) No host read: the slots are chosen on the device from ``count``."""
+        one: a checkpoint carries those partials, see _partials.py.) No host
+        read: the slots are chosen on the device from ``count``."""
         k = self.history
         kept = torch.zeros(k, k, dtype=torch.float64, device=home)
         slots = k - 1
@@ -637,8 +641,9 @@ class Anderson(BucketedOptimizer):
         """Host setup of a sharded step (eager, also under torch.compile): the
         kept partial Gram of each reduction key is rebuilt from the rings when
         the set of parameters with gradients changed or none is kept (the first
-        step, after a load); keys without work are dropped. The traced part
-        (:meth:`_sharded_gram`) then only reads and updates it in place."""
+        step, after a load: there a partial carried by the checkpoint for this
+        layout and set is taken instead); keys without work are dropped. The
+        traced part (:meth:`_sharded_gram`) then only reads and updates it in place."""
         by_key: dict[tuple, list] = defaultdict(list)
         for w in work:
             by_key[w.bucket.reduction].append(w)

@@ -137,6 +137,51 @@ def resume(rank, world, route_name, backend, dtype, steps, save_at, one_pass=Fal
     return out
 
 
+def fsdp1(rank, world, dtype, steps, save_at):
+    """FSDP1 flat parameters (16-bit, no process_group: the optimizer finds
+    FSDP1's group), uninterrupted and resumed at ``save_at`` from each rank's
+    ``state_dict()`` into a new model and optimizer: the local flat shards
+    and the coefficients."""
+    import _dist_cases as C
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def model_():
+        return FullyShardedDataParallel(C.make_model().to(dtype), use_orig_params=False,
+                                        device_id=torch.device("cpu"))
+
+    def make(model):
+        return interpolatron.Anderson(model.parameters(), lr=0.05, history=3, weight_decay=0.01,
+                                      backend="torch")
+
+    def train(model, opt, first, last, coefs):
+        for step in range(first, last):
+            opt.zero_grad(set_to_none=True)
+            x, y = C.batch(step)
+            ((model(x.to(dtype)) - y.to(dtype)) ** 2).mean().backward()
+            opt.step()
+            coefs.append(opt.coefficients.detach().clone())
+
+    out = {}
+    for mode in ("straight", "resumed"):
+        model = model_()
+        opt, coefs = make(model), []
+        if mode == "straight":
+            train(model, opt, 0, steps, coefs)
+        else:
+            train(model, opt, 0, save_at, coefs)
+            sd = copy.deepcopy(opt.state_dict())
+            out["carried"] = "anderson_partials" in sd
+            fresh = model_()
+            with torch.no_grad():
+                for a, b in zip(fresh.parameters(), model.parameters()):
+                    a.copy_(b)
+            model, opt = fresh, make(fresh)
+            opt.load_state_dict(sd)
+            train(model, opt, save_at, steps, coefs)
+        out[mode] = {"coefs": torch.stack(coefs), "params": [p.detach().clone() for p in model.parameters()]}
+    return out
+
+
 def pickled(rank, world, backend, dtype, steps, save_at, one_pass=False):
     """The uninterrupted run, and a ``pickle`` copy of the optimizer (and its
     parameters) taken at ``save_at`` continuing in its place: pickle cannot

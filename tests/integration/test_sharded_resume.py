@@ -56,6 +56,8 @@ def _cases():
     cases += [(_name("dtensor", "torch", torch.float32, False, False), R.resume,
                ("dtensor", "torch", torch.float32, STEPS, SAVE_AT)),
               ("ignored", R.ignored_elsewhere, ("torch", torch.bfloat16, STEPS, SAVE_AT))]
+    cases += [(f"fsdp1-{str(dtype).removeprefix('torch.')}", R.fsdp1, (dtype, STEPS, SAVE_AT))
+              for dtype in SIXTEEN]
     cases += [(f"pickled-{'one' if one_pass else 'exact'}", R.pickled,
                ("torch", torch.bfloat16, STEPS, SAVE_AT, one_pass)) for one_pass in (False, True)]
     return cases
@@ -130,6 +132,18 @@ def test_process_group_partition_resume_is_bitwise(world2, dtype, one_pass):
     (ZeRO's and FSDP1's route): bitwise on the same layout."""
     for res in _case(world2, _name("partition", "torch", dtype, one_pass, False)):
         _check_bitwise(res, f"partition {dtype} one_pass={one_pass}")
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN, ids=["bfloat16", "float16"])
+def test_fsdp1_flat_shards_resume_is_bitwise(world2, dtype):
+    """FSDP1's 16-bit flat parameters (the group found, no process_group=),
+    resumed from each rank's ``state_dict()``: bitwise."""
+    for res in _case(world2, f"fsdp1-{str(dtype).removeprefix('torch.')}"):
+        assert res["carried"]
+        straight, resumed = res["straight"], res["resumed"]
+        assert torch.equal(straight["coefs"], resumed["coefs"]), \
+            (straight["coefs"] - resumed["coefs"]).abs().max().item()
+        assert all(torch.equal(a, b) for a, b in zip(straight["params"], resumed["params"]))
 
 
 @pytest.mark.parametrize("one_pass", [False, True], ids=["exact", "one"])
