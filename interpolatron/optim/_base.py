@@ -461,16 +461,23 @@ class BucketedOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         groups, state = plan_load(self._checkpoint_spec(), state_dict)
+        extra = self._plan_extra_entries(state_dict, groups, state)
         # Nothing above wrote to the optimizer; now swap the new state in.
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
         self._forget_buckets()  # rebuilt at the next step from the per-parameter state
         self._stale_warm = []
         self._lr_checked = {gi: g["lr"] for gi, g in enumerate(groups) if isinstance(g["lr"], Tensor)}
-        self._after_load()
+        self._after_load(extra)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _after_load(self) -> None:
+    def _plan_extra_entries(self, state_dict: Any, groups: list[dict], state: dict) -> Any:
+        """Validate and copy the state_dict's top-level entries besides ``state``
+        and ``param_groups`` that this optimizer reads (raises CheckpointError;
+        the planned value goes to :meth:`_after_load`)."""
+        return None
+
+    def _after_load(self, extra: Any = None) -> None:
         pass
 
     def _forget_buckets(self) -> None:

@@ -21,6 +21,7 @@ from ._base import BucketedOptimizer
 from ._buckets import Work
 from ._checkpoint import CheckpointError, load_count, load_tensor
 from ._checks import LATER_GROUP_KEYS, check_real
+from ._partials import PARTIALS_KEY, entry, layouts, plan_partials, take
 
 # Settings that belong to the optimizer, not to a group (one Gram matrix
 # serves every group); they are param-group entries so that state_dict(),
@@ -141,16 +142,22 @@ class Anderson(BucketedOptimizer):
     one all-reduce per step (float64, ``k x k``) sums it into the whole model's,
     so every rank solves for the same coefficients, equal to the
     single-process ones to float64 rounding whatever the layout.
+    ``state_dict()`` also writes each rank's partial Grams, by layout (the
+    top-level ``"anderson_partials"``, :mod:`interpolatron.optim._partials`):
+    a resume on the same layout is bitwise, 16-bit rings included.
     """
 
     _algorithm = "Anderson"
     _later_group_keys = ANDERSON_LATER_GROUP_KEYS
     # A pending device-to-host copy of the streak (a CUDA event): not copied.
     _TRANSIENT = BucketedOptimizer._TRANSIENT + ("_streak_copy",)
-    # The partial Grams of sharded parameters, keyed by process groups: a
-    # pickled copy rebuilds them from the rings (bitwise for float32/float64
-    # rings, see _ring_partial).
+    # The partial Grams of sharded parameters, keyed by process groups: pickle
+    # cannot carry the groups, so a pickled copy carries them as a checkpoint
+    # does (_carried), by layout.
     _REBUILT = ("_local_grams",)
+    # Partial Grams from a checkpoint (or a pickled copy), waiting for the
+    # first step's host setup to match them to this run's layout (_partials.py).
+    _carried: list[dict] | None = None
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-2, history: int = 2, reg: float = 0.0,
                  constraint: str | None = None, weight_decay: float = 0.0, *, maximize: bool = False,
@@ -166,8 +173,8 @@ class Anderson(BucketedOptimizer):
         self._steps_until_check = FALLBACK_CHECK_EVERY
         self._fallback_warned = False
         # Sharded parameters, per reduction key: this rank's partial Gram and
-        # the active signature it was built for (not checkpointed: a
-        # checkpoint's layout may differ, so it is rebuilt from the rings).
+        # the active signature it was built for (keyed by process groups:
+        # state_dict() writes it by layout, see _partials.py).
         self._local_grams: dict[tuple, tuple[Tensor, tuple]] = {}
         # Not sharded: the matrix the step's new row is shifted into (the kept
         # Gram, or its older ages rebuilt from the rings when the set of
@@ -303,11 +310,50 @@ class Anderson(BucketedOptimizer):
         kept = [] if pickled else [g for key in self._local_grams for g in key]
         return super()._live_groups(pickled) + kept
 
-    def _after_load(self) -> None:
+    def _plan_extra_entries(self, state_dict: Any, groups: list[dict], state: dict) -> list[dict] | None:
+        anchor = next((p for g in groups for p in g["params"]), None)
+        if anchor is None:
+            return None
+        return plan_partials(state_dict.get(PARTIALS_KEY), groups[0]["history"], anchor.device)
+
+    def _after_load(self, extra: list[dict] | None = None) -> None:
         self._active_sig = None
         self._streak = None
         self._local_grams = {}
+        # Only a sharded optimizer keeps partials: elsewhere they are dropped now.
+        self._carried = (extra or None) if self._reductions() else None
         self._base = None
+
+    def _layouts(self) -> dict[tuple, tuple]:
+        return layouts(self.param_groups, self.state, self._keys.of, self._reductions(), self.master_weights)
+
+    def _partials_to_save(self) -> list[dict]:
+        """This rank's partial Grams with their layouts (see _partials.py); those
+        carried from a checkpoint while no step has used them yet."""
+        if not self._local_grams:
+            return [entry(c["layout"], c["active"], c["gram"]) for c in self._carried or ()]
+        found = self._layouts()
+        return [entry(found[key], active, gram) for key, (gram, active) in self._local_grams.items()
+                if key in found]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, with Anderson's optimizer-wide state in the
+        anchor's entry and, when sharded, this rank's partial Grams under
+        ``"anderson_partials"`` (so that a resume on the same layout is bitwise;
+        see :mod:`interpolatron.optim._partials`)."""
+        sd = super().state_dict()
+        partials = self._partials_to_save()
+        if partials:
+            sd[PARTIALS_KEY] = partials
+        return sd
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        reduced = super().__reduce_ex__(protocol)
+        if self._local_grams and isinstance(reduced, tuple) and len(reduced) >= 3:
+            # The partial Grams go by layout, as in a checkpoint: the copy's first
+            # step takes them back where its layout is this one's.
+            reduced = reduced[:2] + ({**reduced[2], "_carried": self._partials_to_save()},) + reduced[3:]
+        return reduced
 
     # -- introspection --------------------------------------------------
     @property
@@ -557,7 +603,8 @@ class Anderson(BucketedOptimizer):
         formed: no weight decay, sign or scale again), the buckets summed in
         the order of the step's row. (Exact for float32 and float64 rings; a
         16-bit ring holds the rounded gradient, the running sums the float32
-        one.) No host read: the slots are chosen on the device from ``count``."""
+        one: a checkpoint carries those partials, see _partials.py.) No host
+        read: the slots are chosen on the device from ``count``."""
         k = self.history
         kept = torch.zeros(k, k, dtype=torch.float64, device=home)
         slots = k - 1
@@ -592,16 +639,23 @@ class Anderson(BucketedOptimizer):
         """Host setup of a sharded step (eager, also under torch.compile): the
         kept partial Gram of each reduction key is rebuilt from the rings when
         the set of parameters with gradients changed or none is kept (the first
-        step, after a load); keys without work are dropped. The traced part
-        (:meth:`_sharded_gram`) then only reads and updates it in place."""
+        step, after a load: there a partial carried by the checkpoint for this
+        layout and set is taken instead); keys without work are dropped. The
+        traced part (:meth:`_sharded_gram`) then only reads and updates it in place."""
         by_key: dict[tuple, list] = defaultdict(list)
         for w in work:
             by_key[w.bucket.reduction].append(w)
+        carried, self._carried = self._carried, None
+        found = self._layouts() if carried else {}
         for key, ws in by_key.items():
             signature = self._active_signature(ws)
             kept, had = self._local_grams.get(key, (None, None))
             if kept is None or self._plan.membership_changed or had != signature:
-                self._local_grams[key] = (self._ring_partial(ws, home), signature)
+                # After a load: the checkpoint's partial where the uninterrupted
+                # run would have kept its own (same layout and active set).
+                mine = None if kept is not None or self._plan.membership_changed or not carried \
+                    else take(carried, found.get(key), signature)
+                self._local_grams[key] = (self._ring_partial(ws, home) if mine is None else mine, signature)
         for key in [key for key in self._local_grams if key not in by_key]:
             del self._local_grams[key]  # none of its parameters has a gradient now
 

@@ -210,9 +210,11 @@ def copies(rank, world, steps):
 
 def sharded_resume(rank, world, backend, dtype, steps, save_at, skips):
     """Anderson on DTensor shards (1d layout), uninterrupted and resumed at
-    ``save_at`` from ``state_dict()`` into a new optimizer over new parameter
-    objects of the same layout. ``skips``: steps at which some parameters have
-    no gradient (the partial Grams are rebuilt)."""
+    ``save_at`` from ``state_dict()`` without its ``"anderson_partials"`` into
+    a new optimizer over new parameter objects of the same layout (the
+    partials rebuilt from the rings, as after a distributed checkpoint).
+    ``skips``: steps at which some parameters have no gradient (the partial
+    Grams are rebuilt)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
     # Large enough that float64 sums of products round (C.SHAPES' are exact) and span
@@ -246,6 +248,9 @@ def sharded_resume(rank, world, backend, dtype, steps, save_at, skips):
         else:
             run(params, opt, 0, save_at, coefs)
             sd = opt.state_dict()
+            # Without the carried partial Grams (what a distributed checkpoint
+            # holds): each rank rebuilds its own from the rings.
+            del sd["anderson_partials"]
             params = [nn.Parameter(p.detach().clone()) for p in params]
             opt = make(params)
             opt.load_state_dict(sd)

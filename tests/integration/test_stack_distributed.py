@@ -191,8 +191,8 @@ def test_deepcopy_of_dtensor_state(world2):
 
 def test_pickle_of_sharded_anderson(world2):
     """``pickle`` of an Anderson over DTensor shards after a step: its partial
-    Grams (kept per reduction key, a tuple of the mesh's process groups) are
-    left out and rebuilt from the rings, so the unpickled copy continues the
+    Grams (kept per reduction key, a tuple of the mesh's process groups) go
+    by layout, as in a checkpoint, so the unpickled copy continues the
     original bitwise (before: the TypeError about process groups)."""
     for res in _case(world2, "copies"):
         assert res["dtensor_pickle"] is None, res["dtensor_pickle"]
@@ -206,12 +206,14 @@ def test_pickle_of_sharded_anderson(world2):
 @pytest.mark.parametrize("backend", backend_params(RESUME_BACKENDS))
 def test_sharded_anderson_resumes_bitwise_on_the_same_layout(world2, backend, dtype, label):
     """Anderson on DTensor shards (2 ranks), saved with ``state_dict()`` and
-    loaded into a new optimizer on the same layout: every later coefficient
+    loaded into a new optimizer on the same layout without the carried
+    partial Grams (as from a distributed checkpoint): every later coefficient
     and the final parameters equal the uninterrupted run's bitwise. Each rank
     rebuilds its partial Gram from the rings with the kernels' own dot
     products, the newer gradient in the role it had when the running sums
     took it, the buckets summed in the same order (before: 1e-17 to 1e-15
-    off, from a chunked matrix product in another order)."""
+    off, from a chunked matrix product in another order). 16-bit rings:
+    tests/integration/test_sharded_resume.py."""
     for res in _case(world2, f"resume-{backend}-{dtype}-{label}"):
         straight, resumed = res["straight"], res["resumed"]
         diff = (straight["coefs"] - resumed["coefs"]).abs().max().item()
