@@ -1,6 +1,9 @@
-// Python bindings of interpolatron._C: argument validation for the four bucket
-// ops of interpolatron/backends/base.py and dispatch to the CPU or CUDA
-// launchers by device.
+// Python bindings of interpolatron._C: each of the four bucket ops of
+// interpolatron/backends/base.py takes its Python argument object (CombineArgs,
+// GramArgs, RecordArgs, ExtrapArgs) as is, with the bucket's TableCache; the
+// scalars are read into the op's struct (ops.h) by name through its field
+// list, the tensors validated, and the struct handed whole to the CPU or CUDA
+// launcher by device.
 //
 // Each op returns True when it ran, False when it cannot run this call as is
 // (an active tensor is not dense, or a gradient is strided unlike its parameter): the
@@ -174,12 +177,64 @@ constexpr bool kWithCuda = false;
 #define INTERP_CUDA_LAUNCHER(fn) nullptr
 #endif
 
-bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-             const std::vector<int64_t>& offsets, const at::Tensor& x_hist, const at::Tensor& g_hist,
-             const at::Tensor& coefs, const at::Tensor& lr, const at::Tensor& count, double weight_decay,
-             bool maximize, const std::optional<at::Tensor>& gram, TableCache* cache,
-             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-             std::optional<int64_t> sr_seed, const std::optional<at::Tensor>& master) {
+// ---------------------------------------------------------------------------
+// The argument object. Its scalars, by the types of the ops.h field lists,
+// converted as Python converts them (float(), bool(); a seed is int() mod
+// 2^32, None unset), then the tensors, by attribute name.
+
+void from_python(const py::handle& v, double& out) {
+  out = static_cast<double>(py::float_(py::reinterpret_borrow<py::object>(v)));
+}
+
+void from_python(const py::handle& v, bool& out) {
+  const int truth = PyObject_IsTrue(v.ptr());
+  if (truth < 0) throw py::error_already_set();
+  out = truth != 0;
+}
+
+void from_python(const py::handle& v, Seed& out) {
+  if (v.is_none()) {
+    out = Seed{};
+    return;
+  }
+  const py::object low = py::int_(py::reinterpret_borrow<py::object>(v)).attr("__and__")(py::int_(0xFFFFFFFFu));
+  out = Seed{true, low.cast<uint32_t>()};
+}
+
+template <typename Op>
+Op scalars_of(const py::handle& args) {
+  Op op{};
+  for_each_scalar(op, [&](const char* name, auto& field) { from_python(args.attr(name), field); });
+  return op;
+}
+
+template <typename T>
+T attr(const py::handle& args, const char* name) {
+  return args.attr(name).cast<T>();
+}
+
+using Tensors = std::vector<at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+using Offsets = std::vector<int64_t>;
+
+// The ops: Python reads under the GIL, everything after without it.
+
+bool combine(const py::handle& args, TableCache* cache) {
+  CombineOp op = scalars_of<CombineOp>(args);
+  const auto params = attr<Tensors>(args, "params");
+  const auto grads = attr<Tensors>(args, "grads");
+  const auto offsets = attr<Offsets>(args, "offsets");
+  const auto x_hist = attr<at::Tensor>(args, "x_hist");
+  const auto g_hist = attr<at::Tensor>(args, "g_hist");
+  const auto coefs = attr<at::Tensor>(args, "coefs");
+  const auto lr = attr<at::Tensor>(args, "lr");
+  const auto count = attr<at::Tensor>(args, "count");
+  const auto gram = attr<OptTensor>(args, "gram");
+  const auto grad_scale = attr<OptTensor>(args, "grad_scale");
+  const auto found_inf = attr<OptTensor>(args, "found_inf");
+  const auto master = attr<OptTensor>(args, "master");
+  const py::gil_scoped_release no_gil;
+
   const at::Device device = x_hist.device();
   check_device(device);
   check_ring(x_hist, "x_hist", device);
@@ -204,10 +259,6 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
   const at::Tensor count64 = scalar_input(count, "count", device, at::kLong, 1);
   const auto scale = scale_input(grad_scale, "grad_scale", device);
   const auto inf = scale_input(found_inf, "found_inf", device);
-  if (sr_seed) {
-    TORCH_CHECK_VALUE(*sr_seed >= 0 && *sr_seed <= 0xFFFFFFFFLL, "sr_seed must be in [0, 2**32), got ", *sr_seed);
-  }
-  CombineOp op{};
   op.dtype = dtype;
   op.param_dtype = *to_dtype(param_type);
   op.k = k;
@@ -217,12 +268,8 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
   op.coefs = coefs64.data_ptr<double>();
   op.lr = lr64.data_ptr<double>();
   op.count = count64.data_ptr<int64_t>();
-  op.weight_decay = weight_decay;
-  op.maximize = maximize;
   op.grad_scale = float_ptr(scale);
   op.found_inf = float_ptr(inf);
-  op.stochastic = sr_seed.has_value();
-  op.sr_seed = sr_seed ? static_cast<uint32_t>(*sr_seed) : 0;
   op.gram = gram ? gram->data_ptr<double>() : nullptr;
   op.gram_stride = gram ? gram->stride(0) : 0;
   op.master = master ? master->data_ptr<float>() : nullptr;
@@ -235,16 +282,25 @@ bool combine(const std::vector<at::Tensor>& params, const std::vector<at::Tensor
   return true;
 }
 
-bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-              const std::vector<int64_t>& offsets, const at::Tensor& g_hist, const at::Tensor& count,
-              double weight_decay, bool maximize, const at::Tensor& out, TableCache* cache, bool store,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-              const std::optional<at::Tensor>& master) {
+bool gram_row(const py::handle& args, TableCache* cache) {
+  GramRowOp op = scalars_of<GramRowOp>(args);
+  const auto params = attr<Tensors>(args, "params");
+  const auto grads = attr<Tensors>(args, "grads");
+  const auto offsets = attr<Offsets>(args, "offsets");
+  const auto g_hist = attr<at::Tensor>(args, "g_hist");
+  const auto count = attr<at::Tensor>(args, "count");
+  const auto out = attr<at::Tensor>(args, "out");
+  const auto grad_scale = attr<OptTensor>(args, "grad_scale");
+  const auto found_inf = attr<OptTensor>(args, "found_inf");
+  const auto master = attr<OptTensor>(args, "master");
+  const py::gil_scoped_release no_gil;
+
   const at::Device device = g_hist.device();
   check_device(device);
   check_ring(g_hist, "g_hist", device);
   const DType dtype = ring_dtype(g_hist, "g_hist");
   const int64_t slots = g_hist.size(0);
+  const bool store = op.store;
   TORCH_CHECK_VALUE(!store || slots >= 1, "gram_row with store=True needs a g ring with at least one slot");
   TORCH_CHECK_VALUE(slots + (store ? 0 : 1) <= cpu::kMaxSlots, "gram_row supports at most ", cpu::kMaxSlots,
                     " dots, got ", slots + (store ? 0 : 1));
@@ -258,17 +314,13 @@ bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
   const at::Tensor count64 = scalar_input(count, "count", device, at::kLong, 1);
   const auto scale = scale_input(grad_scale, "grad_scale", device);
   const auto inf = scale_input(found_inf, "found_inf", device);
-  GramRowOp op{};
   op.dtype = dtype;
   op.param_dtype = *to_dtype(param_type);
   op.master = master ? master->data_ptr<float>() : nullptr;
   op.g_ring = g_hist.data_ptr();
   op.slots = static_cast<int>(slots);
   op.row_elems = g_hist.size(1);
-  op.store = store;
   op.count = count64.data_ptr<int64_t>();
-  op.weight_decay = weight_decay;
-  op.maximize = maximize;
   op.grad_scale = float_ptr(scale);
   op.found_inf = float_ptr(inf);
   op.out = out.data_ptr<double>();
@@ -279,9 +331,15 @@ bool gram_row(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
   return true;
 }
 
-bool rna_record(const std::vector<at::Tensor>& sources, const std::vector<int64_t>& offsets,
-                const at::Tensor& window, const at::Tensor& count, const std::optional<at::Tensor>& out,
-                TableCache* cache) {
+bool rna_record(const py::handle& args, TableCache* cache) {
+  RecordOp op = scalars_of<RecordOp>(args);
+  const auto sources = attr<Tensors>(args, "sources");
+  const auto offsets = attr<Offsets>(args, "offsets");
+  const auto window = attr<at::Tensor>(args, "window");
+  const auto count = attr<at::Tensor>(args, "count");
+  const auto out = attr<OptTensor>(args, "out");
+  const py::gil_scoped_release no_gil;
+
   const at::Device device = window.device();
   check_device(device);
   check_ring(window, "window", device);
@@ -292,7 +350,6 @@ bool rna_record(const std::vector<at::Tensor>& sources, const std::vector<int64_
   const auto segs = make_segs(sources, nullptr, offsets, window, "sources");
   if (!segs) return false;
   const at::Tensor count64 = scalar_input(count, "count", device, at::kLong, 1);
-  RecordOp op{};
   op.dtype = dtype;
   op.window = window.data_ptr();
   op.slots = static_cast<int>(slots);
@@ -306,8 +363,15 @@ bool rna_record(const std::vector<at::Tensor>& sources, const std::vector<int64_
   return true;
 }
 
-bool rna_extrapolate(const at::Tensor& window, const std::vector<int64_t>& offsets, const at::Tensor& count,
-                     const at::Tensor& coefs, const std::vector<at::Tensor>& outs, TableCache* cache) {
+bool rna_extrapolate(const py::handle& args, TableCache* cache) {
+  ExtrapOp op = scalars_of<ExtrapOp>(args);
+  const auto window = attr<at::Tensor>(args, "window");
+  const auto offsets = attr<Offsets>(args, "offsets");
+  const auto count = attr<at::Tensor>(args, "count");
+  const auto coefs = attr<at::Tensor>(args, "coefs");
+  const auto outs = attr<Tensors>(args, "outs");
+  const py::gil_scoped_release no_gil;
+
   const at::Device device = window.device();
   check_device(device);
   check_ring(window, "window", device);
@@ -320,7 +384,6 @@ bool rna_extrapolate(const at::Tensor& window, const std::vector<int64_t>& offse
   if (!segs) return false;
   const at::Tensor count64 = scalar_input(count, "count", device, at::kLong, 1);
   const at::Tensor coefs64 = scalar_input(coefs, "coefs", device, at::kDouble, std::nullopt);
-  ExtrapOp op{};
   op.dtype = dtype;
   op.window = window.data_ptr();
   op.slots = static_cast<int>(slots);
@@ -331,6 +394,14 @@ bool rna_extrapolate(const at::Tensor& window, const std::vector<int64_t>& offse
   run_on(device, op, *segs, cache, &rna_extrapolate_cpu, INTERP_CUDA_LAUNCHER(rna_extrapolate_cuda));
   bump(outs);
   return true;
+}
+
+// The scalars' attribute names of an op, in field-list order.
+template <typename Op>
+py::tuple scalar_names() {
+  py::list names;
+  for_each_scalar(Op{}, [&](const char* name, const auto&) { names.append(name); });
+  return py::tuple(names);
 }
 
 }  // namespace
@@ -352,19 +423,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("uploads", [](const interp::TableCache& c) { return c.uploads; })
       .def_property_readonly("nblocks", [](const interp::TableCache& c) { return c.nblocks; });
 
-  const auto release = py::call_guard<py::gil_scoped_release>();
-  m.def("combine", &interp::combine, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("x_hist"),
-        py::arg("g_hist"), py::arg("coefs"), py::arg("lr"), py::arg("count"), py::arg("weight_decay"),
-        py::arg("maximize"), py::arg("gram"), py::arg("cache"), py::arg("grad_scale") = py::none(),
-        py::arg("found_inf") = py::none(), py::arg("sr_seed") = py::none(), py::arg("master") = py::none(), release);
-  m.def("gram_row", &interp::gram_row, py::arg("params"), py::arg("grads"), py::arg("offsets"), py::arg("g_hist"),
-        py::arg("count"), py::arg("weight_decay"), py::arg("maximize"), py::arg("out"), py::arg("cache"), py::arg("store") = true,
-        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(), py::arg("master") = py::none(),
-        release);
-  m.def("rna_record", &interp::rna_record, py::arg("sources"), py::arg("offsets"), py::arg("window"),
-        py::arg("count"), py::arg("out"), py::arg("cache"), release);
-  m.def("rna_extrapolate", &interp::rna_extrapolate, py::arg("window"), py::arg("offsets"), py::arg("count"),
-        py::arg("coefs"), py::arg("outs"), py::arg("cache"), release);
+  const char* op_doc = "Runs the op on its argument object (interpolatron/backends/base.py) and the bucket's "
+                       "TableCache (CUDA; None on the CPU); False when a tensor is not dense.";
+  m.def("combine", &interp::combine, py::arg("args"), py::arg("cache"), op_doc);
+  m.def("gram_row", &interp::gram_row, py::arg("args"), py::arg("cache"), op_doc);
+  m.def("rna_record", &interp::rna_record, py::arg("args"), py::arg("cache"), op_doc);
+  m.def("rna_extrapolate", &interp::rna_extrapolate, py::arg("args"), py::arg("cache"), op_doc);
+  // The scalar attributes each op reads from its argument object (ops.h's field lists).
+  py::dict scalars;
+  scalars["combine"] = interp::scalar_names<interp::CombineOp>();
+  scalars["gram_row"] = interp::scalar_names<interp::GramRowOp>();
+  scalars["rna_record"] = interp::scalar_names<interp::RecordOp>();
+  scalars["rna_extrapolate"] = interp::scalar_names<interp::ExtrapOp>();
+  m.attr("SCALARS") = scalars;
 
   m.def("has_cuda", [] { return interp::kWithCuda; });
   m.def("cuda_skipped_code", [] { return INTERPOLATRON_CUDA_SKIPPED; });
@@ -376,7 +447,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "variant now in use.");
   // Bumped whenever the Python-visible interface changes, so that a stale
   // build is reported as such instead of failing on a missing function.
-  m.attr("API_VERSION") = 6;
+  m.attr("API_VERSION") = 7;
   m.attr("CPU_CHUNK") = interp::cpu::kChunk;
   m.attr("MAX_SLOTS") = interp::cpu::kMaxSlots;
 }

@@ -29,6 +29,7 @@ import sys
 import torch
 
 from interpolatron.backends import native_backend
+from interpolatron.backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
 
 _C = native_backend._C
 
@@ -103,9 +104,9 @@ def combine_cases(gen: torch.Generator):
                 g0 = torch.cat([g.double() for g in grads])
                 rows = [g0] + [_active(g_hist[(v["count"] - j) % (k - 1)], offsets) for j in range(1, k)]
                 scales = [float(g0.norm()) * n for n in _norms(rows)] if v["gram"] else []
-                done = _C.combine(params, grads, offsets, x_hist, g_hist, coefs, lr, count, v["wd"],
-                                  v["maximize"], gram, None, grad_scale=scale, found_inf=inf,
-                                  sr_seed=v["seed"])
+                args = CombineArgs(params, grads, offsets, x_hist, g_hist, coefs, lr, count, v["wd"],
+                                   v["maximize"], gram, grad_scale=scale, found_inf=inf, sr_seed=v["seed"])
+                done = _C.combine(args, None)
                 assert done
                 yield (f"combine/{name}/k{k}/v{i}", _digest(params + grads + [x_hist, g_hist]), _dots(gram),
                        scales)
@@ -132,8 +133,9 @@ def gram_row_cases(gen: torch.Generator):
                     g0 = torch.cat([g.double() for g in grads])
                     rows = [g0] + [_active(g_hist[(c - j) % slots], offsets) for j in range(1, k)]
                     scales = [float(g0.norm()) * n for n in _norms(rows)]
-                    assert _C.gram_row(params, grads, offsets, g_hist, count, wd, maximize, out, None, store,
-                                       grad_scale=s, found_inf=f)
+                    args = GramArgs(params, grads, offsets, g_hist, count, wd, maximize, out, store,
+                                    grad_scale=s, found_inf=f)
+                    assert _C.gram_row(args, None)
                     yield (f"gram_row/{name}/k{k}/store{int(store)}/v{i}",
                            _digest(params + grads + [g_hist]), _dots(out), scales)
 
@@ -152,7 +154,7 @@ def rna_cases(gen: torch.Generator):
                 y += [_active(window[(c - a) % slots], offsets).double() for a in range(1, slots)]
                 r = [y[a] - y[a + 1] for a in range(slots - 1)]
                 scales = [float(r[0].norm()) * n for n in _norms(r)] if with_out and r else []
-                assert _C.rna_record(sources, offsets, window, count, out, None)
+                assert _C.rna_record(RecordArgs(sources, offsets, window, count, out), None)
                 yield (f"rna_record/{name}/s{slots}/out{int(with_out)}", _digest(sources + [window]),
                        _dots(out), scales)
             for m in sorted({1, max(1, slots // 2), slots}):
@@ -160,7 +162,7 @@ def rna_cases(gen: torch.Generator):
                 outs = [_rand(gen, (n,), dtype) for n in SIZES]
                 coefs = _rand(gen, (m,), torch.float64)
                 count = torch.tensor(slots + 2, dtype=torch.int64)
-                assert _C.rna_extrapolate(window, offsets, count, coefs, outs, None)
+                assert _C.rna_extrapolate(ExtrapArgs(window, offsets, count, coefs, outs), None)
                 yield f"rna_extrapolate/{name}/s{slots}/m{m}", _digest(outs + [window]), [], []
 
 

@@ -21,6 +21,7 @@ import time
 import torch
 
 from interpolatron.backends import native_backend
+from interpolatron.backends.base import CombineArgs, GramArgs
 
 _C = native_backend._C
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -56,15 +57,15 @@ def run(numel: int, dtype: torch.dtype, k: int, reps: int, only: str = "") -> di
     args = ([param], [grad], [0], x_hist, ring, coefs, lr, count, 0.0, False)
 
     def gram(ring_: torch.Tensor, wd: float, store: bool) -> None:
-        _C.gram_row([param], [grad], [0], ring_, count, wd, False, out, None, store)
+        _C.gram_row(GramArgs([param], [grad], [0], ring_, count, wd, False, out, store), None)
 
     cases = {
         "gram_row read-only": lambda: gram(ring, 0.0, False),
         "gram_row read-only, wd": lambda: gram(ring, 0.01, False),
         "gram_row store": lambda: gram(ring_store, 0.0, True),
         # combine writes its inputs: the timings repeat the same step on the changing state.
-        "combine + gram": lambda: _C.combine(*args, out, None),
-        "combine": lambda: _C.combine(*args, None, None),
+        "combine + gram": lambda: _C.combine(CombineArgs(*args, out), None),
+        "combine": lambda: _C.combine(CombineArgs(*args, None), None),
         "copy (1 stream in, 1 out)": lambda: copy_dst.copy_(grad),
     }
     return {name: _time(fn, reps) for name, fn in cases.items() if only in name}

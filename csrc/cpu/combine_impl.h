@@ -184,7 +184,7 @@ void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
   const bool fused_dots = a.partials != nullptr && k <= kDotGroup;
   UpdateFn<S, P> update = pick_update<S, P, false>(k, fused_dots);
   if constexpr (kSixteenBit<P>) {
-    if (a.stochastic) update = pick_update<S, P, true>(k, fused_dots);
+    if (a.sr_seed.set) update = pick_update<S, P, true>(k, fused_dots);
   }
 
   const S* xh[kMaxSlots];
@@ -193,7 +193,7 @@ void combine_impl(const CombineArgs& a, int64_t c0, int64_t c1) {
   u.xh = xh;
   u.gh = gh;
   u.coef = coef;
-  u.lr = static_cast<C>(a.lr);
+  u.lr = static_cast<C>(*a.lr);
   // The sign and GradScaler's unscaling in one factor (-1 times a power of
   // two: grad * sign is exactly -(grad / scale)).
   u.sign = static_cast<C>((a.maximize ? -1.0 : 1.0) * a.grad_mul);

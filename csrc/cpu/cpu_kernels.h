@@ -32,66 +32,48 @@ struct Chunk {
   int64_t len;
 };
 
-// Ring rows are passed as the address of column 0 of the row holding a given
-// age; the kernel adds (col + begin) elements.
-struct CombineArgs {
-  DType dtype;
+// Each op's kernel arguments are its argument struct (ops.h), taken whole,
+// plus what the launcher (cpu_launch.cpp) resolves on the host for this call:
+// the chunks, the ring rows by age, the chunk partials of the dots. Ring rows
+// are passed as the address of column 0 of the row holding a given age; the
+// kernel adds (col + begin) elements. The op's pointers are host memory here
+// (*lr, *count are plain loads).
+struct CombineArgs : CombineOp {
   const Seg* segs;
   const Chunk* chunks;
-  int k;
-  const double* coefs;  // k, age order (coefs[0] weights age 0)
-  double lr;
-  double weight_decay;
-  bool maximize;
   double grad_mul;      // 1 / grad_scale (GradScaler), else 1
   char* const* x_rows;  // [j], j = 1..k-1: x ring row of age j
   char* const* g_rows;  // [j], j = 1..k-1: g ring row of age j
   char* x_write;        // row that receives the old param (nullptr when k == 1)
   char* g_write;        // row that receives the effective gradient (nullptr when k == 1)
   double* partials;     // gram requested: partials[chunk * k + j] = <g0, g(age j)> of the chunk; else nullptr
-  // Stochastic rounding of the 16-bit stores (the new param, the gradient
-  // slot; stochastic_rounding.h): the keys of this call, per stream.
-  bool stochastic;
+  // Stochastic rounding of the 16-bit stores (sr_seed set; the new param,
+  // the gradient slot; stochastic_rounding.h): the keys of this call, per stream.
   uint32_t key_param;
   uint32_t key_grad;
-  // Master weights (ops.h CombineOp): the segments are param_dtype (16-bit),
-  // `dtype` is float32, and master + col is the element's float32 master.
-  DType param_dtype;
-  float* master;
 };
 
-struct GramArgs {
-  DType dtype;
+struct GramArgs : GramRowOp {
   const Seg* segs;
   const Chunk* chunks;
-  int ndots;  // k
-  double weight_decay;
-  bool maximize;
   double grad_mul;      // 1 / grad_scale (GradScaler), else 1
-  char* const* g_rows;  // [j], j = 1..k-1
+  char* const* g_rows;  // [j], j = 1..ndots()-1
   char* g_write;        // row that receives the effective gradient, or nullptr (read-only)
-  double* partials;     // partials[chunk * k + j]
-  DType param_dtype;    // the segments' dtype (16-bit with a master)
-  const float* master;  // the weight decay's float32 masters (ring columns), or nullptr
+  double* partials;     // partials[chunk * ndots() + j]
 };
 
-struct RecordArgs {
-  DType dtype;
+struct RecordArgs : RecordOp {
   const Seg* segs;
   const Chunk* chunks;
-  int ndots;            // S - 1 when the residual dots are requested, else 0
-  char* const* rows;    // [a], a = 1..S-1: window row of age a
-  char* write;          // row of slot c mod S
-  double* partials;     // partials[chunk * ndots + j]
+  char* const* rows;  // [a], a = 1..S-1: window row of age a
+  char* write;        // row of slot c mod S
+  double* partials;   // partials[chunk * ndots() + j]
 };
 
-struct ExtrapArgs {
-  DType dtype;
+struct ExtrapArgs : ExtrapOp {
   const Seg* segs;
   const Chunk* chunks;
-  int m;
-  const double* coefs;  // m
-  char* const* rows;    // [a], a = 0..m-1
+  char* const* rows;  // [a], a = 0..m-1
 };
 
 // One instruction set's kernels. Each processes the chunks [c0, c1).

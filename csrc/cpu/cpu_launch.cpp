@@ -140,6 +140,9 @@ std::string select_cpu_kernels(const std::string& name) {
   return t->name;
 }
 
+// Each launcher takes the op's struct whole into its kernel arguments (which
+// derive from it) and adds what this call resolves on the host.
+
 void combine_cpu(const CombineOp& op, const Segs& segs) {
   if (skipped(op.found_inf)) return;
   const int k = op.k;
@@ -151,27 +154,19 @@ void combine_cpu(const CombineOp& op, const Segs& segs) {
   Plan plan(segs, op.gram ? k : 0);
 
   cpu::CombineArgs args{};
-  args.dtype = op.dtype;
+  static_cast<CombineOp&>(args) = op;
   args.segs = segs.data();
   args.chunks = plan.chunks.data();
-  args.k = k;
-  args.coefs = op.coefs;
-  args.lr = *op.lr;
-  args.weight_decay = op.weight_decay;
-  args.maximize = op.maximize;
   args.grad_mul = grad_mul(op.grad_scale);
   args.x_rows = x_rows.data();
   args.g_rows = g_rows.data();
   args.x_write = k > 1 ? x.row(c, 0) : nullptr;
   args.g_write = k > 1 ? g.row(c, 0) : nullptr;
   args.partials = op.gram ? plan.partials.data() : nullptr;
-  args.param_dtype = op.param_dtype;
-  args.master = op.master;
-  // Stochastic rounding applies to 16-bit params only (wider dtypes ignore the seed).
-  args.stochastic = op.stochastic && (op.param_dtype == DType::kBFloat16 || op.param_dtype == DType::kFloat16);
-  if (args.stochastic) {
-    args.key_param = sr_key(sr_salt(op.sr_seed, kStreamParam), c);
-    args.key_grad = sr_key(sr_salt(op.sr_seed, kStreamGrad), c);
+  // The kernels round stochastically 16-bit params only (wider dtypes ignore the seed).
+  if (op.sr_seed.set) {
+    args.key_param = sr_key(sr_salt(op.sr_seed.value, kStreamParam), c);
+    args.key_grad = sr_key(sr_salt(op.sr_seed.value, kStreamGrad), c);
   }
 
   const cpu::KernelTable& kt = kernels();
@@ -188,18 +183,13 @@ void gram_row_cpu(const GramRowOp& op, const Segs& segs) {
   Plan plan(segs, k);
 
   cpu::GramArgs args{};
-  args.dtype = op.dtype;
+  static_cast<GramRowOp&>(args) = op;
   args.segs = segs.data();
   args.chunks = plan.chunks.data();
-  args.ndots = k;
-  args.weight_decay = op.weight_decay;
-  args.maximize = op.maximize;
   args.grad_mul = grad_mul(op.grad_scale);
   args.g_rows = g_rows.data();
   args.g_write = op.store ? g.row(c, 0) : nullptr;
   args.partials = plan.partials.data();
-  args.param_dtype = op.param_dtype;
-  args.master = op.master;
 
   const cpu::KernelTable& kt = kernels();
   plan.run([&](int64_t c0, int64_t c1) { kt.gram_row(args, c0, c1); });
@@ -214,10 +204,9 @@ void rna_record_cpu(const RecordOp& op, const Segs& segs) {
   Plan plan(segs, ndots);
 
   cpu::RecordArgs args{};
-  args.dtype = op.dtype;
+  static_cast<RecordOp&>(args) = op;
   args.segs = segs.data();
   args.chunks = plan.chunks.data();
-  args.ndots = ndots;
   args.rows = rows.data();
   args.write = window.row(c, 0);
   args.partials = plan.partials.data();
@@ -235,11 +224,9 @@ void rna_extrapolate_cpu(const ExtrapOp& op, const Segs& segs) {
   const Plan plan(segs, 0);
 
   cpu::ExtrapArgs args{};
-  args.dtype = op.dtype;
+  static_cast<ExtrapOp&>(args) = op;
   args.segs = segs.data();
   args.chunks = plan.chunks.data();
-  args.m = op.m;
-  args.coefs = op.coefs;
   args.rows = rows.data();
 
   const cpu::KernelTable& kt = kernels();

@@ -220,7 +220,7 @@ template <typename S, typename G = S>
 void gram_row_impl(const GramArgs& a, int64_t c0, int64_t c1) {
   using C = typename IO<S>::C;
   constexpr bool kMaster = !std::is_same_v<S, G>;
-  const int k = a.ndots;
+  const int k = a.ndots();
   const C sign = static_cast<C>((a.maximize ? -1.0 : 1.0) * a.grad_mul);
   const C wd = static_cast<C>(a.weight_decay);
   const bool has_wd = a.weight_decay != 0.0;

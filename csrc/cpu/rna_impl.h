@@ -74,15 +74,16 @@ INTERP_FLATTEN void copy_stream(S* dst, const S* src, int64_t len) {
 template <typename S>
 void rna_record_impl(const RecordArgs& a, int64_t c0, int64_t c1) {
   const S* snaps[kMaxSlots];
+  const int ndots = a.ndots();
   for (int64_t c = c0; c < c1; ++c) {
     const Chunk& ch = a.chunks[c];
     const Seg& sg = a.segs[ch.seg];
     const int64_t off = sg.col + ch.begin;
     const S* y0 = static_cast<const S*>(sg.a) + ch.begin;
-    if (a.ndots > 0) {
+    if (ndots > 0) {
       snaps[0] = y0;
-      for (int j = 1; j <= a.ndots; ++j) snaps[j] = at_col<S>(a.rows[j], off);
-      dot_groups(a.ndots, a.partials + c * a.ndots, [&](auto nd, int d0, double* out) {
+      for (int j = 1; j <= ndots; ++j) snaps[j] = at_col<S>(a.rows[j], off);
+      dot_groups(ndots, a.partials + c * ndots, [&](auto nd, int d0, double* out) {
         residual_dots<S, decltype(nd)::value>(y0, snaps[1], snaps + d0, ch.len, out);
       });
     }

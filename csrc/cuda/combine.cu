@@ -367,7 +367,7 @@ template <typename T>
 cudaError_t combine_typed(const CombineLaunch& p, cudaStream_t stream) {
   // Only 16-bit data is rounded stochastically; wider dtypes ignore the seed.
   if constexpr (kSixteenBit<T>) {
-    if (p.stochastic) {
+    if (p.sr_seed.set) {
       combine_dispatch<T, true>(p, stream);
       return cudaGetLastError();
     }
@@ -407,7 +407,7 @@ void combine_master_dispatch(const CombineLaunch& p, cudaStream_t stream) {
 
 template <typename P>
 cudaError_t combine_master_typed(const CombineLaunch& p, cudaStream_t stream) {
-  if (p.stochastic) {
+  if (p.sr_seed.set) {
     combine_master_dispatch<P, true>(p, stream);
   } else {
     combine_master_dispatch<P, false>(p, stream);

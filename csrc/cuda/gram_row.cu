@@ -35,7 +35,7 @@ __device__ __forceinline__ void gram_row_body(const GramRowLaunch p) {
   const T* param = M ? reinterpret_cast<const T*>(p.master) + w.col : reinterpret_cast<const T*>(w.a);
   const P* grad = reinterpret_cast<const P*>(w.b);
   T* gr = reinterpret_cast<T*>(p.g_ring) + w.col;
-  const int ndots = NDOTS > 0 ? NDOTS : p.ndots;
+  const int ndots = NDOTS > 0 ? NDOTS : p.ndots();
   const bool base_vec = (M ? aligned8(grad) : aligned16(grad)) && (!has_wd || aligned16(param)) &&
                         aligned16(gr + woff) && w.len % N == 0;
 
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<sizeof(float), NDOTS>()) 
 template <typename T>
 cudaError_t gram_row_typed(const GramRowLaunch& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.table.nblocks));
-  switch (p.ndots) {
+  switch (p.ndots()) {
     case 1: gram_row_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p); break;
     case 2: gram_row_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p); break;
     case 3: gram_row_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p); break;
@@ -141,7 +141,7 @@ cudaError_t gram_row_typed(const GramRowLaunch& p, cudaStream_t stream) {
 template <typename P>
 cudaError_t gram_row_master(const GramRowLaunch& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.table.nblocks));
-  switch (p.ndots) {
+  switch (p.ndots()) {
     case 1: gram_row_master_kernel<P, 1><<<grid, kThreads, 0, stream>>>(p); break;
     case 2: gram_row_master_kernel<P, 2><<<grid, kThreads, 0, stream>>>(p); break;
     case 3: gram_row_master_kernel<P, 3><<<grid, kThreads, 0, stream>>>(p); break;

@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "../interp_math.h"
+#include "../ops.h"
 #include "../stochastic_rounding.h"
 
 namespace interp::cuda {
@@ -74,84 +75,47 @@ struct Table {
   int64_t nblocks;
 };
 
-// Ring rows are addressed as row_elems * slot + col + i (elements).
-struct CombineLaunch {
-  DType dtype;
+// One launch struct per kernel: the op's argument struct (ops.h) taken whole,
+// plus what the launch layer resolves for this launch (the block table, the
+// partial buffer, the host halves of the rounding keys). Passed by value as
+// the kernel's parameter. Ring rows are addressed as row_elems * slot + col +
+// i (elements).
+
+// param_dtype is the table's param and gradient dtype: 16-bit with master
+// weights (`dtype` float32: rings, master at master + ring column), else
+// dtype.
+struct CombineLaunch : CombineOp {
   Table table;
-  void* x_ring;  // (k - 1, row_elems)
-  void* g_ring;  // (k - 1, row_elems)
-  int64_t row_elems;
-  int k;
-  // Stochastic rounding of the 16-bit stores (stochastic_rounding.h): the host
-  // halves of the keys, h(seed ^ stream); the kernel adds the count it reads
-  // on the device. Ignored unless the dtype is 16-bit. (Placed in the
-  // struct's padding: a larger parameter block cost the fp32 k = 4 Gram
-  // kernel a spill at its 64-register cap.)
+  // Stochastic rounding of the 16-bit stores (sr_seed set;
+  // stochastic_rounding.h): the host halves of the keys, h(seed ^ stream);
+  // the kernel adds the count it reads on the device. Ignored unless the
+  // dtype is 16-bit.
   uint32_t salt_param;
-  const double* coefs;  // k, device
-  const double* lr;     // 1, device
-  const int64_t* count;  // 1, device
-  double weight_decay;
-  bool maximize;
-  bool stochastic;
   uint32_t salt_grad;
-  const float* grad_scale;  // GradScaler: 1, device, or nullptr (the gradient is divided by it)
-  const float* found_inf;   // GradScaler: 1, device, or nullptr (nonzero: every block returns at once)
   double* partials;  // fused gram (k <= kDotGroup): nblocks * kDotGroup, else nullptr
-  // Master weights (ops.h CombineOp): `dtype` float32 (rings, master), the
-  // table's param and gradient pointers param_dtype (16-bit); the float32
-  // masters at master + ring column. nullptr: none.
-  float* master;
-  DType param_dtype;
 };
 
-// <g0, g(age j)>, j = 0..ndots-1, with g0 the effective gradient and the ring
-// of `slots` slots holding ages 1..ndots-1; with `store` also stores g0 into
-// slot count mod slots (then ndots == slots; read-only: ndots == slots + 1).
-// A block covers every dot group of its chunk (the re-reads of the gradient for
-// groups after the first hit L2, not DRAM).
-struct GramRowLaunch {
-  DType dtype;
+// <g0, g(age j)>, j = 0..ndots()-1, with g0 the effective gradient and the
+// ring of `slots` slots holding ages 1..ndots()-1; with `store` also stores g0
+// into slot count mod slots (then ndots() == slots; read-only: slots + 1).
+// A block covers every dot group of its chunk (the re-reads of the gradient
+// for groups after the first hit L2, not DRAM). Master weights (read-only
+// form): 16-bit gradients (param_dtype), and the weight decay reads the
+// float32 masters at master + ring column.
+struct GramRowLaunch : GramRowOp {
   Table table;
-  void* g_ring;
-  int64_t row_elems;
-  int slots;
-  int ndots;
-  bool store;
-  const int64_t* count;
-  double weight_decay;
-  bool maximize;
-  const float* grad_scale;  // as in CombineLaunch
-  const float* found_inf;
   double* partials;  // groups * nblocks * kDotGroup
-  // Master weights (read-only form): 16-bit gradients (param_dtype), and the
-  // weight decay reads the float32 masters at master + ring column.
-  const float* master;
-  DType param_dtype;
 };
 
-// Copies the sources into slot count mod slots; with ndots = slots - 1 > 0 also
-// the residual dots <r_0, r_j>.
-struct RecordLaunch {
-  DType dtype;
+// Copies the sources into slot count mod slots; with ndots() = slots - 1 > 0
+// also the residual dots <r_0, r_j>.
+struct RecordLaunch : RecordOp {
   Table table;
-  void* window;
-  int64_t row_elems;
-  int slots;
-  int ndots;
-  const int64_t* count;
-  double* partials;
+  double* partials;  // with dots
 };
 
-struct ExtrapLaunch {
-  DType dtype;
+struct ExtrapLaunch : ExtrapOp {
   Table table;
-  void* window;
-  int64_t row_elems;
-  int slots;
-  int m;
-  const double* coefs;
-  const int64_t* count;
 };
 
 // Number of dot groups of kDotGroup for `ndots` dots (at least one).

@@ -26,46 +26,36 @@ int64_t partials_for(int ndots, int64_t nblocks) {
   return std::max<int64_t>(1, dot_groups(ndots) * nblocks * kDotGroup);
 }
 
-// The gram_row kernel's launch struct: filled here only, for gram_row itself
-// and for a combine's dot pass.
+// The gram_row kernel's launch struct, for gram_row itself and for a
+// combine's dot pass.
 GramRowLaunch gram_row_launch(const GramRowOp& op, const Table& table, double* partials) {
   GramRowLaunch d{};
-  d.dtype = op.dtype;
+  static_cast<GramRowOp&>(d) = op;
+  d.param_dtype = seg_dtype(op);
   d.table = table;
-  d.g_ring = op.g_ring;
-  d.row_elems = op.row_elems;
-  d.slots = op.slots;
-  d.ndots = op.ndots();
-  d.store = op.store;
-  d.count = op.count;
-  d.weight_decay = op.weight_decay;
-  d.maximize = op.maximize;
-  d.grad_scale = op.grad_scale;
-  d.found_inf = op.found_inf;
   d.partials = partials;
-  d.master = op.master;
-  d.param_dtype = op.master != nullptr ? op.param_dtype : op.dtype;
   return d;
 }
 
 // A combine's Gram row as a read-only gram_row: ages 1..k-1 in the k - 1 ring
-// slots, k dots.
+// slots, k dots, the same effective gradient (its scalars copied whole).
 GramRowOp dot_pass(const CombineOp& op) {
   GramRowOp g{};
   g.dtype = op.dtype;
+  g.param_dtype = op.param_dtype;
   g.g_ring = op.g_ring;
   g.slots = op.k - 1;
   g.row_elems = op.row_elems;
-  g.store = false;
   g.count = op.count;
-  g.weight_decay = op.weight_decay;
-  g.maximize = op.maximize;
   g.grad_scale = op.grad_scale;
   g.found_inf = op.found_inf;
   g.out = op.gram;
   g.out_stride = op.gram_stride;
   g.master = op.master;
-  g.param_dtype = op.param_dtype;
+#define INTERP_COPY_SCALAR(type, name) g.name = op.name;
+  INTERP_GRAD_SCALARS(INTERP_COPY_SCALAR)
+#undef INTERP_COPY_SCALAR
+  g.store = false;
   return g;
 }
 
@@ -114,27 +104,14 @@ LaunchStatus run_combine(const CombineOp& op, const Table& table, double* partia
     if (err != cudaSuccess) return status(err, "the gram_row kernel (the combine's dot pass)");
   }
   CombineLaunch p{};
-  p.dtype = op.dtype;
+  static_cast<CombineOp&>(p) = op;
+  p.param_dtype = seg_dtype(op);
   p.table = table;
-  p.x_ring = op.x_ring;
-  p.g_ring = op.g_ring;
-  p.row_elems = op.row_elems;
-  p.k = op.k;
-  p.coefs = op.coefs;
-  p.lr = op.lr;
-  p.count = op.count;
-  p.weight_decay = op.weight_decay;
-  p.maximize = op.maximize;
-  p.grad_scale = op.grad_scale;
-  p.found_inf = op.found_inf;
   p.partials = fused ? partials : nullptr;
-  p.master = op.master;
-  p.param_dtype = op.master != nullptr ? op.param_dtype : op.dtype;
   // The seed's half of the keys on the host; the kernel adds the count it reads.
-  p.stochastic = op.stochastic;
-  if (p.stochastic) {
-    p.salt_param = sr_salt(op.sr_seed, kStreamParam);
-    p.salt_grad = sr_salt(op.sr_seed, kStreamGrad);
+  if (op.sr_seed.set) {
+    p.salt_param = sr_salt(op.sr_seed.value, kStreamParam);
+    p.salt_grad = sr_salt(op.sr_seed.value, kStreamGrad);
   }
   if (const cudaError_t err = launch_combine(p, stream); err != cudaSuccess) return status(err, "the combine kernel");
   if (gram) {
@@ -157,13 +134,8 @@ LaunchStatus run_rna_record(const RecordOp& op, const Table& table, double* part
   const int ndots = op.ndots();
   if (LaunchStatus s = check_inputs(table, ndots, partials); !s.ok()) return s;
   RecordLaunch p{};
-  p.dtype = op.dtype;
+  static_cast<RecordOp&>(p) = op;
   p.table = table;
-  p.window = op.window;
-  p.row_elems = op.row_elems;
-  p.slots = op.slots;
-  p.ndots = ndots;
-  p.count = op.count;
   p.partials = ndots > 0 ? partials : nullptr;
   if (const cudaError_t err = launch_rna_record(p, stream); err != cudaSuccess) {
     return status(err, "the rna_record kernel");
@@ -178,14 +150,8 @@ LaunchStatus run_rna_record(const RecordOp& op, const Table& table, double* part
 LaunchStatus run_rna_extrapolate(const ExtrapOp& op, const Table& table, cudaStream_t stream) {
   if (LaunchStatus s = check_inputs(table, 0, nullptr); !s.ok()) return s;
   ExtrapLaunch p{};
-  p.dtype = op.dtype;
+  static_cast<ExtrapOp&>(p) = op;
   p.table = table;
-  p.window = op.window;
-  p.row_elems = op.row_elems;
-  p.slots = op.slots;
-  p.m = op.m;
-  p.coefs = op.coefs;
-  p.count = op.count;
   return status(launch_rna_extrapolate(p, stream), "the rna_extrapolate kernel");
 }
 

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads, 2) record_kernel(const RecordLaunch 
   const T* src = reinterpret_cast<const T*>(w.a);
   T* win = reinterpret_cast<T*>(p.window) + w.col;
   const int64_t woff = ring_slot(count, 0, p.slots) * p.row_elems;
-  const int ndots = NDOTS > 0 ? NDOTS : p.ndots;
+  const int ndots = NDOTS > 0 ? NDOTS : p.ndots();
   const bool base_vec = aligned16(src) && aligned16(win + woff) && w.len % N == 0;
 
   // Up to 2 dots (3 fragments a step) a thread issues the loads of its whole
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) extrapolate_kernel(
 template <typename T>
 cudaError_t record_typed(const RecordLaunch& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.table.nblocks));
-  switch (p.ndots) {
+  switch (p.ndots()) {
     case 1: record_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p); break;
     case 2: record_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p); break;
     case 3: record_kernel<T, 3><<<grid, kThreads, 0, stream>>>(p); break;

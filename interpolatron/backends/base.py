@@ -85,9 +85,13 @@ from torch import Tensor
 
 # One frozen object per op call, built once by the custom op in
 # interpolatron/ops.py (the one place that unpacks the op's schema) and handed
-# to every backend and launcher as is. The field names are the schema's
-# argument names (without ``backend`` and ``cache``): a new argument is one
-# field here, one parameter of the op, and the kernels that read it.
+# to every backend and launcher as is (the C++ extension too: ``_C.combine``
+# reads the fields by name). The field names are the schema's argument names
+# (without ``backend`` and ``cache``): a new argument is one field here, one
+# parameter of the op, and the kernels that read it; a float, bool or optional
+# int that the C++ kernels read is also one line of its op's field list in
+# csrc/ops.h, which the bindings, the CPU and CUDA launch paths and the
+# simulator harness all walk.
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from .base import SUPPORTED_DTYPES, CombineArgs, ExtrapArgs, GramArgs, RecordArg
 from .torch_backend import BACKEND as _REFERENCE
 
 # The interface version of csrc/bindings.cpp this module speaks.
-_API_VERSION = 6
+_API_VERSION = 7
 
 try:
     from interpolatron import _C
@@ -146,48 +146,30 @@ def _tables(cache: dict, op: str, device: torch.device):
 
 
 class NativeBackend:
-    """The seam on ``_C``, whose functions still take the op's arguments one by
-    one: each method below is the one place that unpacks its argument object
-    for the extension. A call the extension declines (it returns False: a
-    non-contiguous tensor) runs on the torch backend."""
+    """The seam on ``_C``, whose functions take the op's argument object as is
+    (the extension reads its fields by name) and the bucket's device-table
+    cache. A call the extension declines (it returns False: a non-contiguous
+    tensor) runs on the torch backend."""
 
     name = "native"
 
     def combine(self, args: CombineArgs, cache: dict) -> None:
-        a = args
-        # The kernels round 16-bit writes stochastically themselves (the seed mod 2^32,
-        # as interpolatron.rounding takes it); wider dtypes ignore the seed.
-        seed = None if a.sr_seed is None else int(a.sr_seed) & 0xFFFFFFFF
-        done = _C.combine(a.params, a.grads, a.offsets, a.x_hist, a.g_hist, a.coefs, a.lr, a.count,
-                          float(a.weight_decay), bool(a.maximize), a.gram,
-                          _tables(cache, "combine", a.x_hist.device),
-                          grad_scale=a.grad_scale, found_inf=a.found_inf, sr_seed=seed, master=a.master)
-        if not done:
+        if not _C.combine(args, _tables(cache, "combine", args.x_hist.device)):
             _fallback("combine")
             _REFERENCE.combine(args, cache)
 
     def gram_row(self, args: GramArgs, cache: dict) -> None:
-        a = args
-        done = _C.gram_row(a.params, a.grads, a.offsets, a.g_hist, a.count, float(a.weight_decay),
-                           bool(a.maximize), a.out, _tables(cache, "gram_row", a.g_hist.device),
-                           bool(a.store), grad_scale=a.grad_scale, found_inf=a.found_inf, master=a.master)
-        if not done:
+        if not _C.gram_row(args, _tables(cache, "gram_row", args.g_hist.device)):
             _fallback("gram_row")
             _REFERENCE.gram_row(args, cache)
 
     def rna_record(self, args: RecordArgs, cache: dict) -> None:
-        a = args
-        done = _C.rna_record(a.sources, a.offsets, a.window, a.count, a.out,
-                             _tables(cache, "rna_record", a.window.device))
-        if not done:
+        if not _C.rna_record(args, _tables(cache, "rna_record", args.window.device)):
             _fallback("rna_record")
             _REFERENCE.rna_record(args, cache)
 
     def rna_extrapolate(self, args: ExtrapArgs, cache: dict) -> None:
-        a = args
-        done = _C.rna_extrapolate(a.window, a.offsets, a.count, a.coefs, a.outs,
-                                  _tables(cache, "rna_extrapolate", a.window.device))
-        if not done:
+        if not _C.rna_extrapolate(args, _tables(cache, "rna_extrapolate", args.window.device)):
             _fallback("rna_extrapolate")
             _REFERENCE.rna_extrapolate(args, cache)
 

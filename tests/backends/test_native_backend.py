@@ -431,9 +431,9 @@ def test_status_and_reasons():
         assert st["cuda_reason"] == why
     assert "meta" in native_backend.unavailable_reason(torch.device("meta"), torch.float32)
     with pytest.raises(ValueError, match="CPU and CUDA"):
-        _C.combine([], [], [], torch.zeros(0, 0, device="meta"), torch.zeros(0, 0, device="meta"),
-                   torch.ones(1, dtype=torch.float64), torch.ones((), dtype=torch.float64),
-                   torch.zeros((), dtype=torch.int64), 0.0, False, None, None)
+        _C.combine(CombineArgs([], [], [], torch.zeros(0, 0, device="meta"), torch.zeros(0, 0, device="meta"),
+                               torch.ones(1, dtype=torch.float64), torch.ones((), dtype=torch.float64),
+                               torch.zeros((), dtype=torch.int64), 0.0, False, None), None)
 
 
 def test_dispatch_prefers_the_extension_on_cpu():

@@ -18,6 +18,7 @@ from torch import nn
 
 import interpolatron
 from interpolatron.backends import native_backend
+from interpolatron.backends.base import GramArgs
 
 _C = native_backend._C
 pytestmark = pytest.mark.skipif(
@@ -75,8 +76,8 @@ def _gram(dtype, k, store, wd, maximize, scale, gen, grads=None, sizes=SIZES, ga
     want, size = _reference(params, grads, offsets, ring, count, wd, maximize, scale, store)
     out = torch.full((k,), math.nan, dtype=torch.float64)
     gs = None if scale is None else torch.tensor([scale], dtype=torch.float32)
-    assert _C.gram_row(params, grads, offsets, ring, torch.tensor(count), wd, maximize, out, None, store,
-                       grad_scale=gs)
+    assert _C.gram_row(GramArgs(params, grads, offsets, ring, torch.tensor(count), wd, maximize, out, store,
+                                grad_scale=gs), None)
     return out, want, size
 
 

@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 import torch
 
 from interpolatron.backends.base import CombineArgs, ExtrapArgs, GramArgs, RecordArgs
+from interpolatron.backends.native_backend import _C
 from interpolatron.backends.native_backend import BACKEND as NATIVE
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 OPS = {"combine": 0, "gram_row": 1, "rna_record": 2, "rna_extrapolate": 3}
-F_MAXIMIZE, F_OUT, F_STORE, F_SCALE, F_FOUND_INF, F_STOCHASTIC, F_MASTER = 1, 2, 4, 8, 16, 32, 64
+# Which optional tensors a case carries (tools/gpusim/harness.cpp Flag).
+F_OUT, F_SCALE, F_FOUND_INF, F_MASTER = 2, 8, 16, 64
 U64 = 2.0 ** -53
 THREADS = 256  # csrc/cuda/kernels.h kThreads
 
@@ -74,15 +76,16 @@ class Case:
     slots: int  # k for combine, S otherwise
     flags: int = 0
     m: int = 0
-    seed: int = 0
-    weight_decay: float = 0.0
+    scalars: dict = field(default_factory=dict)  # the op's scalars by name (scalars_of)
     bufs: list[Buf] = field(default_factory=list)
 
     def serialise(self, out: io.BufferedIOBase) -> None:
         w = out.write
-        w(struct.pack("<8q", OPS[self.op], DTYPE_CODE[self.dtype], len(self.numels), self.row_elems,
-                      self.slots, self.flags, self.m, self.seed))
-        w(struct.pack("<d", self.weight_decay))
+        w(struct.pack("<7q", OPS[self.op], DTYPE_CODE[self.dtype], len(self.numels), self.row_elems,
+                      self.slots, self.flags, self.m))
+        text = "\n".join(f"{name}={_scalar_text(v)}" for name, v in self.scalars.items()).encode()
+        w(struct.pack("<q", len(text)))
+        w(text)
         w(struct.pack(f"<{len(self.numels)}q", *self.numels))
         w(struct.pack(f"<{len(self.cols)}q", *self.cols))
         w(struct.pack("<q", len(self.bufs)))
@@ -93,6 +96,27 @@ class Case:
 
     def elements(self) -> int:
         return sum(self.numels)
+
+
+def scalars_of(op: str, args) -> dict:
+    """The scalars the harness fills ``op``'s struct with: the attributes of its
+    argument object that the extension reads (csrc/ops.h's field lists, as
+    ``_C.SCALARS``), so a case carries whatever the op takes."""
+    return {name: getattr(args, name) for name in _C.SCALARS[op]}
+
+
+def _scalar_text(v) -> str:
+    """One scalar as the harness parses it: a float exactly (hex), a bool 0/1,
+    an int in decimal (a seed; the harness takes it mod 2^32), None "none"."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, float):
+        return v.hex()
+    if isinstance(v, int):
+        return str(v)
+    raise TypeError(f"no harness form for the scalar {v!r}")
 
 
 def write_cases(cases: list[Case], path: str) -> None:
@@ -221,8 +245,9 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
     ref_p = [p.clone() for p in params]
     ref_x, ref_g = x_hist.clone(), g_hist.clone()
     ref_m = masters.clone() if master else None
-    NATIVE.combine(CombineArgs(ref_p, [g.clone() for g in grads], cols, ref_x, ref_g, coefs, lr.reshape(()),
-                               cnt, weight_decay, maximize, gram_t, scale_t, inf_t, sr_seed, ref_m), {})
+    args = CombineArgs(ref_p, [g.clone() for g in grads], cols, ref_x, ref_g, coefs, lr.reshape(()), cnt,
+                       weight_decay, maximize, gram_t, scale_t, inf_t, sr_seed, ref_m)
+    NATIVE.combine(args, {})
     skipped = found_inf is not None and found_inf != 0
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"param{i}", p, None if skipped else rp, misalign=mis[i]) for i, (p, rp) in
@@ -231,7 +256,7 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
     bufs += [Buf("x_hist", x_hist, None if skipped else ref_x),
              Buf("g_hist", g_hist, None if skipped else ref_g),
              Buf("coefs", coefs), Buf("lr", lr), Buf("count", cnt.reshape(1))]
-    flags = F_MAXIMIZE * maximize
+    flags = 0
     if master:
         flags |= F_MASTER
         bufs.append(Buf("master", masters, None if skipped else ref_m))
@@ -242,11 +267,8 @@ def combine_case(name: str, dtype: torch.dtype, k: int, numels: list[int], *, ge
         bufs.append(Buf("gram", torch.zeros(k, dtype=torch.float64), gram_t, dots=mag, n_terms=sum(numels),
                         undefined=skipped))
     flags |= _scaler_bufs(bufs, scale_t, inf_t)
-    if sr_seed is not None:
-        flags |= F_STOCHASTIC
     return Case(name, "combine", ring_dtype, numels, cols, row, k, flags,
-                m=DTYPE_CODE[dtype] if master else 0, seed=(sr_seed or 0) & 0xFFFFFFFF,
-                weight_decay=weight_decay, bufs=bufs)
+                m=DTYPE_CODE[dtype] if master else 0, scalars=scalars_of("combine", args), bufs=bufs)
 
 
 def _effective(params, grads, weight_decay, maximize, grad_scale) -> list[torch.Tensor]:
@@ -295,8 +317,9 @@ def gram_case(name: str, dtype: torch.dtype, slots: int, store: bool, numels: li
     inf_t = None if found_inf is None else torch.tensor([found_inf], dtype=torch.float32)
     out = torch.full((ndots,), float("nan"), dtype=torch.float64)
     ref_g = g_hist.clone()
-    NATIVE.gram_row(GramArgs(params, grads, cols, ref_g, cnt, weight_decay, maximize, out, store, scale_t,
-                             inf_t, masters), {})
+    args = GramArgs(params, grads, cols, ref_g, cnt, weight_decay, maximize, out, store, scale_t, inf_t,
+                    masters)
+    NATIVE.gram_row(args, {})
     skipped = found_inf is not None and found_inf != 0
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"param{i}", p, misalign=mis[i]) for i, p in enumerate(params)]
@@ -306,13 +329,13 @@ def gram_case(name: str, dtype: torch.dtype, slots: int, store: bool, numels: li
     bufs += [Buf("g_hist", g_hist, None if skipped else ref_g), Buf("count", cnt.reshape(1)),
              Buf("out", torch.zeros(ndots, dtype=torch.float64), out, dots=mag, n_terms=sum(numels),
                  undefined=skipped)]
-    flags = F_MAXIMIZE * maximize | F_STORE * store
+    flags = 0
     if master:
         flags |= F_MASTER
         bufs.append(Buf("master", masters))
     flags |= _scaler_bufs(bufs, scale_t, inf_t)
     return Case(name, "gram_row", ring_dtype, numels, cols, row, slots, flags,
-                m=DTYPE_CODE[dtype] if master else 0, weight_decay=weight_decay, bufs=bufs)
+                m=DTYPE_CODE[dtype] if master else 0, scalars=scalars_of("gram_row", args), bufs=bufs)
 
 
 def record_case(name: str, dtype: torch.dtype, slots: int, numels: list[int], *, gen: torch.Generator,
@@ -326,7 +349,8 @@ def record_case(name: str, dtype: torch.dtype, slots: int, numels: list[int], *,
     cnt = torch.tensor(count, dtype=torch.int64)
     out = torch.full((slots - 1,), float("nan"), dtype=torch.float64) if dots else None
     ref_w = window.clone()
-    NATIVE.rna_record(RecordArgs(sources, cols, ref_w, cnt, out), {})
+    args = RecordArgs(sources, cols, ref_w, cnt, out)
+    NATIVE.rna_record(args, {})
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"source{i}", s, misalign=mis[i]) for i, s in enumerate(sources)]
     bufs += [Buf("window", window, ref_w), Buf("count", cnt.reshape(1))]
@@ -343,7 +367,8 @@ def record_case(name: str, dtype: torch.dtype, slots: int, numels: list[int], *,
                 mags[j] += (r0.abs() * (y(j, t, c) - y(j + 1, t, c)).abs()).sum()
         bufs.append(Buf("out", torch.zeros(slots - 1, dtype=torch.float64), out, dots=mags,
                         n_terms=sum(numels)))
-    return Case(name, "rna_record", dtype, numels, cols, row, slots, flags, bufs=bufs)
+    return Case(name, "rna_record", dtype, numels, cols, row, slots, flags,
+                scalars=scalars_of("rna_record", args), bufs=bufs)
 
 
 def extrapolate_case(name: str, dtype: torch.dtype, slots: int, m: int, numels: list[int], *,
@@ -356,8 +381,10 @@ def extrapolate_case(name: str, dtype: torch.dtype, slots: int, m: int, numels: 
     cnt = torch.tensor(count, dtype=torch.int64)
     coefs = torch.softmax(torch.randn(m, generator=gen, dtype=torch.float64), 0)
     ref_o = [o.clone() for o in outs]
-    NATIVE.rna_extrapolate(ExtrapArgs(window, cols, cnt, coefs, ref_o), {})
+    args = ExtrapArgs(window, cols, cnt, coefs, ref_o)
+    NATIVE.rna_extrapolate(args, {})
     mis = misalign or [0] * len(numels)
     bufs = [Buf(f"out{i}", o, r, misalign=mis[i]) for i, (o, r) in enumerate(zip(outs, ref_o))]
     bufs += [Buf("window", window), Buf("count", cnt.reshape(1)), Buf("coefs", coefs)]
-    return Case(name, "rna_extrapolate", dtype, numels, cols, row, slots, 0, m=m, bufs=bufs)
+    return Case(name, "rna_extrapolate", dtype, numels, cols, row, slots, 0, m=m,
+                scalars=scalars_of("rna_extrapolate", args), bufs=bufs)

@@ -162,16 +162,15 @@ def test_wide_dtypes_and_no_seed_keep_the_nearest_kernels():
         assert torch.equal(g, w)
 
 
-def test_bad_seed_is_refused_and_nothing_changes():
-    params, grads, offsets, (x_hist, g_hist) = _bucket(torch.bfloat16, 2, special=False)
-    before = [t.clone() for t in params + [x_hist, g_hist]]
-    for seed in (-1, 2**32):
-        with pytest.raises(ValueError, match="sr_seed"):
-            _C.combine(params, grads, offsets, x_hist, g_hist, torch.tensor([0.5, 0.5], dtype=torch.float64),
-                       torch.tensor(0.1, dtype=torch.float64), torch.tensor(0), 0.0, False, None, None,
-                       sr_seed=seed)
-    for b, a in zip(before, params + [x_hist, g_hist]):
-        assert torch.equal(b.view(torch.int16), a.view(torch.int16))
+def test_the_extension_takes_any_int_seed_mod_2_32():
+    """The extension reads ``sr_seed`` off the argument object and takes it mod
+    2^32, as interpolatron.rounding does: a negative seed or one past 32 bits
+    writes the bits of its residue, and those of the reference."""
+    bucket = _bucket(torch.bfloat16, 2, special=False)
+    for seed, residue in ((-1, 2**32 - 1), (2**64 + 5, 5)):
+        got = _run(NATIVE, bucket, 2, 1, 3, seed, True)
+        _assert_same_bits(got, _run(NATIVE, bucket, 2, 1, 3, residue, True))
+        _assert_same_bits(got, _run(ORACLE, bucket, 2, 1, 3, seed, True))
 
 
 @pytest.mark.gpu

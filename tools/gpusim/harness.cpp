@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -90,20 +91,81 @@ bool download(const Buf& b, FILE* out) {
 }
 
 enum Op : int64_t { kCombine = 0, kGramRow = 1, kRnaRecord = 2, kRnaExtrapolate = 3 };
+// Which optional tensors a case carries (the scalars come by name).
 enum Flag : int64_t {
-  kMaximize = 1,
   kHasOut = 2,  // gram (combine), out (gram_row, rna_record)
-  kStore = 4,   // gram_row
   kHasGradScale = 8,
   kHasFoundInf = 16,
-  kStochastic = 32,
   kMaster = 64,  // combine, gram_row: float32 rings (dtype) and masters, 16-bit segments (m: their dtype)
 };
 
+// The op's scalars (csrc/ops.h field lists) from the case's "name=value"
+// lines, as tests/gpusim/_cases.py writes them from the op's Python argument
+// object: a float in hex (or inf / nan), a bool 0 or 1, a seed "none" or a
+// decimal int (taken mod 2^32, negative ones included, as the bindings do).
+using Scalars = std::map<std::string, std::string>;
+
+Scalars parse_scalars(const std::string& text) {
+  Scalars out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    const std::string line = text.substr(pos, end - pos);
+    const size_t eq = line.find('=');
+    if (eq == std::string::npos) die("a scalar line without '='");
+    out[line.substr(0, eq)] = line.substr(eq + 1);
+    pos = end + 1;
+  }
+  return out;
+}
+
+void parse(const std::string& v, double& out) {
+  char* end = nullptr;
+  out = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end != '\0') die("a float scalar that does not parse");
+}
+
+void parse(const std::string& v, bool& out) {
+  if (v != "0" && v != "1") die("a bool scalar that is not 0 or 1");
+  out = v == "1";
+}
+
+void parse(const std::string& v, interp::Seed& out) {
+  if (v == "none") {
+    out = interp::Seed{};
+    return;
+  }
+  const bool negative = !v.empty() && v[0] == '-';
+  uint32_t mod = 0;  // |v| mod 2^32, digit by digit (any length)
+  for (size_t i = negative ? 1 : 0; i < v.size(); ++i) {
+    if (v[i] < '0' || v[i] > '9') die("a seed scalar that is not an int");
+    mod = static_cast<uint32_t>(mod * 10u + static_cast<uint32_t>(v[i] - '0'));
+  }
+  out = interp::Seed{true, negative ? 0u - mod : mod};
+}
+
+// Fills every scalar of `op` from `scalars`; each one must be there, and nothing else.
+template <typename OpT>
+void fill_scalars(OpT& op, const Scalars& scalars) {
+  size_t used = 0;
+  interp::for_each_scalar(op, [&](const char* name, auto& field) {
+    const auto it = scalars.find(name);
+    if (it == scalars.end()) {
+      std::fprintf(stderr, "harness: the case has no scalar %s\n", name);
+      std::exit(2);
+    }
+    parse(it->second, field);
+    ++used;
+  });
+  if (used != scalars.size()) die("the case has scalars the op does not take");
+}
+
 // Case layout (int64 unless said): op, dtype, nseg, row_elems, slots (k for
-// combine, S otherwise), flags, m (extrapolate), seed, weight_decay (f64),
-// numel[nseg], col[nseg], nbuf, then the buffers (nbytes, misalign, bytes) in
-// the op's order (tests/gpusim/cases.py).
+// combine, S otherwise), flags, m (extrapolate; the 16-bit dtype with master
+// weights), the scalars (byte count, then "name=value" lines), numel[nseg],
+// col[nseg], nbuf, then the buffers (nbytes, misalign, bytes) in the op's
+// order (tests/gpusim/_cases.py).
 int run_case(Reader& r, FILE* out, int index) {
   using namespace interp;
   const int64_t op = r.i64();
@@ -113,8 +175,9 @@ int run_case(Reader& r, FILE* out, int index) {
   const int64_t slots = r.i64();
   const int64_t flags = r.i64();
   const int64_t m = r.i64();
-  const int64_t seed = r.i64();
-  const double weight_decay = r.f64();
+  std::string text(static_cast<size_t>(r.i64()), '\0');
+  r.bytes(text.data(), static_cast<int64_t>(text.size()));
+  const Scalars scalars = parse_scalars(text);
   std::vector<int64_t> numel(static_cast<size_t>(nseg)), col(static_cast<size_t>(nseg));
   for (auto& v : numel) v = r.i64();
   for (auto& v : col) v = r.i64();
@@ -144,6 +207,7 @@ int run_case(Reader& r, FILE* out, int index) {
   switch (op) {
     case kCombine: {
       CombineOp a{};
+      fill_scalars(a, scalars);
       a.dtype = dtype;
       a.k = static_cast<int>(slots);
       a.x_ring = take().ptr();
@@ -152,29 +216,23 @@ int run_case(Reader& r, FILE* out, int index) {
       a.coefs = reinterpret_cast<const double*>(take().ptr());
       a.lr = reinterpret_cast<const double*>(take().ptr());
       a.count = reinterpret_cast<const int64_t*>(take().ptr());
-      a.weight_decay = weight_decay;
-      a.maximize = flags & kMaximize;
       a.master = reinterpret_cast<float*>(opt(kMaster));
       a.param_dtype = (flags & kMaster) ? static_cast<DType>(m) : dtype;
       a.gram = reinterpret_cast<double*>(opt(kHasOut));
       a.gram_stride = 1;
       a.grad_scale = reinterpret_cast<const float*>(opt(kHasGradScale));
       a.found_inf = reinterpret_cast<const float*>(opt(kHasFoundInf));
-      a.stochastic = flags & kStochastic;
-      a.sr_seed = static_cast<uint32_t>(seed);
       err = harness::combine(a, segs, ws);
       break;
     }
     case kGramRow: {
       GramRowOp a{};
+      fill_scalars(a, scalars);
       a.dtype = dtype;
       a.g_ring = take().ptr();
       a.slots = static_cast<int>(slots);
       a.row_elems = row_elems;
       a.count = reinterpret_cast<const int64_t*>(take().ptr());
-      a.weight_decay = weight_decay;
-      a.maximize = flags & kMaximize;
-      a.store = flags & kStore;
       a.out = reinterpret_cast<double*>(take().ptr());
       a.out_stride = 1;
       a.master = reinterpret_cast<const float*>(opt(kMaster));
@@ -186,6 +244,7 @@ int run_case(Reader& r, FILE* out, int index) {
     }
     case kRnaRecord: {
       RecordOp a{};
+      fill_scalars(a, scalars);
       a.dtype = dtype;
       a.window = take().ptr();
       a.slots = static_cast<int>(slots);
@@ -198,6 +257,7 @@ int run_case(Reader& r, FILE* out, int index) {
     }
     case kRnaExtrapolate: {
       ExtrapOp a{};
+      fill_scalars(a, scalars);
       a.dtype = dtype;
       a.window = take().ptr();
       a.slots = static_cast<int>(slots);
