@@ -263,8 +263,8 @@ class BucketPlan:
                     if st and ("x_hist" in st or "g_hist" in st or "step" in st or "master" in st):
                         return True
                     continue
-                if (st is not rec[1] or st.get("step") is not rec[2] or st.get("x_hist") is not rec[3]
-                        or st.get("g_hist") is not rec[4] or st.get("master") is not rec[5]):
+                if (st is not rec[1] or st.get("x_hist") is not rec[3] or st.get("g_hist") is not rec[4]
+                        or st.get("step") is not rec[2] or st.get("master") is not rec[5]):
                     return True
         return False
 
