@@ -20,7 +20,7 @@ from ..backends import BACKEND_NAMES, canonical_name, resolve
 from ..sharding import ReductionKeys, check_grad_layout, is_dtensor, reduction_key
 from ._amp import NO_AMP, AmpStep, StaleWarmStart
 from ._buckets import BucketPlan, PlanRules, Work
-from ._checkpoint import CheckpointSpec, plan_load
+from ._checkpoint import CheckpointError, CheckpointSpec, plan_load
 from ._checks import (
     LATER_GROUP_KEYS,
     check_grad,
@@ -225,13 +225,17 @@ class BucketedOptimizer(Optimizer):
         optimizer will refuse (RNA's gradient record) calls this first."""
         self._check_step()
 
-    def _check_step(self) -> None:
+    def _check_step(self) -> dict | None:
         """Everything a step needs, before it writes anything. The settings are
         checked on copies of the groups: a refused step leaves every group
         dict as it was. Only once every check has passed does a value that a
         user assigned since in another valid form (a list of alphas, an int
         weight decay) take the form the group was added with, which the step
-        then uses."""
+        then uses.
+
+        Returns the per-parameter state to take in place of ``self.state``
+        when it was replaced since the last step (:meth:`_plan_foreign_state`),
+        else None."""
         per_param = self._keys.per_param
         trials, checked = [], {}
         for gi, group in enumerate(self.param_groups):
@@ -251,11 +255,61 @@ class BucketedOptimizer(Optimizer):
                         check_grad_layout(p)
         self._validate_groups(trials)
         self._check_k_unchanged()
+        taken = self._plan_foreign_state(trials)
         self._lr_checked.update(checked)
         for group, trial in zip(self.param_groups, trials):
             for key, value in trial.items():
                 if key not in group or not identical(group[key], value):
                     group[key] = value
+        return taken
+
+    def _plan_foreign_state(self, groups: list[dict]) -> dict | None:
+        """The per-parameter state validated and copied as ``load_state_dict``
+        would (``groups``: the param groups' checked settings), when some entry
+        of ``self.state`` is no longer what this optimizer put there; else None.
+
+        ``ZeroRedundancyOptimizer.load_state_dict`` assigns
+        ``optimizer.state[p]`` directly (not through :meth:`load_state_dict`),
+        as may a user or another tool: the buckets would otherwise keep
+        stepping their old rings while ``state`` shows the new ones (a
+        silently wrong resume). The check is identity only (no device read);
+        the step that finds such a change reads the new state's values once, as
+        :meth:`load_state_dict` does, and raises
+        :class:`~interpolatron.optim._checkpoint.CheckpointError` for a bad one
+        before anything is written."""
+        if not self._plan.foreign(self.param_groups, self.state):
+            return None
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved, start = [], 0
+        for g in groups:
+            n = len(g["params"])
+            saved.append({**{k: v for k, v in g.items() if k != "params"},
+                          "params": list(range(start, start + n))})
+            start += n
+        state_dict = {"state": {i: st for i, p in enumerate(params) if (st := self.state.get(p))},
+                      "param_groups": saved}
+        try:
+            _, state = plan_load(self._checkpoint_spec(), state_dict)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"optimizer.state was replaced since the last step (ZeroRedundancyOptimizer.load_state_dict, "
+                f"or an assignment to optimizer.state) and cannot be resumed from: {exc}") from exc
+        return state
+
+    def _take_state(self, state: dict) -> None:
+        """Swap in a state planned by :meth:`_plan_foreign_state` and rebuild the
+        buckets from it at this step, exactly as after :meth:`load_state_dict`
+        (the dict ``self.state`` itself is kept: a wrapper may hold it)."""
+        for p in (p for g in self.param_groups for p in g["params"]):
+            if p in state:
+                self.state[p] = state[p]
+            else:
+                self.state.pop(p, None)
+        settled = self._settled
+        self._forget_buckets()
+        self._settled = settled
+        self._stale_warm = []
+        self._after_load(None)
 
     @staticmethod
     def _tensor_lr(group: dict) -> None:
@@ -382,7 +436,9 @@ class BucketedOptimizer(Optimizer):
         supported there: it raises."""
         self._opt_called = True  # what an LR scheduler's step wrapper would record
         self._settled = not torch.compiler.is_compiling()
-        self._check_step()
+        taken = self._check_step()
+        if taken is not None:
+            self._take_state(taken)
         self._keys.refresh(self.param_groups)  # a user may have edited group["params"]
         self._check_same_parameters()
         for gi, group in enumerate(self.param_groups):
@@ -482,6 +538,9 @@ class BucketedOptimizer(Optimizer):
 
     def _forget_buckets(self) -> None:
         self._plan = BucketPlan()
+        # The state as it stands is this optimizer's own (validated by
+        # load_state_dict, or a copy's): what a later foreign() compares with.
+        self._plan.trust(self.param_groups, self.state)
         self._settled = False
 
     # -- copies (copy.deepcopy, pickle) ---------------------------------

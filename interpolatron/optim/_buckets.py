@@ -184,6 +184,11 @@ def warm_start(p: Tensor, group: dict, xv: Tensor, gv: Tensor, amp: AmpStep = NO
             gv[1:].copy_(first.unsqueeze(0).expand_as(gv[1:]))
 
 
+def _record(p: Tensor, st: dict) -> tuple:
+    """What :meth:`BucketPlan.foreign` compares a parameter's state with."""
+    return (p, st, st.get("step"), st.get("x_hist"), st.get("g_hist"), st.get("master"))
+
+
 @dataclass(frozen=True)
 class PlanRules:
     """What the optimizer decides for its buckets, handed to each
@@ -227,6 +232,41 @@ class BucketPlan:
         # (a traced write under torch.compile: the graph that split a pass for
         # them guards on it, so the next step does not run that graph again).
         self.first_steps: dict[int, Tensor | None] = {}
+        # By parameter id: ``(p, its state dict, step, x_hist, g_hist, master)``
+        # as this optimizer put them there (the buckets' views, or a state
+        # load_state_dict validated). See :meth:`foreign`.
+        self.installed: dict[int, tuple] = {}
+
+    def trust(self, groups: list[dict], state: dict) -> None:
+        """Record the per-parameter state as it stands as this optimizer's own
+        (just validated by ``load_state_dict``, or a copy of its own state)."""
+        for g in groups:
+            for p in g["params"]:
+                st = state.get(p)
+                if st:
+                    self.installed[id(p)] = _record(p, st)
+
+    def foreign(self, groups: list[dict], state: dict) -> bool:
+        """Whether a parameter's state entries are no longer the tensors this
+        optimizer put there: ``ZeroRedundancyOptimizer.load_state_dict``
+        assigns ``optimizer.state[p]`` directly, and so may a user. The
+        buckets would keep stepping their own rings while ``state`` shows
+        others. Identity checks on the host only (no device read); a parameter
+        whose entry holds no history (Anderson's optimizer-wide state on a
+        parameter without a gradient yet) is not checked."""
+        installed = self.installed
+        for g in groups:
+            for p in g["params"]:
+                st = state.get(p)
+                rec = installed.get(id(p))
+                if rec is None:
+                    if st and ("x_hist" in st or "g_hist" in st or "step" in st or "master" in st):
+                        return True
+                    continue
+                if (st is not rec[1] or st.get("x_hist") is not rec[3] or st.get("g_hist") is not rec[4]
+                        or st.get("step") is not rec[2] or st.get("master") is not rec[5]):
+                    return True
+        return False
 
     def ready(self, groups: list[dict]) -> bool:
         """Whether the last host setup still holds: the same parameters have
@@ -358,6 +398,7 @@ class BucketPlan:
                 if amp.may_skip and gv.shape[0]:
                     stale.append(StaleWarmStart(p, amp.skip(device), late))
             st["step"], st["x_hist"], st["g_hist"] = count, as_history(xv, p), as_history(gv, p)
+            self.installed[id(p)] = _record(p, st)
         self.buckets[key] = bucket
         return bucket
 
