@@ -15,6 +15,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+from _dist_cases import suite  # noqa: F401 (the spawned ranks' entry point)
 from torch import nn
 
 import interpolatron
@@ -231,18 +232,4 @@ def ignored_elsewhere(rank, world, backend, dtype, steps, save_at):
         cs: list = []
         _train(other, ps, o, grads, save_at, steps, cs, {})
         out[mode] = _outcome(other, ps, o, cs)
-    return out
-
-
-def suite(rank, world, cases):
-    """Run ``cases`` (``(name, function, args)``) in order; a case's error is
-    returned as text instead of ending the others."""
-    import traceback
-
-    out = {}
-    for name, fn, args in cases:
-        try:
-            out[name] = fn(rank, world, *args)
-        except Exception:
-            out[name] = {"error": traceback.format_exc()}
     return out

@@ -74,15 +74,15 @@ def _mode_id(mode):
     return "-".join(f"{k}={v}" for k, v in mode.items()) or "plain"
 
 
-def _cases() -> list:
-    """Every backend, dtype and mode; a backend that cannot run a dtype here is
-    reported as skipped with the reason."""
+def _cases(modes=_modes) -> list:
+    """Every backend, dtype and mode (``modes(dtype)``); a backend that cannot
+    run a dtype here is reported as skipped with the reason."""
     out = []
     for b in [p.values[0] for p in backend_params()]:
         for dt in DTYPES:
             why = unavailable(b, dt)
             marks = [pytest.mark.skip(reason=f"backend {b!r}: {why}")] if why else []
-            for m in _modes(dt):
+            for m in modes(dt):
                 out.append(pytest.param(b, dt, m, id=f"{b}-{str(dt)[6:]}-{_mode_id(m)}", marks=marks))
     return out
 
@@ -226,17 +226,6 @@ def _join_modes(dtype):
     return [{}, {"weight_decay": 0.1}] + (sixteen if dtype in SIXTEEN else [])
 
 
-def _join_cases() -> list:
-    out = []
-    for b in [p.values[0] for p in backend_params()]:
-        for dt in DTYPES:
-            why = unavailable(b, dt)
-            marks = [pytest.mark.skip(reason=f"backend {b!r}: {why}")] if why else []
-            for m in _join_modes(dt):
-                out.append(pytest.param(b, dt, m, id=f"{b}-{str(dt)[6:]}-{_mode_id(m)}", marks=marks))
-    return out
-
-
 def _settled_data(dtype, steps):
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(29, generator=gen, dtype=torch.float64).to(dtype)
@@ -264,7 +253,7 @@ def _join_run(name, dtype, backend, lr, mode, *, zero_grads=False, before=3, new
     return [p.detach() for p in joiners], masters
 
 
-@pytest.mark.parametrize("backend,dtype,mode", _join_cases())
+@pytest.mark.parametrize("backend,dtype,mode", _cases(_join_modes))
 @pytest.mark.parametrize("name", JOIN_NAMES)
 def test_a_parameter_that_joins_late_takes_the_k1_step_bitwise(name, backend, dtype, mode):
     """Against k = 1 joining at the same step (the same count and columns: the
