@@ -54,6 +54,28 @@ class _Oracle:
     def _lr(self, gi: int, lrs) -> float:
         return float(self.groups[gi]["lr"] if lrs is None or lrs[gi] is None else lrs[gi])
 
+    def _take_gradients(self, grads) -> list[tuple[int, int]]:
+        """Anderson's intake of one step: each effective gradient becomes age 0
+        of its g history (a first one warm-starts k copies of x^(0), g^(0));
+        returns the keys of the parameters that had one."""
+        k = self.k
+        active = []
+        for gi, group in enumerate(self.groups):
+            for pi, x in enumerate(group["params"]):
+                grad = grads[gi][pi]
+                if grad is None:
+                    continue
+                g = effective_grad(np.asarray(grad, dtype=np.float64), x, group["weight_decay"],
+                                   group["maximize"])
+                key = (gi, pi)
+                if key not in self.g_hist:  # warm start: copies of x^(0), g^(0)
+                    self.x_hist[key] = [x.copy() for _ in range(k - 1)]
+                    self.g_hist[key] = [g.copy() for _ in range(k)]
+                else:
+                    self.g_hist[key] = [g.copy()] + self.g_hist[key][: k - 1]
+                active.append(key)
+        return active
+
 
 class InterpolatronOracle(_Oracle):
     """ALGORITHMS.md section 1:
@@ -187,21 +209,7 @@ class AndersonOracle(_Oracle):
 
     def step(self, grads, lrs=None) -> None:
         k = self.k
-        active = []
-        for gi, group in enumerate(self.groups):
-            for pi, x in enumerate(group["params"]):
-                grad = grads[gi][pi]
-                if grad is None:
-                    continue
-                g = effective_grad(np.asarray(grad, dtype=np.float64), x, group["weight_decay"],
-                                   group["maximize"])
-                key = (gi, pi)
-                if key not in self.g_hist:
-                    self.x_hist[key] = [x.copy() for _ in range(k - 1)]
-                    self.g_hist[key] = [g.copy() for _ in range(k)]
-                else:
-                    self.g_hist[key] = [g.copy()] + self.g_hist[key][: k - 1]
-                active.append(key)
+        active = self._take_gradients(grads)
         if not active:
             return
         m = min(self.t + 1, k)
@@ -254,21 +262,7 @@ class OnePassAndersonOracle(_Oracle):
 
     def step(self, grads, lrs=None) -> None:
         k = self.k
-        active = []
-        for gi, group in enumerate(self.groups):
-            for pi, x in enumerate(group["params"]):
-                grad = grads[gi][pi]
-                if grad is None:
-                    continue
-                g = effective_grad(np.asarray(grad, dtype=np.float64), x, group["weight_decay"],
-                                   group["maximize"])
-                key = (gi, pi)
-                if key not in self.g_hist:  # warm start: copies of x^(0), g^(0)
-                    self.x_hist[key] = [x.copy() for _ in range(k - 1)]
-                    self.g_hist[key] = [g.copy() for _ in range(k)]
-                else:
-                    self.g_hist[key] = [g.copy()] + self.g_hist[key][: k - 1]
-                active.append(key)
+        active = self._take_gradients(grads)
         if not active:
             return
         a = np.zeros(k)

@@ -39,12 +39,7 @@ def test_master_equals_float32_run_on_the_same_gradients(backend, algo, dtype):
     ref = make_optimizer(algo, shadow, backend)
     x, y = make_data(dtype)
     for _ in range(6):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(m(x).float(), y.float()).backward()
-        for s, p in zip(shadow, m.parameters()):
-            s.grad = p.grad.float()
-        opt.step()
-        ref.step()
+        _step_beside_float32(m, opt, shadow, ref, x, y)
         for s, p in zip(shadow, m.parameters()):
             assert p.dtype == dtype
             assert torch.equal(opt.state[p]["master"], s.detach())
@@ -52,6 +47,17 @@ def test_master_equals_float32_run_on_the_same_gradients(backend, algo, dtype):
             assert opt.state[p]["x_hist"].dtype == torch.float32
             assert torch.equal(opt.state[p]["x_hist"], ref.state[s]["x_hist"])
             assert torch.equal(opt.state[p]["g_hist"], ref.state[s]["g_hist"])
+
+
+def _step_beside_float32(m, opt, shadow: list[torch.Tensor], ref, x, y) -> None:
+    """One step of the 16-bit model's optimizer and of ``ref`` on its float32
+    ``shadow`` copies, on the same (widened) gradients."""
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(m(x).float(), y.float()).backward()
+    for s, p in zip(shadow, m.parameters()):
+        s.grad = p.grad.float()
+    opt.step()
+    ref.step()
 
 
 def _train(dtype: torch.dtype, steps: int, backend: str = "native", **kw) -> list[torch.Tensor]:
@@ -216,12 +222,7 @@ def test_stochastic_rounding_of_the_master(backend, dtype):
     x, y = make_data(dtype)
     nearest = 0
     for step in range(4):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(m(x).float(), y.float()).backward()
-        for s, p in zip(shadow, m.parameters()):
-            s.grad = p.grad.float()
-        opt.step()
-        ref.step()
+        _step_beside_float32(m, opt, shadow, ref, x, y)
         b = next(iter(opt._plan.buckets.values()))
         for s, p in zip(shadow, m.parameters()):
             assert torch.equal(opt.state[p]["master"], s.detach())
