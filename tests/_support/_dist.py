@@ -74,3 +74,19 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0, back
                 raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{out['error']}")
             results.append(out["ok"])
         return results
+
+
+def rank_results(results: list, name: str) -> list:
+    """Every rank's result of case ``name`` of a :func:`run_ranks` suite (a
+    rank's error fails the test with its traceback)."""
+    import pytest
+
+    for rank, res in enumerate(results):
+        if "error" in res[name]:
+            pytest.fail(f"rank {rank} of case {name!r} raised:\n{res[name]['error']}")
+    return [res[name] for res in results]
+
+
+def max_abs_diff(a: list, b: list) -> float:
+    """The largest absolute difference between paired tensors, in float64."""
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))

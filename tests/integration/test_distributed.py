@@ -15,7 +15,7 @@ import _dist_cases as C
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_ranks
+from _dist import max_abs_diff, rank_results, run_ranks
 from optimizers import available_backends
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -99,18 +99,6 @@ def world4():
     return run_ranks(C.suite, 4, cases, timeout=240)
 
 
-def _case(results: list, name: str) -> list:
-    """Every rank's result of one case (a rank's error fails the test with its traceback)."""
-    for rank, res in enumerate(results):
-        if "error" in res[name]:
-            pytest.fail(f"rank {rank} of case {name!r} raised:\n{res[name]['error']}")
-    return [res[name] for res in results]
-
-
-def _max_diff(a: list, b: list) -> float:
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
-
-
 @pytest.fixture(scope="module")
 def plain_layout():
     refs = {"layout-f32": C.run_anderson_plain(torch.float32, "torch", STEPS),
@@ -131,9 +119,9 @@ def test_layout_invariance_to_float64_rounding(request, plain_layout, world, cas
     coefficients equal the single-process ones to float64 rounding and the
     parameters agree to the last bits (torch backend, D3's float64 dots)."""
     ref = plain_layout[case]
-    for res in _case(request.getfixturevalue(f"world{world}"), case):
+    for res in rank_results(request.getfixturevalue(f"world{world}"), case):
         dc = (res["coefs"] - ref["coefs"]).abs().max().item()
-        dp = _max_diff(res["params"], ref["params"])
+        dp = max_abs_diff(res["params"], ref["params"])
         print(f"{case} world={world}: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
         assert dc <= 1e-14, dc
         scale = max(p.abs().max().item() for p in ref["params"])
@@ -157,9 +145,9 @@ def test_grad_scaler_on_shards(request, world, backend):
     # Single process: scaling by a power of two is exact, so skipping is all the scaler does.
     assert torch.equal(scaled["coefs"], dropped["coefs"])
     assert all(torch.equal(a, b) for a, b in zip(scaled["params"], dropped["params"]))
-    for res in _case(request.getfixturevalue(f"world{world}"), f"amp-{backend}"):
+    for res in rank_results(request.getfixturevalue(f"world{world}"), f"amp-{backend}"):
         dc = (res["coefs"] - dropped["coefs"]).abs().max().item()
-        dp = _max_diff(res["params"], dropped["params"])
+        dp = max_abs_diff(res["params"], dropped["params"])
         print(f"GradScaler on {world} ranks, {name}: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
         assert dc <= 1e-14, dc
         assert dp <= EPS32 * max(p.abs().max().item() for p in dropped["params"]), dp
@@ -170,9 +158,9 @@ def test_compiled_step_on_shards(world2, plain_layout):
     the Gram all-reduce inside the graph) after one eager step: the
     single-process eager run's coefficients to float64 rounding."""
     ref = plain_layout["layout-f32"]
-    for res in _case(world2, "compiled"):
+    for res in rank_results(world2, "compiled"):
         dc = (res["coefs"] - ref["coefs"]).abs().max().item()
-        dp = _max_diff(res["params"], ref["params"])
+        dp = max_abs_diff(res["params"], ref["params"])
         print(f"compiled on 2 ranks: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
         assert dc <= 1e-14, dc
         assert dp <= EPS32 * max(p.abs().max().item() for p in ref["params"]), dp
@@ -183,12 +171,12 @@ def test_layout_invariance_on_2d_meshes(world4, plain_layout, kind):
     """A 2 x 2 mesh: HSDP (Replicate, Shard(0)), where the replicated dimension
     must count once, and (Shard(0), Shard(1)), summed over both dimensions."""
     ref = plain_layout["layout-f32"]
-    for res in _case(world4, f"layout-{kind}"):
+    for res in rank_results(world4, f"layout-{kind}"):
         dc = (res["coefs"] - ref["coefs"]).abs().max().item()
         print(f"{kind} on 2x2: max |coef diff| {dc:.3g}")
         assert dc <= 1e-14
         scale = max(p.abs().max().item() for p in ref["params"])
-        assert _max_diff(res["params"], ref["params"]) <= EPS32 * scale
+        assert max_abs_diff(res["params"], ref["params"]) <= EPS32 * scale
 
 
 def test_membership_changes_on_one_rank_only(world2, plain_layout):
@@ -197,29 +185,29 @@ def test_membership_changes_on_one_rank_only(world2, plain_layout):
     (once, all of it) while the other's does not: the same single all-reduce
     per step on both, and the single-process coefficients and parameters."""
     ref = plain_layout["layout-skips"]
-    results = _case(world2, "partitioned-skips")
+    results = rank_results(world2, "partitioned-skips")
     params = {}
     for res in results:
         assert (res["coefs"] - ref["coefs"]).abs().max().item() <= 1e-14
         params.update(res["params"])
     assert sorted(params) == list(range(len(C.SHAPES)))
-    assert _max_diff([params[i] for i in range(len(C.SHAPES))], ref["params"]) <= EPS32 * 4
+    assert max_abs_diff([params[i] for i in range(len(C.SHAPES))], ref["params"]) <= EPS32 * 4
 
 
 def test_state_dict_between_plain_and_sharded_layouts(world2, plain_layout):
     """``state_dict()`` of a plain optimizer loaded into one over DTensor shards,
     and the reverse, mid-run: the single-process trajectory continues."""
     ref = plain_layout["layout-f32"]
-    for res in _case(world2, "state-dict-layouts"):
+    for res in rank_results(world2, "state-dict-layouts"):
         for first in ("plain", "sharded"):
             assert (res[first]["coefs"] - ref["coefs"]).abs().max().item() <= 1e-14, first
             scale = max(p.abs().max().item() for p in ref["params"])
-            assert _max_diff(res[first]["params"], ref["params"]) <= EPS32 * scale, first
+            assert max_abs_diff(res[first]["params"], ref["params"]) <= EPS32 * scale, first
 
 
 def test_interpolatron_diagnostics_are_the_whole_models(world2):
     ref = C.run_diagnostics_plain(STEPS)
-    for res in _case(world2, "diagnostics"):
+    for res in rank_results(world2, "diagnostics"):
         torch.testing.assert_close(res["norms"], ref["norms"], rtol=1e-14, atol=0)
         torch.testing.assert_close(res["cosines"], ref["cosines"], rtol=1e-13, atol=1e-15)
 
@@ -234,9 +222,9 @@ def test_layout_invariance_cpp_backend(request, plain_layout, world):
     coefficients agree to float64 rounding (measured 1.1e-16) and the
     parameters to the last bits (measured: bitwise)."""
     ref = plain_layout["layout-cpp-f32"]
-    for res in _case(request.getfixturevalue(f"world{world}"), "layout-cpp-f32"):
+    for res in rank_results(request.getfixturevalue(f"world{world}"), "layout-cpp-f32"):
         dc = (res["coefs"] - ref["coefs"]).abs().max().item()
-        dp = _max_diff(res["params"], ref["params"])
+        dp = max_abs_diff(res["params"], ref["params"])
         print(f"C++ backend world={world}: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
         assert dc <= 1e-14, dc
         scale = max(p.abs().max().item() for p in ref["params"])
@@ -245,7 +233,7 @@ def test_layout_invariance_cpp_backend(request, plain_layout, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_histories_are_dtensors_sharded_like_their_parameter(request, world):
-    results = _case(request.getfixturevalue(f"world{world}"), "layout-f32")
+    results = rank_results(request.getfixturevalue(f"world{world}"), "layout-f32")
     shape = (2,) + C.SHAPES[0]  # history 3: two ring slots
     local_rows = [res["hist_local"][1] for res in results]
     for res in results:
@@ -265,26 +253,26 @@ def plain_models():
 
 def _check_model_case(results, ref, tol=1e-13):
     for res in results:
-        assert _max_diff(res["params"], ref["params"]) <= tol
+        assert max_abs_diff(res["params"], ref["params"]) <= tol
         if ref["coefs"] is not None:
             assert (res["coefs"] - ref["coefs"]).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("name", ["anderson", "interpolatron"])
 def test_fsdp2_matches_single_process(world2, plain_models, name):
-    results = _case(world2, f"fsdp2-{name}")
+    results = rank_results(world2, f"fsdp2-{name}")
     assert all(res["hist_type"] == "DTensor" for res in results)
     _check_model_case(results, plain_models[name])
 
 
 @pytest.mark.parametrize("name", ["anderson", "interpolatron"])
 def test_ddp_matches_single_process(world2, plain_models, name):
-    _check_model_case(_case(world2, f"ddp-{name}"), plain_models[name])
+    _check_model_case(rank_results(world2, f"ddp-{name}"), plain_models[name])
 
 
 @pytest.mark.parametrize("name", ["anderson", "interpolatron"])
 def test_zero_redundancy_optimizer_matches_single_process(world2, plain_models, name):
-    results = _case(world2, f"zero-{name}")
+    results = rank_results(world2, f"zero-{name}")
     owned = [res["owned"] for res in results]
     assert min(owned) >= 1 and sum(owned) == 4  # each rank's optimizer holds a part of the model
     _check_model_case(results, plain_models[name])
@@ -294,17 +282,17 @@ def test_zero_without_process_group_takes_zeros_group(world2, plain_models):
     """Without ``process_group`` the optimizer takes the group of the
     ZeroRedundancyOptimizer building it (it used to fit a per-rank Gram
     silently: coefficients 2.6 apart between ranks)."""
-    _check_model_case(_case(world2, "zero-nogroup-anderson"), plain_models["anderson"])
+    _check_model_case(rank_results(world2, "zero-nogroup-anderson"), plain_models["anderson"])
 
 
 def test_fsdp1_flat_parameters_with_process_group(world2, plain_models):
-    _check_model_case(_case(world2, "fsdp1-anderson"), plain_models["anderson"])
+    _check_model_case(rank_results(world2, "fsdp1-anderson"), plain_models["anderson"])
 
 
 @pytest.mark.parametrize("residual", ["iterates", "gradients"])
 def test_rna_on_fsdp2_matches_single_process(world2, residual):
     ref = C.run_rna_plain(residual)
-    for res in _case(world2, f"rna-{residual}"):
+    for res in rank_results(world2, f"rna-{residual}"):
         assert (res["coefs"] - ref["coefs"]).abs().max().item() <= 1e-12
         for name, value in ref["extrapolated"].items():
             assert (res["extrapolated"][name] - value).abs().max().item() <= 1e-13, name
@@ -313,16 +301,16 @@ def test_rna_on_fsdp2_matches_single_process(world2, residual):
 def test_rna_on_fsdp1_flat_shards_with_process_group(world2):
     ref = C.run_rna_plain("iterates")
     names = [n for n, _ in C.make_model().named_parameters()]
-    for res in _case(world2, "rna-fsdp1"):
+    for res in rank_results(world2, "rna-fsdp1"):
         assert (res["coefs"] - ref["coefs"]).abs().max().item() <= 1e-12
-        assert _max_diff(res["extrapolated"], [ref["extrapolated"][n] for n in names]) <= 1e-13
+        assert max_abs_diff(res["extrapolated"], [ref["extrapolated"][n] for n in names]) <= 1e-13
 
 
 def test_interpolatron_step_communicates_nothing(world2):
     """Counted with CommDebugMode over optimizer steps on FSDP2 parameters: an
     Interpolatron step issues no collective, an Anderson step exactly one
     (the counter does see a plain all-reduce: the probe)."""
-    for counts in _case(world2, "collectives"):
+    for counts in rank_results(world2, "collectives"):
         assert counts == {"interpolatron": 0, "anderson": 3, "probe": 1}
 
 
@@ -335,15 +323,15 @@ def test_dcp_save_on_2_ranks_load_on_3_continues_the_trajectory(world2, world3, 
     the single-process uninterrupted run, to rounding. A resume that lost the
     optimizer's state is far from it (the control)."""
     ref = C.run_model_plain(name, TOTAL)
-    _check_model_case(_case(world2, f"dcp-save-{name}"), ref)
-    loaded = _case(world3, f"dcp-load-{name}")
+    _check_model_case(rank_results(world2, f"dcp-save-{name}"), ref)
+    loaded = rank_results(world3, f"dcp-load-{name}")
     assert sorted(res["hist_local"][1] for res in loaded) == [1, 3, 3]  # 7 rows over 3 ranks
     for res in loaded:
-        assert _max_diff(res["params"], ref["params"]) <= 1e-13
+        assert max_abs_diff(res["params"], ref["params"]) <= 1e-13
         if ref["coefs"] is not None:
             assert (res["coefs"] - ref["coefs"][SAVED_AT:]).abs().max().item() <= 1e-13
     restarted = C.run_model_plain(name, TOTAL, restart_at=SAVED_AT)
-    assert _max_diff(restarted["params"], ref["params"]) > 1e-6
+    assert max_abs_diff(restarted["params"], ref["params"]) > 1e-6
 
 
 # -- GPUs -------------------------------------------------------------------------------
@@ -359,7 +347,7 @@ def test_sharded_anderson_on_gpus():
     results = run_ranks(C.suite, 2, cases, timeout=300, backend=backend)
     for name, tol in (("torch", 1e-14), ("auto", 1e-4)):
         ref = C.run_anderson_plain(torch.float32, name, STEPS, device="cuda")
-        for res in _case(results, name):
+        for res in rank_results(results, name):
             dc = (res["coefs"] - ref["coefs"]).abs().max().item()
             print(f"GPU {backend} backend={name}: max |coef diff| {dc:.3g}")
             assert dc <= tol

@@ -13,7 +13,7 @@ import _master_dist as M
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_ranks
+from _dist import max_abs_diff, rank_results, run_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -36,25 +36,14 @@ def plain():
     return {name: M.run_plain(name, STEPS, 2) for name in NAMES}
 
 
-def _case(results: list, name: str) -> list:
-    for rank, res in enumerate(results):
-        if "error" in res[name]:
-            pytest.fail(f"rank {rank} of case {name!r} raised:\n{res[name]['error']}")
-    return [res[name] for res in results]
-
-
-def _gap(a: list, b: list) -> float:
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_ddp_bf16_master_weights_equal_the_averaged_single_process_run(world2, plain, name):
     """Same layout as the single process (whole parameters): bitwise equal,
     parameters (bf16) and Anderson's coefficients, on every rank."""
     ref = plain[name]
-    for res in _case(world2, f"ddp-{name}"):
+    for res in rank_results(world2, f"ddp-{name}"):
         assert all(p.dtype == torch.bfloat16 for p in res["params"])
-        assert _gap(res["params"], ref["params"]) == 0.0
+        assert max_abs_diff(res["params"], ref["params"]) == 0.0
         for p, q in zip(res["params"], ref["params"]):
             assert torch.equal(p, q)
         if ref["coefs"] is not None:
@@ -68,7 +57,7 @@ def test_fsdp1_bf16_master_weights_equal_the_averaged_single_process_run(world2,
     parameters to the rounding that can move (one float32 ulp of a master can
     flip its bf16 rounding); Interpolatron's elementwise step is bitwise."""
     ref = plain[name]
-    results = _case(world2, f"fsdp1-{name}")
+    results = rank_results(world2, f"fsdp1-{name}")
     for res in results:
         assert all(p.dtype == torch.bfloat16 for p in res["params"])
         if ref["coefs"] is None:
@@ -91,7 +80,7 @@ def test_fsdp2_bf16_master_weights_on_dtensor_shards(world2, plain, name):
     Gram is summed over the shards) and its masters to the float32 rounding
     that a coefficient's last bit can move."""
     ref = plain[name]
-    for res in _case(world2, f"fsdp2-{name}"):
+    for res in rank_results(world2, f"fsdp2-{name}"):
         assert res["master_type"] == "DTensor"
         if ref["coefs"] is None:
             for got, want in zip(res["params"] + res["masters"], ref["params"] + ref["masters"]):

@@ -16,7 +16,7 @@ import _dist_one_pass as O
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_ranks
+from _dist import max_abs_diff, rank_results, run_ranks
 
 from interpolatron.backends import availability
 
@@ -83,22 +83,11 @@ def plain():
     return refs
 
 
-def _case(results: list, name: str) -> list:
-    for rank, res in enumerate(results):
-        if "error" in res[name]:
-            pytest.fail(f"rank {rank} of case {name!r} raised:\n{res[name]['error']}")
-    return [res[name] for res in results]
-
-
-def _max_diff(a: list, b: list) -> float:
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
-
-
 def _check(results: list, ref: dict, label: str, f64: bool = False) -> None:
     scale = max(p.abs().max().item() for p in ref["params"])
     for res in results:
         dc = (res["coefs"] - ref["coefs"]).abs().max().item()
-        dp = _max_diff(res["params"], ref["params"])
+        dp = max_abs_diff(res["params"], ref["params"])
         print(f"{label}: max |coef diff| {dc:.3g}, max |param diff| {dp:.3g}")
         assert dc <= 1e-14, dc
         assert dp <= (1e-15 if f64 else EPS32) * scale, dp
@@ -113,7 +102,7 @@ def test_sharded_equals_single_process(request, plain, world, case):
     inf steps (the reference never saw them), the C++ kernels."""
     if case not in plain:
         pytest.skip("the C++ extension is not built")
-    results = _case(request.getfixturevalue(f"world{world}"), case)
+    results = rank_results(request.getfixturevalue(f"world{world}"), case)
     _check(results, plain[case], f"{case} world={world}", f64=case == "layout-f64")
 
 
@@ -121,22 +110,22 @@ def test_the_cases_ran_one_pass(world2, plain):
     """The control: the exact single-process run is far from these."""
     ref = plain["exact-f32"]
     assert plain["layout-f32"]["coefs"][:2].equal(ref["coefs"][:2].new_tensor([[1, 0, 0]] * 2))
-    for res in _case(world2, "layout-f32"):
+    for res in rank_results(world2, "layout-f32"):
         assert (res["coefs"] - ref["coefs"]).abs().max().item() > 1e-2
 
 
 def test_compiled_step_on_shards(world2, plain):
-    _check(_case(world2, "compiled"), plain["layout-f32"], "compiled, 2 ranks")
+    _check(rank_results(world2, "compiled"), plain["layout-f32"], "compiled, 2 ranks")
 
 
 def test_membership_changes_on_one_rank_only(world2, plain):
     ref = plain["layout-skips"]
     params = {}
-    for res in _case(world2, "partitioned-skips"):
+    for res in rank_results(world2, "partitioned-skips"):
         assert (res["coefs"] - ref["coefs"]).abs().max().item() <= 1e-14
         params.update(res["params"])
     assert sorted(params) == list(range(len(C.SHAPES)))
-    assert _max_diff([params[i] for i in range(len(C.SHAPES))], ref["params"]) <= EPS32 * 4
+    assert max_abs_diff([params[i] for i in range(len(C.SHAPES))], ref["params"]) <= EPS32 * 4
 
 
 @pytest.fixture(scope="module")
@@ -146,20 +135,20 @@ def plain_model():
 
 @pytest.mark.parametrize("wrapper", ["fsdp2", "ddp", "zero"])
 def test_wrappers_match_single_process(world2, plain_model, wrapper):
-    for res in _case(world2, wrapper):
-        assert _max_diff(res["params"], plain_model["params"]) <= 1e-13
+    for res in rank_results(world2, wrapper):
+        assert max_abs_diff(res["params"], plain_model["params"]) <= 1e-13
         assert (res["coefs"] - plain_model["coefs"]).abs().max().item() <= 1e-13
 
 
 def test_one_all_reduce_per_step(world2):
-    for counts in _case(world2, "collectives"):
+    for counts in rank_results(world2, "collectives"):
         assert counts == {"interpolatron": 0, "anderson": 3, "probe": 1}
 
 
 def test_dcp_save_on_2_ranks_load_on_3_continues_the_trajectory(world2, world3):
     ref = O.reference("run_model_plain", "anderson", TOTAL)
-    for res in _case(world2, "dcp-save"):
-        assert _max_diff(res["params"], ref["params"]) <= 1e-13
-    for res in _case(world3, "dcp-load"):
-        assert _max_diff(res["params"], ref["params"]) <= 1e-13
+    for res in rank_results(world2, "dcp-save"):
+        assert max_abs_diff(res["params"], ref["params"]) <= 1e-13
+    for res in rank_results(world3, "dcp-load"):
+        assert max_abs_diff(res["params"], ref["params"]) <= 1e-13
         assert (res["coefs"] - ref["coefs"][SAVED_AT:]).abs().max().item() <= 1e-13

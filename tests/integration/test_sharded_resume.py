@@ -17,7 +17,7 @@ import _dist_resume as R
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_ranks
+from _dist import rank_results, run_ranks
 from optimizers import unavailable
 
 pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -68,13 +68,6 @@ def world2():
     return run_ranks(R.suite, 2, _cases(), timeout=500)
 
 
-def _case(results: list, name: str) -> list:
-    for rank, res in enumerate(results):
-        if "error" in res[name]:
-            pytest.fail(f"rank {rank} of case {name!r} raised:\n{res[name]['error']}")
-    return [res[name] for res in results]
-
-
 def _diff(a: dict, b: dict) -> dict:
     """Max abs difference per quantity (0.0: bitwise equal, NaN-aware)."""
     def gap(x, y):
@@ -111,7 +104,7 @@ def test_dtensor_16bit_resume_is_bitwise(world2, backend, dtype, one_pass):
     """DTensor shards (uneven, one replicated parameter), 16-bit rings: the
     resumed run is the uninterrupted one bitwise; the same resume without the
     carried partials is not (before: coefficients ~1e-6 off, see the printout)."""
-    for res in _case(world2, _name("dtensor", backend, dtype, one_pass, False)):
+    for res in rank_results(world2, _name("dtensor", backend, dtype, one_pass, False)):
         _check_bitwise(res, f"dtensor {backend} {dtype} one_pass={one_pass}")
         stripped = _diff(res["straight"], res["stripped"])
         assert stripped["coefs"] > 0.0, stripped  # the control: a rebuild from 16-bit rings is off
@@ -121,7 +114,7 @@ def test_dtensor_16bit_resume_is_bitwise(world2, backend, dtype, one_pass):
 @pytest.mark.parametrize("dtype", SIXTEEN, ids=["bfloat16", "float16"])
 def test_stochastic_rounding_resume_is_bitwise(world2, dtype, one_pass):
     """Stochastic rounding writes the g ring: the carried partials make its resume bitwise too."""
-    for res in _case(world2, _name("dtensor", "torch", dtype, one_pass, True)):
+    for res in rank_results(world2, _name("dtensor", "torch", dtype, one_pass, True)):
         _check_bitwise(res, f"sr {dtype} one_pass={one_pass}")
 
 
@@ -130,7 +123,7 @@ def test_stochastic_rounding_resume_is_bitwise(world2, dtype, one_pass):
 def test_process_group_partition_resume_is_bitwise(world2, dtype, one_pass):
     """Whole plain tensors partitioned over the ranks with ``process_group=``
     (ZeRO's and FSDP1's route): bitwise on the same layout."""
-    for res in _case(world2, _name("partition", "torch", dtype, one_pass, False)):
+    for res in rank_results(world2, _name("partition", "torch", dtype, one_pass, False)):
         _check_bitwise(res, f"partition {dtype} one_pass={one_pass}")
 
 
@@ -138,7 +131,7 @@ def test_process_group_partition_resume_is_bitwise(world2, dtype, one_pass):
 def test_fsdp1_flat_shards_resume_is_bitwise(world2, dtype):
     """FSDP1's 16-bit flat parameters (the group found, no process_group=),
     resumed from each rank's ``state_dict()``: bitwise."""
-    for res in _case(world2, f"fsdp1-{str(dtype).removeprefix('torch.')}"):
+    for res in rank_results(world2, f"fsdp1-{str(dtype).removeprefix('torch.')}"):
         assert res["carried"]
         straight, resumed = res["straight"], res["resumed"]
         assert torch.equal(straight["coefs"], resumed["coefs"]), \
@@ -150,14 +143,14 @@ def test_fsdp1_flat_shards_resume_is_bitwise(world2, dtype):
 def test_resume_after_membership_changes_is_bitwise(world2, one_pass):
     """Some parameters without gradients at steps 1 and 2 (each rank rebuilds
     its partial from the rings there, in both runs), saved at 4: bitwise."""
-    for res in _case(world2, _name("dtensor", "torch", torch.bfloat16, one_pass, False, "-skips")):
+    for res in rank_results(world2, _name("dtensor", "torch", torch.bfloat16, one_pass, False, "-skips")):
         _check_bitwise(res, f"skips one_pass={one_pass}")
 
 
 def test_float32_checkpoint_without_partials_still_resumes_bitwise(world2):
     """A checkpoint written before the partials were carried loads, and for
     float32 rings its rebuild from the rings is bitwise (as before)."""
-    for res in _case(world2, _name("dtensor", "torch", torch.float32, False, False)):
+    for res in rank_results(world2, _name("dtensor", "torch", torch.float32, False, False)):
         _check_bitwise(res, "float32")
         assert all(v == 0.0 for v in _diff(res["straight"], res["stripped"]).values())
 
@@ -166,7 +159,7 @@ def test_partials_are_ignored_on_another_layout(world2):
     """Loaded on another layout (a sharded parameter now replicated), the
     carried partials are not used: the run is the one from the checkpoint
     without them, bitwise."""
-    for res in _case(world2, "ignored"):
+    for res in rank_results(world2, "ignored"):
         assert res["carried"]
         d = _diff(res["with"], res["without"])
         assert all(v == 0.0 for v in d.values()), d
@@ -177,6 +170,6 @@ def test_pickled_copy_continues_bitwise(world2, one_pass):
     """A ``pickle`` copy of sharded Anderson (bfloat16 rings) continues the
     original bitwise: its partial Grams travel by layout, as in a checkpoint
     (before: rebuilt from the rings, bitwise for float32 rings only)."""
-    for res in _case(world2, f"pickled-{'one' if one_pass else 'exact'}"):
+    for res in rank_results(world2, f"pickled-{'one' if one_pass else 'exact'}"):
         d = _diff(res["straight"], res["pickled"])
         assert all(v == 0.0 for v in d.values()), d

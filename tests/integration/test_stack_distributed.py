@@ -15,7 +15,7 @@ import _dist_stack_cases as S
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_ranks
+from _dist import rank_results, run_ranks
 from optimizers import ALGORITHMS, backend_params, unavailable
 
 pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -61,20 +61,13 @@ def world2(tmp_path_factory):
     return run_ranks(C.suite, 2, cases, timeout=500)
 
 
-def _case(results: list, name: str) -> list:
-    for rank, res in enumerate(results):
-        if "error" in res[name]:
-            pytest.fail(f"rank {rank} of case {name!r} raised:\n{res[name]['error']}")
-    return [res[name] for res in results]
-
-
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_anderson_on_dtensor_shards_compiles_from_its_first_step(world2, compiler):
     """``torch.compile(opt.step, fullgraph=True)`` on a fresh Anderson over
     DTensor shards (2 ranks, uneven, one replicated parameter; the Gram
     all-reduce inside the graph), no eager step first: every step's
     coefficients and the final parameters equal the eager run's bitwise."""
-    for res in _case(world2, f"compiled-{compiler}"):
+    for res in rank_results(world2, f"compiled-{compiler}"):
         eager, compiled = res["eager"], res["compiled"]
         diff = (compiled["coefs"] - eager["coefs"]).abs().max()
         assert torch.equal(compiled["coefs"], eager["coefs"]), diff
@@ -103,7 +96,7 @@ def test_zero_redundancy_optimizer_without_process_group_takes_zeros(world2, pla
     """``optimizer_class=Anderson`` as is: the optimizer finds the group of the
     ZeroRedundancyOptimizer that builds it, and the run is the single-process
     one (before: coefficients 2.6 apart between ranks, no signal)."""
-    results = _case(world2, f"zero-auto-{name}")
+    results = rank_results(world2, f"zero-auto-{name}")
     assert min(res["owned"] for res in results) >= 1  # each rank holds a part of the model
     _same_as_single_process(results, plain_models[name])
 
@@ -114,7 +107,7 @@ def test_fsdp1_without_process_group_takes_fsdps(world2, plain_models, name, ori
     """FSDP1's flat parameters (and their ``use_orig_params=True`` views)
     without process_group: the optimizer finds the group FSDP1 shards them
     over; the single-process run (before: coefficients 1.2 apart)."""
-    _same_as_single_process(_case(world2, f"fsdp1-{'orig-' if orig == 'orig' else ''}auto-{name}"),
+    _same_as_single_process(rank_results(world2, f"fsdp1-{'orig-' if orig == 'orig' else ''}auto-{name}"),
                             plain_models[name])
 
 
@@ -123,7 +116,7 @@ def test_ddp_without_process_group_is_checked_once(world2, plain_models):
     that the ranks hold the same parameters (one all-reduce), then issues no
     collective; Interpolatron (no whole-model dot product) never communicates.
     Both equal the single-process run."""
-    for res in _case(world2, "ddp-collectives"):
+    for res in rank_results(world2, "ddp-collectives"):
         assert res["interpolatron"]["counts"] == [0] * MODEL_STEPS
         assert res["anderson"]["counts"] == [1] + [0] * (MODEL_STEPS - 1)
         for name in ALGORITHMS:
@@ -134,7 +127,7 @@ def test_ddp_without_process_group_is_checked_once(world2, plain_models):
 def test_slices_without_process_group_raise_and_change_nothing(world2, case):
     """Plain tensors partitioned over the ranks by hand, no process_group: the
     first step raises on every rank, naming the fix, and writes nothing."""
-    for res in _case(world2, case):
+    for res in rank_results(world2, case):
         assert res["error_text"] is not None
         assert "process_group=<the group whose ranks hold the other slices>" in res["error_text"]
         assert "'local'" in res["error_text"]
@@ -154,7 +147,7 @@ def test_partitioned_interpolatron_needs_no_group(world2):
         p.grad = g.clone()
     opt.step()
     seen = {}
-    for res in _case(world2, "partitioned-interpolatron"):
+    for res in rank_results(world2, "partitioned-interpolatron"):
         assert res["error_text"] is None
         seen.update(res["params"])
     assert sorted(seen) == list(range(len(C.SHAPES)))
@@ -163,7 +156,7 @@ def test_partitioned_interpolatron_needs_no_group(world2):
 
 def test_local_says_each_rank_is_its_own_model(world2):
     """``process_group='local'``: no check, no sum (independent models per rank)."""
-    for res in _case(world2, "partitioned-anderson-local"):
+    for res in rank_results(world2, "partitioned-anderson-local"):
         assert res["error_text"] is None
 
 
@@ -173,7 +166,7 @@ def test_deepcopy_and_pickle_with_a_process_group(world2):
     """``copy.deepcopy`` of an Anderson with ``process_group=`` shares the group
     and continues bitwise like the original; ``pickle`` raises a TypeError that
     names the way out (before: both failed, "cannot pickle ProcessGroup")."""
-    for res in _case(world2, "copies"):
+    for res in rank_results(world2, "copies"):
         assert res["same_group"]
         assert res["group_copy_bitwise"] and res["group_copy_moved"]
         assert res["pickle"] is not None and "state_dict()" in res["pickle"]
@@ -184,7 +177,7 @@ def test_deepcopy_of_dtensor_state(world2):
     """``copy.deepcopy(opt.state_dict())`` on DTensor parameters (histories are
     views into the flat rings; before: "invalid python storage"): equal
     values, its own memory; ``copy.deepcopy(opt)`` continues bitwise."""
-    for res in _case(world2, "copies"):
+    for res in rank_results(world2, "copies"):
         assert res["sd_copy_equal"] and res["sd_copy_independent"]
         assert res["dtensor_copy_bitwise"]
 
@@ -194,7 +187,7 @@ def test_pickle_of_sharded_anderson(world2):
     Grams (kept per reduction key, a tuple of the mesh's process groups) go
     by layout, as in a checkpoint, so the unpickled copy continues the
     original bitwise (before: the TypeError about process groups)."""
-    for res in _case(world2, "copies"):
+    for res in rank_results(world2, "copies"):
         assert res["dtensor_pickle"] is None, res["dtensor_pickle"]
         assert res["dtensor_pickle_bitwise"]
 
@@ -214,7 +207,7 @@ def test_sharded_anderson_resumes_bitwise_on_the_same_layout(world2, backend, dt
     took it, the buckets summed in the same order (before: 1e-17 to 1e-15
     off, from a chunked matrix product in another order). 16-bit rings:
     tests/integration/test_sharded_resume.py."""
-    for res in _case(world2, f"resume-{backend}-{dtype}-{label}"):
+    for res in rank_results(world2, f"resume-{backend}-{dtype}-{label}"):
         straight, resumed = res["straight"], res["resumed"]
         diff = (straight["coefs"] - resumed["coefs"]).abs().max().item()
         assert torch.equal(straight["coefs"], resumed["coefs"]), diff
@@ -230,8 +223,8 @@ def test_dcp_resume_on_the_same_layout_is_bitwise(world2, name):
     torch initialises with an lr-0 step on zero gradients): the initialising
     step leaves the loaded model bitwise as it was, and training continues the
     uninterrupted run bitwise (parameters and Anderson's coefficients)."""
-    straight = _case(world2, f"dcp-save-{name}")
-    for res, ref in zip(_case(world2, f"dcp-load-{name}"), straight):
+    straight = rank_results(world2, f"dcp-save-{name}")
+    for res, ref in zip(rank_results(world2, f"dcp-load-{name}"), straight):
         assert res["moved"] == 0.0
         assert all(torch.equal(a, b) for a, b in zip(res["params"], ref["params"]))
         if ref["coefs"] is not None:
